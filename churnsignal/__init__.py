@@ -1,0 +1,1 @@
+"""churnsignal: churn-risk signals from usage, billing and support event streams."""

@@ -1,0 +1,157 @@
+"""The `churnsignal` command line: worker, demo, migrate, config show, schemas export."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from churnsignal.errors import ChurnsignalError
+from churnsignal.logs import configure_logging
+from churnsignal.settings import Settings, load_settings
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Churn-risk signals from usage, billing and support event streams.")
+config_cli = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
+schemas_cli = typer.Typer(no_args_is_help=True, help="Event contract for producers.")
+cli.add_typer(config_cli, name="config")
+cli.add_typer(schemas_cli, name="schemas")
+log = logging.getLogger("churnsignal")
+
+# Tansu lets a group form only after half the rebalance timeout: keep it short when embedded.
+EMBEDDED_REBALANCE_S = 6.0
+
+
+def _fail(exc: BaseException) -> None:
+    typer.secho(f"churnsignal: {exc}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def broker_for(settings: Settings) -> Iterator[Settings]:
+    """The configured broker, or an embedded Tansu for the duration of the block."""
+    if not settings.embedded_broker:
+        yield settings
+        return
+    from churnsignal.embedded import EmbeddedBroker
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    broker = EmbeddedBroker(log_path=settings.state_dir / "tansu.log").start()
+    try:
+        kafka = settings.kafka.model_copy(update={
+            "rebalance_timeout_s": min(settings.kafka.rebalance_timeout_s, EMBEDDED_REBALANCE_S),
+            "session_timeout_s": min(settings.kafka.session_timeout_s, EMBEDDED_REBALANCE_S),
+        })
+        yield settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap,
+                                          "kafka": kafka})
+    finally:
+        broker.stop()
+
+
+def run_worker(settings: Settings) -> None:
+    """Run the Faust worker until SIGTERM/SIGINT; flushes and commits on the way out."""
+    import faust
+
+    from churnsignal.kafka_client import ensure_topics
+    from churnsignal.stream.agents import create_app
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(ensure_topics(settings))
+    finally:
+        loop.close()
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    runtime = create_app(settings)
+    level = {"debug": "debug", "info": "info", "warning": "warn", "error": "error"}
+    worker = faust.Worker(runtime.app, loglevel=level[settings.log_level], quiet=True,
+                          redirect_stdouts=False, override_logging=False)
+    with contextlib.suppress(SystemExit):
+        worker.execute_from_commandline()
+    runtime.sink.close()
+
+
+@cli.command()
+def worker() -> None:
+    """Run the stream processor against KAFKA_BOOTSTRAP_SERVERS (or an embedded broker)."""
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        log.info("starting worker", extra={"config": settings.masked()})
+        with broker_for(settings) as effective:
+            run_worker(effective)
+    except ChurnsignalError as exc:
+        _fail(exc)
+
+
+@cli.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Seconds of live traffic after the history.")]
+    = 60.0,
+    accounts: Annotated[int, typer.Option(help="Synthetic accounts.")] = 400,
+    rate: Annotated[float, typer.Option(help="Live events per second.")] = 200.0,
+    state_dir: Annotated[Path | None, typer.Option(help="Keep state here (default: temp).")]
+    = None,
+) -> None:
+    """Everything embedded: broker, ClickHouse, worker and synthetic accounts, then a summary."""
+    from churnsignal.demo import run_demo
+
+    try:
+        settings = load_settings()
+        configure_logging("warning", settings.log_format)
+        code = run_demo(settings, duration=duration, accounts=accounts, rate=rate,
+                        state_dir=state_dir)
+    except ChurnsignalError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+@cli.command()
+def migrate() -> None:
+    """Create missing ClickHouse tables and views (idempotent)."""
+    from churnsignal.sinks.clickhouse import connect
+    from churnsignal.sinks.clickhouse import migrate as run_migrate
+
+    try:
+        settings = load_settings()
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        client = connect(settings.effective_clickhouse_dsn())
+        for name in run_migrate(client):
+            typer.echo(name)
+    except ChurnsignalError as exc:
+        _fail(exc)
+
+
+@config_cli.command("show")
+def config_show() -> None:
+    """Print the effective configuration as JSON, secrets masked."""
+    try:
+        typer.echo(json.dumps(load_settings().masked(), indent=2, default=str))
+    except ChurnsignalError as exc:
+        _fail(exc)
+
+
+@schemas_cli.command("export")
+def schemas_export(directory: Path) -> None:
+    """Write JSON Schema files for the canonical event and the alert."""
+    from churnsignal.schemas.export import export
+
+    for path in export(directory):
+        typer.echo(str(path))
+
+
+def main() -> None:
+    try:
+        cli()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

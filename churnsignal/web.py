@@ -1,0 +1,51 @@
+"""HTTP endpoints on the worker's web port: metrics, health, and reads of the owned ClickHouse."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from churnsignal.sinks.ddl import TABLES
+
+if TYPE_CHECKING:
+    from churnsignal.stream.agents import Runtime
+
+
+def register_views(rt: Runtime) -> None:
+    app = rt.app
+
+    @app.page("/metrics")
+    async def metrics(self: Any, request: Any) -> Any:
+        return self.bytes(generate_latest(rt.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    @app.page("/healthz")
+    async def healthz(self: Any, request: Any) -> Any:
+        return self.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(self: Any, request: Any) -> Any:
+        checks = {
+            "tables_recovered": not app.rebalancing and app.tables.recovery.completed.is_set(),
+            "ingest_assigned": rt.ingestor.assigned,
+            "sink_writable": rt.sink.writable,
+        }
+        ready = all(checks.values())
+        return self.json({"ready": ready, **checks}, status=200 if ready else 503)
+
+    @app.page("/api/summary")
+    async def summary(self: Any, request: Any) -> Any:
+        # With the embedded engine only this process may open the store, so reads come here.
+        counts = {}
+        for table in TABLES:
+            result = await rt.sink.aquery(f"SELECT count() FROM {table.removesuffix('_data')}")
+            counts[table.removesuffix("_data")] = int(result.result_rows[0][0])
+        events = await rt.sink.aquery("SELECT sum(events) FROM account_daily")
+        by_reason = await rt.sink.aquery(
+            "SELECT reasons[1] AS reason, count() FROM alerts GROUP BY reason ORDER BY 2 DESC")
+        return self.json({
+            "rows": counts,
+            "events_in_clickhouse": int(events.result_rows[0][0] or 0),
+            "alerts_by_reason": {r: int(n) for r, n in by_reason.result_rows},
+            "stats": dict(rt.stats),
+        })

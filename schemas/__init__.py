@@ -1,0 +1,1 @@
+"""Canonical contract and provider adapters (no Kafka, no ClickHouse)."""

@@ -1,0 +1,34 @@
+"""Outcomes of decoding one message: data problems are values, never exceptions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True, frozen=True)
+class Accepted:
+    """A valid event churnsignal uses."""
+
+    event: Any  # one of schemas.events.Event
+
+
+@dataclass(slots=True, frozen=True)
+class Skipped:
+    """Valid input churnsignal does not use (a Stripe type it ignores, an unattributable call).
+
+    Counted by ``reason``, never dead-lettered.
+    """
+
+    reason: str
+
+
+@dataclass(slots=True, frozen=True)
+class Rejected:
+    """Input that cannot be decoded or validated: goes to the dead-letter topic with ``reason``."""
+
+    reason: str  # machine-readable, bounded set: not_json, invalid, too_large, ...
+    detail: str  # human-readable, truncated
+
+
+Decoded = Accepted | Skipped | Rejected

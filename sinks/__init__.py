@@ -1,0 +1,1 @@
+"""ClickHouse DDL, batched idempotent writer and saved queries."""

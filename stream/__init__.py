@@ -1,0 +1,1 @@
+"""Engagement state, scoring and alerts (pure), plus the Faust and Kafka edges."""

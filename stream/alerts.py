@@ -1,0 +1,80 @@
+"""Alert decisions: band changes with hysteresis, cooldown and immediate billing alerts (pure)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from churnsignal.schemas.alerts import Alert, AlertReason
+from churnsignal.stream.policy import BANDS, Band, Policy
+from churnsignal.stream.scoring import Score
+from churnsignal.stream.state import AccountState
+
+# Reasons that page at once, whatever the cooldown: the customer is leaving now.
+IMMEDIATE = frozenset({"cancellation_scheduled", "payment_failed_final"})
+
+
+def _rank(band: str) -> int:
+    return BANDS.index(band)  # type: ignore[arg-type]
+
+
+def held_band(current: str, scored: Score, policy: Policy) -> Band:
+    """The band after hysteresis: escalate at once, de-escalate only below threshold - margin."""
+    natural = scored.band
+    if _rank(natural) >= _rank(current):
+        return natural  # type: ignore[return-value]
+    band: Band = current  # type: ignore[assignment]
+    while _rank(band) > _rank(natural) and scored.score < (
+        policy.threshold_of(band) - policy.alerting.hysteresis
+    ):
+        band = BANDS[_rank(band) - 1]
+    return band
+
+
+def decide(state: AccountState, scored: Score, now: float, trigger_event_id: str | None,
+           triggered_at: float, policy: Policy, *, alerting: bool = True) -> Alert | None:
+    """Update the band bookkeeping in ``state``; return the alert to emit, if any.
+
+    With ``alerting`` off (back-fill), the band moves but ``alert_band`` does not, so the
+    first live score compares against what was last alerted.
+    """
+    previous = state.band
+    band = held_band(previous, scored, policy)
+    state.score, state.band, state.scored_at = scored.score, band, now
+    if not alerting:
+        return None
+    rules = policy.alerting
+    codes = {r.code for r in scored.reasons}
+    alert_kind: str | None = None
+    if _rank(band) > _rank(state.alert_band) and _rank(band) >= _rank(rules.min_band):
+        cooled = now - state.last_alert_at >= rules.cooldown_hours * 3600
+        if cooled or codes & IMMEDIATE or state.alerts == 0:
+            alert_kind = "escalated"
+    elif _rank(band) < _rank(state.alert_band) and _rank(state.alert_band) >= _rank(
+        rules.min_band
+    ):
+        alert_kind = "deescalated"
+    if alert_kind is None:
+        if _rank(band) < _rank(state.alert_band):
+            state.alert_band = band
+        return None
+    alert_previous = state.alert_band
+    state.alert_band = band
+    state.last_alert_at = now
+    state.alerts += 1
+    identity = f"{state.account_id}|{state.seq}|{state.alerts}|{band}|{alert_kind}"
+    alert_id = hashlib.sha256(identity.encode()).hexdigest()[:32]
+    reasons = [AlertReason(**r.as_dict()) for r in scored.reasons[: rules.top_reasons]]
+    return Alert(
+        alert_id=alert_id,
+        account_id=state.account_id,
+        kind=alert_kind,  # type: ignore[arg-type]
+        score=scored.score,
+        band=band,
+        previous_band=alert_previous,  # type: ignore[arg-type]
+        reasons=reasons,
+        mrr_at_risk_cents=max(0, state.mrr_cents) if alert_kind == "escalated" else 0,
+        trigger_event_id=trigger_event_id,
+        triggered_at=triggered_at,
+        emitted_at=now,
+        policy_version=policy.version,
+    )

@@ -1,0 +1,135 @@
+"""The scoring policy: weights, thresholds, windows and alerting rules, loaded from YAML (pure)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from churnsignal.errors import ConfigError
+
+Band = Literal["low", "medium", "high", "critical"]
+BANDS: tuple[Band, ...] = ("low", "medium", "high", "critical")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Windows(_Frozen):
+    horizon_days: int = Field(90, ge=35, le=400, description="Daily buckets kept per account.")
+    short_days: int = Field(7, ge=1, le=60, description="Recent window compared with the baseline.")
+    baseline_days: int = Field(28, ge=7, le=180, description="Baseline window before the short one.")
+    grace_days: int = Field(3, ge=0, le=30, description="Days whose distinct users stay exact.")
+
+
+class Signal(_Frozen):
+    weight: float = Field(ge=0, le=100, description="Points this signal adds at full strength.")
+    start: float = Field(0.0, description="Value where the signal starts to count.")
+    full: float = Field(1.0, description="Value where it counts fully.")
+
+
+class Signals(_Frozen):
+    usage_decline: Signal = Signal(weight=35, start=0.3, full=0.9)  # 1 - recent/baseline rate
+    inactivity: Signal = Signal(weight=35, start=3, full=14)  # days since last usage
+    seat_underuse: Signal = Signal(weight=10, start=0.5, full=0.9)  # 1 - active users / seats
+    low_feature_breadth: Signal = Signal(weight=5, start=0, full=1)  # 1 - features / min
+    onboarding_stalled: Signal = Signal(weight=25, start=0, full=1)
+    payment_failed: Signal = Signal(weight=25, start=0, full=1)  # retries still pending
+    payment_failed_final: Signal = Signal(weight=60, start=0, full=1)  # retries exhausted/unpaid
+    card_expiring: Signal = Signal(weight=10, start=0, full=1)
+    contraction: Signal = Signal(weight=20, start=0.05, full=0.5)  # MRR drop vs 90-day peak
+    cancellation_scheduled: Signal = Signal(weight=80, start=0, full=1)
+    paused: Signal = Signal(weight=20, start=0, full=1)
+    support_burden: Signal = Signal(weight=20, start=1, full=6)  # open + 2*high + reopened
+    negative_feedback: Signal = Signal(weight=15, start=0, full=1)
+    canceled: Signal = Signal(weight=100, start=0, full=1)
+
+
+class Onboarding(_Frozen):
+    stalled_after_days: int = Field(14, ge=1, description="No activation by this account age.")
+    watch_until_days: int = Field(60, ge=1, description="Onboarding is judged only until then.")
+    activation_events: list[str] = Field(
+        default_factory=list,
+        description="Event names that count as activation; empty: generic activity rule below.",
+    )
+    min_active_days: int = Field(3, ge=1, description="Generic activation: active days...")
+    min_active_users: int = Field(1, ge=1, description="...and distinct active users.")
+
+
+class Thresholds(_Frozen):
+    medium: float = 25
+    high: float = 50
+    critical: float = 75
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        if not 0 < self.medium < self.high < self.critical <= 100:
+            raise ValueError("thresholds must satisfy 0 < medium < high < critical <= 100")
+        return self
+
+
+class Alerting(_Frozen):
+    hysteresis: float = Field(5, ge=0, le=50, description="De-escalate only this far below.")
+    cooldown_hours: float = Field(24, ge=0, description="No second escalation alert sooner.")
+    min_band: Band = Field("high", description="Escalations below this band do not alert.")
+    top_reasons: int = Field(3, ge=1, le=14)
+    catch_up_lag_hours: float = Field(
+        1.0, gt=0, description="Accounts whose newest event is older than this do not alert "
+        "from events (back-fill); the re-score timer alerts on them once caught up.")
+
+
+class Limits(_Frozen):
+    dedup_ids: int = Field(128, ge=0, le=10_000, description="Recent event ids kept per account.")
+    features: int = Field(40, ge=1, le=1000)
+    open_tickets: int = Field(50, ge=1, le=1000)
+    day_users: int = Field(100, ge=1, le=10_000, description="Distinct users tracked per day.")
+    min_baseline_per_day: float = Field(1.0, ge=0, description="Decline needs this much baseline.")
+    min_features: int = Field(3, ge=1)
+    slow_resolution_hours: float = Field(72, gt=0)
+
+
+class Policy(_Frozen):
+    """Everything scoring reads. Changing it needs no code change."""
+
+    version: str = "default-1"
+    windows: Windows = Windows()
+    signals: Signals = Signals()
+    onboarding: Onboarding = Onboarding()
+    thresholds: Thresholds = Thresholds()
+    alerting: Alerting = Alerting()
+    limits: Limits = Limits()
+
+    def band_of(self, score: float) -> Band:
+        t = self.thresholds
+        if score >= t.critical:
+            return "critical"
+        if score >= t.high:
+            return "high"
+        if score >= t.medium:
+            return "medium"
+        return "low"
+
+    def threshold_of(self, band: Band) -> float:
+        return {"low": 0.0, "medium": self.thresholds.medium, "high": self.thresholds.high,
+                "critical": self.thresholds.critical}[band]
+
+
+def load_policy(path: Path | None = None) -> Policy:
+    """The policy at ``path``, or the shipped default; errors name the file and the field."""
+    if path is None:
+        text = resources.files("churnsignal").joinpath("default_policy.yaml").read_text()
+        source = "default_policy.yaml"
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"CHURNSIGNAL_POLICY_FILE: cannot read {path}: {exc}") from None
+        source = str(path)
+    try:
+        return Policy.model_validate(yaml.safe_load(text) or {})
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise ConfigError(f"policy {source} is invalid: {exc}") from None

@@ -1,0 +1,157 @@
+"""Named churn signals -> an explainable 0-100 risk score with reasons and plays (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from churnsignal.stream.policy import Policy, Signal
+from churnsignal.stream.state import DAY, SESSIONS, USAGE, USERS, AccountState, day_of
+
+# Each reason: whether it is voluntary (the customer disengages or decides) or involuntary
+# (billing mechanics), and the play a customer-success team should run.
+REASONS: dict[str, tuple[str, str]] = {
+    "usage_decline": ("voluntary", "csm_check_in"),
+    "inactivity": ("voluntary", "csm_check_in"),
+    "seat_underuse": ("voluntary", "plan_review"),
+    "low_feature_breadth": ("voluntary", "training"),
+    "onboarding_stalled": ("voluntary", "onboarding_nudge"),
+    "payment_failed": ("involuntary", "dunning_retry"),
+    "payment_failed_final": ("involuntary", "card_update"),
+    "card_expiring": ("involuntary", "card_update"),
+    "contraction": ("voluntary", "pricing_review"),
+    "cancellation_scheduled": ("voluntary", "offer_pause_or_plan_change"),
+    "paused": ("voluntary", "resume_check_in"),
+    "support_burden": ("voluntary", "support_escalation"),
+    "negative_feedback": ("voluntary", "csm_check_in"),
+    "canceled": ("voluntary", "win_back_offer"),
+}
+
+
+@dataclass(slots=True, frozen=True)
+class Reason:
+    code: str
+    value: float  # the signal's raw value (days, ratio, count...)
+    contribution: float  # points added to the score
+    kind: str  # voluntary | involuntary
+    play: str
+    detail: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"code": self.code, "value": round(self.value, 3),
+                "contribution": round(self.contribution, 1), "kind": self.kind,
+                "play": self.play, "detail": self.detail}
+
+
+@dataclass(slots=True, frozen=True)
+class Score:
+    score: float
+    band: str  # the band this score falls in, before hysteresis
+    reasons: tuple[Reason, ...]  # strongest first
+
+
+def _strength(signal: Signal, value: float) -> float:
+    if signal.full == signal.start:
+        return 1.0 if value >= signal.full else 0.0
+    return min(1.0, max(0.0, (value - signal.start) / (signal.full - signal.start)))
+
+
+def signals(state: AccountState, now: float, policy: Policy) -> dict[str, tuple[float, str]]:
+    """Raw signal values with a short human detail; only signals that apply are present."""
+    out: dict[str, tuple[float, str]] = {}
+    w, lim = policy.windows, policy.limits
+    today = day_of(now)
+    status = state.sub_status
+    if status == "canceled":
+        why = "after failed payments" if state.involuntary_end else "customer cancelled"
+        out["canceled"] = (1.0, f"subscription canceled ({why})")
+        return out
+    paused = status == "paused"
+    short_first = today - w.short_days + 1
+    base_first = short_first - w.baseline_days
+    recent = state.window_sum(USAGE, short_first, today) / w.short_days
+    baseline = state.window_sum(USAGE, base_first, short_first - 1) / w.baseline_days
+    if not paused and baseline >= lim.min_baseline_per_day:
+        decline = max(0.0, 1 - recent / baseline)
+        out["usage_decline"] = (decline, f"{recent:.1f}/day in {w.short_days}d vs "
+                                         f"{baseline:.1f}/day in the prior {w.baseline_days}d")
+    if not paused and state.last_active:
+        idle = max(0.0, (now - state.last_active) / DAY)
+        out["inactivity"] = (idle, f"{idle:.0f} days since last activity")
+    if state.seats and state.seats >= 3 and not paused:
+        recent_users = _max_users(state, short_first, today)
+        out["seat_underuse"] = (1 - min(1.0, recent_users / state.seats),
+                                f"{recent_users} of {state.seats} seats active")
+    if state.last_active and not paused:
+        used = sum(1 for d in state.features.values() if d >= today - w.baseline_days)
+        if state.features or state.window_sum(USAGE, base_first, today) >= lim.min_features * 5:
+            out["low_feature_breadth"] = (1 - min(1.0, used / lim.min_features),
+                                          f"{used} features used in {w.baseline_days}d")
+    age_days = (now - state.first_seen) / DAY if state.first_seen else 0.0
+    ob = policy.onboarding
+    if ob.stalled_after_days <= age_days <= ob.watch_until_days and not _activated(state, policy):
+        out["onboarding_stalled"] = (1.0, f"not activated after {age_days:.0f} days")
+    failures = len(state.failed_payments)
+    if failures or status in ("past_due", "unpaid"):
+        if status == "unpaid" or (failures and not state.retry_pending):
+            out["payment_failed_final"] = (float(failures), f"{failures} failed payment(s), "
+                                                            "retries exhausted")
+        else:
+            out["payment_failed"] = (float(failures), f"{failures} failed payment(s), "
+                                                      "provider still retrying")
+    if state.card_expires_at is not None:
+        renew = state.period_end or now + 30 * DAY
+        if state.card_expires_at < max(renew, now + 30 * DAY) and not failures:
+            days = (state.card_expires_at - now) / DAY
+            out["card_expiring"] = (1.0, f"card expires in {days:.0f} days, before renewal")
+    peak = max((p[1] for p in state.mrr_peak), default=0.0)
+    if peak > 0 and state.mrr_cents < peak:
+        drop = 1 - state.mrr_cents / peak
+        out["contraction"] = (drop, f"MRR down {drop:.0%} from its {w.horizon_days}-day peak")
+    if state.cancel_at_period_end:
+        out["cancellation_scheduled"] = (1.0, "cancels at the end of the billing period")
+    if paused:
+        detail = "subscription paused"
+        if state.pause_resumes_at:
+            detail += f", resumes in {(state.pause_resumes_at - now) / DAY:.0f} days"
+        out["paused"] = (1.0, detail)
+    high = sum(state.open_tickets.values())
+    burden = len(state.open_tickets) + high + len(state.reopened) + len(state.slow_resolutions)
+    if burden:
+        out["support_burden"] = (float(burden), f"{len(state.open_tickets)} open ({high} high), "
+                                                f"{len(state.reopened)} reopened in 30d")
+    month_ago = now - 30 * DAY
+    if state.bad_csat_at and state.bad_csat_at >= month_ago:
+        out["negative_feedback"] = (1.0, "bad CSAT in the last 30 days")
+    elif state.nps is not None and state.nps <= 6 and (state.nps_at or 0) >= now - 90 * DAY:
+        out["negative_feedback"] = (1.0, f"NPS detractor ({state.nps})")
+    return out
+
+
+def _max_users(state: AccountState, first_day: int, last_day: int) -> int:
+    return max((b[USERS] for d, b in state.days.items() if first_day <= d <= last_day), default=0)
+
+
+def _activated(state: AccountState, policy: Policy) -> bool:
+    if state.activated_at is not None:
+        return True
+    ob = policy.onboarding
+    if ob.activation_events:
+        return False
+    # Generic rule: enough active days and users, whatever the product's event names.
+    active = sum(1 for b in state.days.values() if b[USAGE] or b[SESSIONS])
+    users = _max_users(state, 0, 1 << 30)
+    return active >= ob.min_active_days and users >= ob.min_active_users
+
+
+def score(state: AccountState, now: float, policy: Policy) -> Score:
+    """The score, its natural band and its reasons, strongest first."""
+    reasons = []
+    for code, (value, detail) in signals(state, now, policy).items():
+        signal: Signal = getattr(policy.signals, code)
+        points = signal.weight * _strength(signal, value)
+        if points > 0:
+            kind, play = REASONS[code]
+            reasons.append(Reason(code, value, points, kind, play, detail))
+    reasons.sort(key=lambda r: (-r.contribution, r.code))
+    total = min(100.0, round(sum(r.contribution for r in reasons), 1))
+    return Score(total, policy.band_of(total), tuple(reasons))

@@ -1,0 +1,262 @@
+"""Per-account engagement state and its update rule: pure functions of (state, event, policy).
+
+State is bounded whatever the event volume: daily buckets over the policy horizon, capped maps,
+and a capped ring of recent event-id hashes for dedup. It serialises to compact JSON bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from churnsignal.schemas.events import family_of
+from churnsignal.stream.policy import Policy
+
+DAY = 86_400.0
+STATE_VERSION = 1
+_PRIORITY_LEVEL = {"low": 0, "normal": 0, "high": 1, "urgent": 1}
+
+# Bucket columns: one list per day, indexed by these positions.
+EVENTS, USAGE, SESSIONS, USERS, BILLING, SUPPORT = range(6)
+_BUCKET_WIDTH = 6
+
+
+def day_of(ts: float) -> int:
+    """Days since the Unix epoch (UTC) of a timestamp in seconds."""
+    return int(ts // DAY)
+
+
+def id_hash(text: str) -> int:
+    """A stable 48-bit hash: process-independent, unlike hash()."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=6).digest(), "big")
+
+
+@dataclass(slots=True)
+class AccountState:
+    """Everything churnsignal remembers about one account."""
+
+    account_id: str
+    seq: int = 0  # accepted events applied; a version for rows derived from this state
+    first_seen: float = 0.0
+    last_active: float = 0.0  # last usage event
+    last_event: float = 0.0
+    days: dict[int, list[int]] = field(default_factory=dict)
+    day_users: dict[int, list[int]] = field(default_factory=dict)  # recent days: user hashes
+    features: dict[str, int] = field(default_factory=dict)  # feature -> last day used
+    activated_at: float | None = None
+    # billing
+    sub_status: str | None = None
+    sub_seen_at: float = 0.0  # event time of the newest subscription event applied
+    plan: str | None = None
+    seats: int | None = None
+    mrr_cents: int = 0
+    mrr_peak: list[list[float]] = field(default_factory=list)  # [[day, mrr]] changes, horizon
+    cancel_at_period_end: bool = False
+    period_end: float | None = None
+    pause_resumes_at: float | None = None
+    failed_payments: list[float] = field(default_factory=list)
+    retry_pending: bool = False
+    card_expires_at: float | None = None
+    involuntary_end: bool = False  # the subscription ended after failed payments
+    # support
+    open_tickets: dict[str, int] = field(default_factory=dict)  # ticket id -> 1 if high/urgent
+    reopened: list[float] = field(default_factory=list)
+    slow_resolutions: list[float] = field(default_factory=list)
+    bad_csat_at: float | None = None
+    nps: int | None = None
+    nps_at: float | None = None
+    # dedup
+    hw: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> last offset applied
+    ids: list[int] = field(default_factory=list)  # ring of recent event-id hashes
+    # scoring and alerting
+    score: float = 0.0
+    band: str = "low"
+    alert_band: str = "low"
+    last_alert_at: float = 0.0
+    alerts: int = 0
+    scored_at: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        data = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        data["v"] = STATE_VERSION
+        data["days"] = [[d, *b] for d, b in self.days.items()]
+        data["day_users"] = [[d, *u] for d, u in self.day_users.items()]
+        return orjson.dumps(data)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> AccountState:
+        data: dict[str, Any] = orjson.loads(raw)
+        data.pop("v", None)
+        data["days"] = {row[0]: row[1:] for row in data["days"]}
+        data["day_users"] = {row[0]: row[1:] for row in data["day_users"]}
+        return cls(**data)
+
+    # --- derived views -------------------------------------------------------------------
+
+    def window_sum(self, column: int, first_day: int, last_day: int) -> int:
+        return sum(b[column] for d, b in self.days.items() if first_day <= d <= last_day)
+
+    def active_days(self, first_day: int, last_day: int) -> int:
+        return sum(1 for d, b in self.days.items() if first_day <= d <= last_day and b[USAGE])
+
+    def bucket_row(self, day: int) -> list[int]:
+        return self.days.get(day, [0] * _BUCKET_WIDTH)
+
+
+def is_duplicate(state: AccountState, source: str | None, offset: int, event_id: str) -> bool:
+    """Seen before: a redelivered Kafka record (offset high-water) or a repeated event id."""
+    if source is not None and offset <= state.hw.get(source, -1):
+        return True
+    return id_hash(event_id) in state.ids
+
+
+def _remember(state: AccountState, source: str | None, offset: int, event_id: str,
+              policy: Policy) -> None:
+    if source is not None:
+        state.hw[source] = max(offset, state.hw.get(source, -1))
+    if policy.limits.dedup_ids:
+        state.ids.append(id_hash(event_id))
+        overflow = len(state.ids) - policy.limits.dedup_ids
+        if overflow > 0:
+            del state.ids[:overflow]
+
+
+def _bucket(state: AccountState, day: int) -> list[int]:
+    bucket = state.days.get(day)
+    if bucket is None:
+        bucket = state.days[day] = [0] * _BUCKET_WIDTH
+    return bucket
+
+
+def _count_user(state: AccountState, day: int, user_id: str | None, today: int,
+                policy: Policy) -> None:
+    """Distinct users per day stay exact for the grace window; older days are frozen."""
+    if user_id is None or day < today - policy.windows.grace_days:
+        return
+    users = state.day_users.setdefault(day, [])
+    h = id_hash(user_id) & 0xFFFFFFFF
+    if h not in users and len(users) < policy.limits.day_users:
+        users.append(h)
+        state.days[day][USERS] = len(users)
+
+
+def apply_event(state: AccountState, event: Any, source: str | None, offset: int,
+                policy: Policy, now: float) -> int | None:
+    """Fold one canonical event into ``state``. Returns the day it touched, None if a duplicate."""
+    if is_duplicate(state, source, offset, event.event_id):
+        return None
+    _remember(state, source, offset, event.event_id, policy)
+    ts = event.occurred_at.timestamp()
+    day = day_of(ts)
+    today = day_of(now)
+    state.seq += 1
+    if not state.first_seen or ts < state.first_seen:
+        state.first_seen = ts
+    state.last_event = max(state.last_event, ts)
+    bucket = _bucket(state, day)
+    bucket[EVENTS] += 1
+    family = family_of(event.type)
+    if family == "usage":
+        _apply_usage(state, event, ts, day, today, bucket, policy)
+    elif family == "billing":
+        bucket[BILLING] += 1
+        _apply_billing(state, event, ts)
+    else:
+        bucket[SUPPORT] += 1
+        _apply_support(state, event, ts, policy)
+    return day
+
+
+def _apply_usage(state: AccountState, event: Any, ts: float, day: int, today: int,
+                 bucket: list[int], policy: Policy) -> None:
+    bucket[USAGE] += event.data.count
+    if event.type == "session":
+        bucket[SESSIONS] += 1
+    state.last_active = max(state.last_active, ts)
+    _count_user(state, day, event.user_id, today, policy)
+    feature = event.data.feature
+    if feature:
+        if feature in state.features or len(state.features) < policy.limits.features:
+            state.features[feature] = max(day, state.features.get(feature, day))
+    names = policy.onboarding.activation_events
+    if state.activated_at is None and (
+        event.type == "activation" or (names and (event.data.name or "").lower() in names)
+    ):
+        state.activated_at = ts
+
+
+def _apply_billing(state: AccountState, event: Any, ts: float) -> None:
+    t, d = event.type, event.data
+    if t in ("payment_failed", "charge_failed"):
+        state.failed_payments.append(ts)
+        if t == "payment_failed":
+            state.retry_pending = d.next_attempt_at is not None
+    elif t == "invoice_paid":
+        state.failed_payments.clear()
+        state.retry_pending = False
+    elif t in ("card_expiring", "payment_method_updated"):
+        if d.expires_at is not None:
+            state.card_expires_at = d.expires_at.timestamp()
+    elif t.startswith("subscription_") or t == "trial_will_end":
+        # Subscription events carry the full object: only a newer one may overwrite.
+        if ts < state.sub_seen_at:
+            return
+        state.sub_seen_at = ts
+        if d.status is not None:
+            if d.status == "canceled" and state.failed_payments:
+                state.involuntary_end = True
+            state.sub_status = d.status
+        if t == "subscription_paused":
+            state.sub_status = "paused"
+        elif t == "subscription_resumed" and state.sub_status == "paused":
+            state.sub_status = "active"
+        state.plan = d.plan or state.plan
+        state.seats = d.seats if d.seats is not None else state.seats
+        if d.mrr_cents is not None and t != "subscription_deleted":
+            state.mrr_cents = d.mrr_cents
+            state.mrr_peak.append([float(day_of(ts)), float(d.mrr_cents)])
+            del state.mrr_peak[:-12]
+        if d.cancel_at_period_end is not None:
+            state.cancel_at_period_end = d.cancel_at_period_end
+        state.period_end = d.current_period_end.timestamp() if d.current_period_end else None
+        state.pause_resumes_at = (
+            d.pause_resumes_at.timestamp() if d.pause_resumes_at else None
+        )
+
+
+def _apply_support(state: AccountState, event: Any, ts: float, policy: Policy) -> None:
+    t, d = event.type, event.data
+    if t in ("ticket_opened", "ticket_updated", "ticket_reopened"):
+        if d.ticket_id in state.open_tickets or len(state.open_tickets) < policy.limits.open_tickets:
+            state.open_tickets[d.ticket_id] = _PRIORITY_LEVEL.get(d.priority or "normal", 0)
+        if t == "ticket_reopened":
+            state.reopened.append(ts)
+    elif t == "ticket_solved":
+        state.open_tickets.pop(d.ticket_id, None)
+        if d.resolution_s is not None and d.resolution_s > policy.limits.slow_resolution_hours * 3600:
+            state.slow_resolutions.append(ts)
+    elif t == "satisfaction_rating":
+        if d.csat == "bad":
+            state.bad_csat_at = max(ts, state.bad_csat_at or 0.0)
+    elif t == "nps_response" and d.score is not None and ts >= (state.nps_at or 0.0):
+        state.nps, state.nps_at = d.score, ts
+
+
+def prune(state: AccountState, now: float, policy: Policy) -> None:
+    """Forget what fell out of the horizon, so state stays bounded."""
+    today = day_of(now)
+    oldest = today - policy.windows.horizon_days
+    for d in [d for d in state.days if d < oldest]:
+        del state.days[d]
+    for d in [d for d in state.day_users if d < today - policy.windows.grace_days]:
+        del state.day_users[d]
+    month_ago = now - 30 * DAY
+    state.failed_payments = [t for t in state.failed_payments if t >= month_ago]
+    state.reopened = [t for t in state.reopened if t >= month_ago]
+    state.slow_resolutions = [t for t in state.slow_resolutions if t >= month_ago]
+    state.mrr_peak = [p for p in state.mrr_peak if p[0] >= oldest]
+    for name in [n for n, d in state.features.items() if d < oldest]:
+        del state.features[name]
