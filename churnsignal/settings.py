@@ -64,6 +64,10 @@ class SinkSettings(BaseModel):
 class IngestSettings(BaseModel):
     """The batched consumer that decodes source topics and repartitions by account."""
 
+    group_id: str | None = Field(
+        None, description="Consumer group of the source topics; unset: '<app_id>-ingest'. "
+        "A new group re-reads the topics from the start (a replay)."
+    )
     batch_max_events: int = Field(20_000, gt=0, description="Largest batch taken from Kafka at once.")
     batch_max_wait_s: float = Field(
         0.5, gt=0, le=60, description="Longest wait to fill a batch (bounds alert latency)."
@@ -141,6 +145,10 @@ class Settings(BaseSettings):
         return f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
 
     @property
+    def ingest_group(self) -> str:
+        return self.ingest.group_id or f"{self.app_id}-ingest"
+
+    @property
     def ingested_topic(self) -> str:
         """Internal topic: decoded events repartitioned by account, one pack per batch."""
         return f"{self.app_id}-ingested"
@@ -151,7 +159,7 @@ class Settings(BaseSettings):
         dsn = self.effective_clickhouse_dsn()
         data["clickhouse_dsn"] = mask_dsn(dsn)
         if data["kafka"].get("sasl_password"):
-            data["kafka"]["sasl_password"] = "********"
+            data["kafka"]["sasl_password"] = "********"  # noqa: S105 - the mask itself
         return data
 
 
@@ -174,7 +182,7 @@ def load_settings(**overrides: Any) -> Settings:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "settings"
             env = "CHURNSIGNAL_" + "__".join(str(p) for p in err["loc"]).upper()
-            if loc == "kafka_bootstrap_servers":
+            if loc.lower() == "kafka_bootstrap_servers":
                 env = "KAFKA_BOOTSTRAP_SERVERS"
             problems.append(f"{env} ({loc}): {err['msg']}")
         raise ConfigError("invalid setting: " + "; ".join(problems)) from None

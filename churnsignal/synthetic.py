@@ -8,7 +8,6 @@ overload, scheduled cancellation, or silent.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 

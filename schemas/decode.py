@@ -20,18 +20,20 @@ _MAX_DETAIL = 300
 class DecodeOptions:
     """What decoding needs to know beyond the bytes: limits, source pinning, account mapping."""
 
-    __slots__ = ("account_key", "activation_events", "max_bytes", "max_future_s")
+    __slots__ = ("account_key", "activation_events", "max_age_s", "max_bytes", "max_future_s")
 
     def __init__(
         self,
         *,
         max_bytes: int = 256_000,
         max_future_s: float = 86_400.0,
+        max_age_s: float = 90 * 86_400.0,
         account_key: str = "account_id",
         activation_events: Iterable[str] = (),
     ) -> None:
         self.max_bytes = max_bytes
         self.max_future_s = max_future_s
+        self.max_age_s = max_age_s
         self.account_key = account_key
         self.activation_events = frozenset(e.lower() for e in activation_events)
 
@@ -67,10 +69,13 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
         return Rejected("not_json", str(exc)[:_MAX_DETAIL])
     if not isinstance(payload, dict):
         return Rejected("not_object", f"top-level JSON is {type(payload).__name__}, not an object")
-    kind = detect(payload) if source == "auto" else source
+    kind: str | None = source
     try:
+        if source == "auto":
+            kind = detect(payload)
         if kind == "canonical":
-            if payload.get("type") not in EVENT_TYPES:
+            event_type = payload.get("type")
+            if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
                 return Rejected("unknown_type", f"type {str(payload.get('type'))[:80]!r}")
             candidate: dict[str, Any] | str = payload
         elif kind == "stripe":
@@ -93,4 +98,7 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
     if ts > now + opts.max_future_s:
         when = datetime.fromtimestamp(ts, tz=UTC).isoformat()
         return Rejected("future_timestamp", f"occurred_at {when} is beyond the allowed skew")
+    if ts < now - opts.max_age_s:
+        when = datetime.fromtimestamp(ts, tz=UTC).isoformat()
+        return Rejected("too_old", f"occurred_at {when} is older than the state horizon")
     return Accepted(event)

@@ -94,7 +94,7 @@ class ClickHouseSink:
         while True:
             started = time.perf_counter()
             try:
-                written = await self._call(self._insert_all, rows, token)
+                await self._call(self._insert_all, rows, token)
             except Exception as exc:  # any failure: keep the batch, back off, try again
                 self.writable = False
                 self._client = None if isinstance(exc, SinkUnavailable) else self._client

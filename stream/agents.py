@@ -87,10 +87,15 @@ def process_pack(table: Any, pack: dict[str, Any], partition: int, policy: Polic
         if clock.catching_up(wall):
             return outcomes, wall  # re-scoring at the wall clock now would be premature
         for key in list(table.keys()):
-            if packs.partition_for(key, partitions) != partition:
+            account_id = key.decode() if isinstance(key, bytes) else str(key)
+            if packs.partition_for(account_id, partitions) != partition:
                 continue  # a standby copy of another worker's partition
-            state = AccountState.from_bytes(table[key])
-            outcomes.append(rescore(state, wall, policy))
+            raw = table.get(key)
+            if not isinstance(raw, bytes | bytearray | memoryview | str):
+                log.warning("skipping state of unexpected type", extra={
+                    "account_id": account_id, "type": type(raw).__name__})
+                continue
+            outcomes.append(rescore(AccountState.from_bytes(raw), wall, policy))
         return outcomes, wall
     grouped: dict[str, list[Any]] = defaultdict(list)
     newest: dict[str, float] = {}
@@ -102,7 +107,7 @@ def process_pack(table: Any, pack: dict[str, Any], partition: int, policy: Polic
             newest[source] = ts
     clock.on_pack(wall, newest)
     for account_id, items in grouped.items():
-        raw = table.get(account_id)
+        raw = table.get(account_id.encode())
         state = AccountState.from_bytes(raw) if raw is not None else None
         outcomes.append(apply_batch(state, account_id, items, wall, policy))
     return outcomes, wall
@@ -139,7 +144,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         "accounts",
         default=None,
         partitions=s.partitions,
-        schema=faust.Schema(key_type=str, value_type=bytes, key_serializer="raw",
+        # key_type/value_type pick the changelog serializers used on recovery: raw bytes.
+        key_type=bytes,
+        value_type=bytes,
+        schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
                             value_serializer="raw"),
         help="Per-account engagement state (compact JSON), changelogged.",
     )
@@ -148,6 +156,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     options = DecodeOptions(
         max_bytes=s.ingest.max_message_bytes,
         max_future_s=s.ingest.max_future_skew_s,
+        max_age_s=policy.windows.horizon_days * 86_400.0,
         activation_events=policy.onboarding.activation_events,
     )
     ingestor = Ingestor(s, metrics, options)
@@ -205,11 +214,14 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 top = a.reasons[0].code if a.reasons else "none"
                 metrics.alerts.labels(band=a.band, kind=a.kind, reason=top).inc()
                 metrics.ingest_to_alert.observe(max(0.0, time.time() - wall))
-                log.info("alert %s account=%s band=%s score=%.0f reason=%s", a.alert_id,
-                         a.account_id, a.band, a.score, top)
+                log.info("alert", extra={"alert_id": a.alert_id, "account_id": a.account_id,
+                                         "band": a.band, "kind": a.kind, "score": a.score,
+                                         "reason": top, "pack_offset": message.offset,
+                                         "partition": message.partition})
         for out in outcomes:
             if out.applied or out.score_changed or out.alert is not None:
-                table[out.state.account_id] = out.state.to_bytes()
+                # bytes keys: what the changelog gives back on recovery
+                table[out.state.account_id.encode()] = out.state.to_bytes()
             metrics.duplicates.inc(out.duplicates)
             metrics.events_applied.inc(out.applied)
             runtime.stats["events_applied"] += out.applied

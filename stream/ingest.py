@@ -55,7 +55,7 @@ class Ingestor:
                                          **conn)
         self.consumer = AIOKafkaConsumer(
             *s.topics.sources(),
-            group_id=f"{s.app_id}-ingest",
+            group_id=s.ingest_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,

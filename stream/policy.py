@@ -33,7 +33,7 @@ class Signal(_Frozen):
 
 
 class Signals(_Frozen):
-    usage_decline: Signal = Signal(weight=35, start=0.3, full=0.9)  # 1 - recent/baseline rate
+    usage_decline: Signal = Signal(weight=55, start=0.3, full=0.9)  # 1 - recent/baseline rate
     inactivity: Signal = Signal(weight=35, start=3, full=14)  # days since last usage
     seat_underuse: Signal = Signal(weight=10, start=0.5, full=0.9)  # 1 - active users / seats
     low_feature_breadth: Signal = Signal(weight=5, start=0, full=1)  # 1 - features / min
@@ -83,7 +83,7 @@ class Alerting(_Frozen):
 
 
 class Limits(_Frozen):
-    dedup_ids: int = Field(128, ge=0, le=10_000, description="Recent event ids kept per account.")
+    dedup_ids: int = Field(64, ge=0, le=10_000, description="Recent event ids kept per account.")
     features: int = Field(40, ge=1, le=1000)
     open_tickets: int = Field(50, ge=1, le=1000)
     day_users: int = Field(100, ge=1, le=10_000, description="Distinct users tracked per day.")

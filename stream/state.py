@@ -24,6 +24,13 @@ EVENTS, USAGE, SESSIONS, USERS, BILLING, SUPPORT = range(6)
 _BUCKET_WIDTH = 6
 
 
+def _trim(bucket: list[int]) -> list[int]:
+    end = len(bucket)
+    while end and not bucket[end - 1]:
+        end -= 1
+    return bucket[:end]
+
+
 def day_of(ts: float) -> int:
     """Days since the Unix epoch (UTC) of a timestamp in seconds."""
     return int(ts // DAY)
@@ -59,6 +66,8 @@ class AccountState:
     pause_resumes_at: float | None = None
     failed_payments: list[float] = field(default_factory=list)
     retry_pending: bool = False
+    payment_seen_at: float = 0.0  # event time of the newest failure or payment applied
+    paid_at: float = 0.0
     card_expires_at: float | None = None
     involuntary_end: bool = False  # the subscription ended after failed payments
     # support
@@ -82,7 +91,10 @@ class AccountState:
     def to_bytes(self) -> bytes:
         data = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
         data["v"] = STATE_VERSION
-        data["days"] = [[d, *b] for d, b in self.days.items()]
+        # Compact: days as offsets from the first one, buckets without trailing zeros.
+        base = min(self.days, default=0)
+        data["d0"] = base
+        data["days"] = [[d - base, *_trim(b)] for d, b in self.days.items()]
         data["day_users"] = [[d, *u] for d, u in self.day_users.items()]
         return orjson.dumps(data)
 
@@ -90,7 +102,10 @@ class AccountState:
     def from_bytes(cls, raw: bytes) -> AccountState:
         data: dict[str, Any] = orjson.loads(raw)
         data.pop("v", None)
-        data["days"] = {row[0]: row[1:] for row in data["days"]}
+        base = data.pop("d0", 0)
+        data["days"] = {
+            row[0] + base: row[1:] + [0] * (_BUCKET_WIDTH - len(row) + 1) for row in data["days"]
+        }
         data["day_users"] = {row[0]: row[1:] for row in data["day_users"]}
         return cls(**data)
 
@@ -190,13 +205,21 @@ def _apply_usage(state: AccountState, event: Any, ts: float, day: int, today: in
 
 def _apply_billing(state: AccountState, event: Any, ts: float) -> None:
     t, d = event.type, event.data
+    # Billing relays often key by customer or not at all, so these may arrive out of order:
+    # only the newest payment event decides whether the provider is still retrying.
     if t in ("payment_failed", "charge_failed"):
+        if ts <= state.paid_at:
+            return  # a failure that a later payment already settled
         state.failed_payments.append(ts)
-        if t == "payment_failed":
+        if t == "payment_failed" and ts >= state.payment_seen_at:
             state.retry_pending = d.next_attempt_at is not None
+        state.payment_seen_at = max(state.payment_seen_at, ts)
     elif t == "invoice_paid":
-        state.failed_payments.clear()
-        state.retry_pending = False
+        state.paid_at = max(state.paid_at, ts)
+        state.failed_payments = [f for f in state.failed_payments if f > ts]
+        if ts >= state.payment_seen_at:
+            state.retry_pending = False
+        state.payment_seen_at = max(state.payment_seen_at, ts)
     elif t in ("card_expiring", "payment_method_updated"):
         if d.expires_at is not None:
             state.card_expires_at = d.expires_at.timestamp()

@@ -1,0 +1,46 @@
+"""Shared fixtures: a real broker for the session, and real worker processes.
+
+The broker is KAFKA_BOOTSTRAP_SERVERS when set (CI points it at Apache Kafka), else a
+testcontainers Kafka when a Docker engine answers, else the embedded Tansu broker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from churnsignal.embedded import EmbeddedBroker
+
+
+def _docker_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[str]:
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if configured:
+        yield configured
+        return
+    if _docker_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer() as kafka:
+            yield kafka.get_bootstrap_server()
+        return
+    with EmbeddedBroker() as tansu:
+        yield tansu.bootstrap
+
+
+@pytest.fixture(scope="session")
+def broker_kind() -> str:
+    return "external" if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") else "embedded"

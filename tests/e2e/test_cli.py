@@ -1,0 +1,57 @@
+"""The command line as a user meets it: the demo, and clear errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.slow]
+
+
+def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> tuple[
+        int, str, float]:
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "churnsignal.cli", *args], capture_output=True,
+                          text=True, timeout=timeout,
+                          env={**{k: v for k, v in os.environ.items()
+                                  if k != "KAFKA_BOOTSTRAP_SERVERS"}, **(env or {})})
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started
+
+
+def _children_of(pid: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "ppid,pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()[1:] if line.split(None, 2)[0] == str(pid)]
+
+
+def test_demo_shows_alerts_and_clickhouse_rows_and_leaves_nothing_running(tmp_path) -> None:
+    code, out, _ = run(["demo", "--duration", "12", "--accounts", "120", "--state-dir",
+                        str(tmp_path / "demo")])
+    assert code == 0, out[-3000:]
+    assert "ALERT" in out
+    assert "churnsignal demo summary" in out
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in out.splitlines() if line.count("│") == 3}
+    assert int(rows["ClickHouse rows: account_daily"]) > 0
+    assert int(rows["ClickHouse rows: alerts"]) > 0
+    assert rows["sum(events) in account_daily"].split()[0] == rows["events processed"].split()[0]
+    assert "FROM account_risk" in out
+    assert _children_of(os.getpid()) == [] or all("ps -eo" in c for c in _children_of(os.getpid()))
+
+
+def test_bad_setting_is_one_line_naming_it() -> None:
+    code, out, _ = run(["worker"], env={"CHURNSIGNAL_WEB_PORT": "not-a-port"})
+    assert code == 2
+    assert "CHURNSIGNAL_WEB_PORT" in out and "Traceback" not in out
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_unreachable_broker_fails_fast_with_a_clear_error() -> None:
+    code, out, took = run(["worker"], env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+                                           "CHURNSIGNAL_KAFKA__CONNECT_TIMEOUT_S": "5"})
+    assert code == 2
+    assert "did not answer" in out and "Traceback" not in out
+    assert took < 60

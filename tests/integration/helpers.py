@@ -1,0 +1,162 @@
+"""Helpers for integration tests: isolated settings, produce, consume, query a stopped worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from churnsignal.demo import http_json, start_worker, stop_process
+from churnsignal.embedded import free_port
+from churnsignal.kafka_client import ensure_topics
+from churnsignal.settings import Settings
+
+
+@dataclass
+class Env:
+    """One test's isolated world: its own app id, topics and state directory."""
+
+    broker: str
+    state_dir: Path
+    app_id: str
+
+    @property
+    def topics(self) -> dict[str, str]:
+        return {k: f"{self.app_id}.{k}" for k in ("usage", "billing", "support", "alerts", "dlq")}
+
+    def env(self) -> dict[str, str]:
+        t = self.topics
+        return {
+            "CHURNSIGNAL_APP_ID": self.app_id,
+            "CHURNSIGNAL_TOPICS__USAGE": t["usage"],
+            "CHURNSIGNAL_TOPICS__BILLING": t["billing"],
+            "CHURNSIGNAL_TOPICS__SUPPORT": t["support"],
+            "CHURNSIGNAL_TOPICS__ALERTS": t["alerts"],
+            "CHURNSIGNAL_TOPICS__DLQ": t["dlq"],
+            "CHURNSIGNAL_RESCORE_INTERVAL_S": "2",
+            "CHURNSIGNAL_PARTITIONS": "4",
+        }
+
+    def settings(self) -> Settings:
+        old = dict(os.environ)
+        try:
+            os.environ.update(self.env())
+            return Settings(kafka_bootstrap_servers=self.broker, state_dir=self.state_dir)
+        finally:
+            os.environ.clear()
+            os.environ.update(old)
+
+
+def new_env(broker: str, tmp_path: Path) -> Env:
+    env = Env(broker, tmp_path / "state", f"t{uuid.uuid4().hex[:10]}")
+    env.state_dir.mkdir(parents=True)
+    asyncio.run(ensure_topics(env.settings()))
+    return env
+
+
+class Worker:
+    """A real `churnsignal worker` process."""
+
+    def __init__(self, env: Env, extra: dict[str, str] | None = None) -> None:
+        self.env = env
+        self.port = free_port()
+        self.proc = start_worker(env.settings(), env.broker, env.state_dir, self.port,
+                                 extra_env={**env.env(), **(extra or {})})
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}: {self.log()[-3000:]}")
+            try:
+                if http_json(self.port, "/readyz", timeout=2).get("ready"):
+                    return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"worker not ready in {timeout}s: {self.log()[-3000:]}")
+
+    def summary(self) -> dict[str, Any]:
+        return http_json(self.port, "/api/summary")
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:  # noqa: S310
+            return r.read().decode()
+
+    def wait_applied(self, n: int, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        summary: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            summary = self.summary()
+            if summary["stats"].get("events_applied", 0) + summary["stats"].get(
+                    "duplicates", 0) >= n and summary["events_in_clickhouse"] >= n:
+                return summary
+            time.sleep(0.5)
+        raise AssertionError(f"only {summary} after {timeout}s")
+
+    def stop(self) -> int:
+        return stop_process(self.proc)
+
+    def log(self) -> str:
+        return (self.env.state_dir / "worker.log").read_text(errors="replace")
+
+
+async def produce(broker: str, messages: list[tuple[str, bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all")
+    await producer.start()
+    try:
+        for topic, key, value in messages:
+            await producer.send(topic, value, key=key)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def consume_all(broker: str, topic: str, idle_s: float = 3.0) -> list[Any]:
+    """Every record of ``topic`` from the beginning (stops after ``idle_s`` without news)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker, auto_offset_reset="earliest",
+                                group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in parts]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[Any] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            positions = {tp: await consumer.position(tp) for tp in tps}
+            if all(positions[tp] >= ends[tp] for tp in tps):
+                break
+            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000))
+            for records in batch.values():
+                out.extend(records)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def clickhouse_query(dsn: str, sql: str) -> list[list[Any]]:
+    """Query a ClickHouse DSN from a separate process (the embedded store is per-process)."""
+    code = ("import clickhouse_connect, json, sys; c = clickhouse_connect.get_client(dsn=sys.argv[1]);"
+            "print(json.dumps(c.query(sys.argv[2]).result_rows, default=str))")
+    out = subprocess.run([sys.executable, "-c", code, dsn, sql], capture_output=True, text=True,
+                         timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

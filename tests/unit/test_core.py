@@ -1,0 +1,118 @@
+"""State, score and alerts through the same engine the worker runs, with hand-checked numbers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from churnsignal.schemas.events import EVENT_ADAPTER
+from churnsignal.stream.engine import apply_batch, rescore
+from churnsignal.stream.policy import Policy
+from churnsignal.stream.state import DAY, AccountState
+
+POLICY = Policy()
+NOW = 1_764_000_000.0
+
+
+def usage(n: int, ts: float, user: str = "u1", feature: str | None = "api") -> object:
+    return EVENT_ADAPTER.validate_python({
+        "event_id": f"e{n}", "account_id": "acme", "type": "feature_used", "user_id": user,
+        "occurred_at": datetime.fromtimestamp(ts, tz=UTC).isoformat(),
+        "data": {"feature": feature}})
+
+
+def history(per_day_by_age: dict[int, int]) -> list[tuple[str, int, object]]:
+    items = []
+    n = 0
+    for age in sorted(per_day_by_age, reverse=True):
+        for i in range(per_day_by_age[age]):
+            n += 1
+            items.append(("usage/0", n, usage(n, NOW - age * DAY + i * 60, feature=f"f{i % 4}")))
+    return items
+
+
+def test_usage_decline_scores_by_the_policy_formula_and_alerts_once() -> None:
+    # baseline: 10/day for days 34..8 ago (27 active days of the 28-day window) ; recent: 1/day
+    per_day = {age: 10 for age in range(8, 35)}
+    per_day.update({age: 1 for age in range(0, 7)})
+    out = apply_batch(None, "acme", history(per_day), NOW, POLICY)
+    recent = 7 / 7
+    baseline = 270 / 28
+    decline = 1 - recent / baseline
+    expected = 55 * min(1.0, (decline - 0.3) / 0.6)
+    reason = out.scored.reasons[0]
+    assert reason.code == "usage_decline"
+    assert abs(reason.contribution - round(expected, 1)) < 0.06
+    assert out.alert is not None and out.alert.band == "high"
+    assert out.alert.reasons[0].play == "csm_check_in"
+    # the same batch again changes nothing: redelivered offsets are skipped
+    again = apply_batch(out.state, "acme", history(per_day), NOW, POLICY)
+    assert (again.applied, again.duplicates, again.alert) == (0, len(history(per_day)), None)
+
+
+def test_silence_raises_risk_on_the_timer_alone() -> None:
+    per_day = {age: 5 for age in range(0, 40)}
+    out = apply_batch(None, "acme", history(per_day), NOW, POLICY)
+    assert out.alert is None and out.state.band == "low"
+    later = rescore(out.state, NOW + 15 * DAY, POLICY)
+    codes = [r.code for r in later.scored.reasons]
+    assert "inactivity" in codes and later.alert is not None
+    assert later.alert.band == "critical" and later.alert.trigger_event_id is None
+
+
+def test_back_fill_does_not_alert_until_live() -> None:
+    per_day = {age: 10 for age in range(20, 50)}  # history that ended 20 days ago
+    out = apply_batch(None, "acme", history(per_day), NOW, POLICY)
+    assert out.alert is None  # scored at its own newest event time: not inactive then
+    assert rescore(out.state, NOW, POLICY).alert is not None
+
+
+def test_hysteresis_holds_the_band_just_below_the_threshold() -> None:
+    from churnsignal.stream.alerts import held_band
+    from churnsignal.stream.scoring import Score
+
+    assert held_band("high", Score(47.0, "medium", ()), POLICY) == "high"  # 50 - 5 < 47
+    assert held_band("high", Score(44.0, "medium", ()), POLICY) == "medium"
+    assert held_band("medium", Score(80.0, "critical", ()), POLICY) == "critical"
+
+
+def test_same_event_id_from_another_offset_is_a_duplicate() -> None:
+    e = usage(1, NOW - 60)
+    out = apply_batch(None, "acme", [("usage/0", 1, e), ("usage/1", 9, e)], NOW, POLICY)
+    assert (out.applied, out.duplicates) == (1, 1)
+
+
+def test_state_stays_small_with_a_full_horizon_of_activity() -> None:
+    per_day = {age: 40 for age in range(0, 120)}
+    items = []
+    n = 0
+    for age in sorted(per_day, reverse=True):
+        for i in range(per_day[age]):
+            n += 1
+            items.append(("usage/0", n, usage(n, NOW - age * DAY + i * 60, user=f"u{i % 12}",
+                                              feature=f"f{i % 10}")))
+    out = apply_batch(None, "acme", items, NOW, POLICY)
+    raw = out.state.to_bytes()
+    assert len(raw) < 4096, len(raw)
+    assert len(out.state.days) <= POLICY.windows.horizon_days + 1
+    assert AccountState.from_bytes(raw) == out.state
+
+
+def payment(n: int, kind: str, ts: float, retry: bool) -> object:
+    data = {"attempt_count": n}
+    if retry:
+        data["next_attempt_at"] = datetime.fromtimestamp(ts + 3 * DAY, tz=UTC).isoformat()
+    return EVENT_ADAPTER.validate_python({
+        "event_id": f"p{n}{kind}", "account_id": "acme", "type": kind,
+        "occurred_at": datetime.fromtimestamp(ts, tz=UTC).isoformat(), "data": data})
+
+
+def test_payment_events_out_of_order_keep_the_newest_retry_state() -> None:
+    first = payment(1, "payment_failed", NOW - 300, retry=True)
+    final = payment(4, "payment_failed", NOW - 200, retry=False)
+    out = apply_batch(None, "acme", [("b/1", 1, final), ("b/0", 1, first)], NOW, POLICY)
+    assert out.scored.reasons[0].code == "payment_failed_final"
+    assert out.alert is not None and out.alert.reasons[0].kind == "involuntary"
+    paid = payment(5, "invoice_paid", NOW - 100, retry=False)
+    later = apply_batch(out.state, "acme", [("b/2", 1, paid)], NOW, POLICY)
+    assert later.alert is not None and later.alert.kind == "deescalated"
+    assert later.state.band == "low"

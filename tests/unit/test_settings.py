@@ -1,0 +1,39 @@
+"""Settings: wrong values fail with one message naming the setting; secrets stay masked."""
+
+from __future__ import annotations
+
+import pytest
+
+from churnsignal.errors import ConfigError
+from churnsignal.settings import load_settings, mask_dsn
+from churnsignal.stream.packs import partition_for
+
+
+def test_bad_values_name_their_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHURNSIGNAL_PARTITIONS", "0")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "nohostport")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    text = str(err.value)
+    assert "CHURNSIGNAL_PARTITIONS" in text and "KAFKA_BOOTSTRAP_SERVERS" in text
+    assert "\n" not in text
+
+
+def test_defaults_are_the_public_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    s = load_settings()
+    assert s.topics.sources() == ["usage.events", "billing.events", "support.events"]
+    assert (s.topics.alerts, s.topics.dlq, s.web_port) == ("churn.alerts", "churn.dlq", 6066)
+    assert s.embedded_broker and s.effective_clickhouse_dsn().startswith("chdb://")
+
+
+def test_dsn_password_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHURNSIGNAL_CLICKHOUSE_DSN", "https://bob:s3cret@ch.example:8443/db")
+    shown = load_settings().masked()
+    assert "s3cret" not in str(shown)
+    assert mask_dsn("http://u:p@h:8123") == "http://u:***@h:8123"
+
+
+def test_partitioning_is_stable() -> None:
+    assert partition_for("acme", 4) == partition_for("acme", 4)
+    assert {partition_for(f"a{i}", 4) for i in range(100)} == {0, 1, 2, 3}
