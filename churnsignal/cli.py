@@ -113,6 +113,29 @@ def demo(
 
 
 @cli.command()
+def bench(
+    events: Annotated[int, typer.Option(help="Events in the data set.")] = 200_000,
+    accounts: Annotated[int, typer.Option(help="Accounts (activity is skewed).")] = 20_000,
+    runs: Annotated[int, typer.Option(help="Runs of each system; medians are reported.")] = 3,
+    peers: Annotated[str, typer.Option(help="Comma-separated: ceiling,faust,quix.")]
+    = "ceiling,faust,quix",
+    out: Annotated[Path, typer.Option(help="Where results.json goes.")] = Path(".bench"),
+) -> None:
+    """Throughput, latency and memory of churnsignal against the ceiling and the peers."""
+    from churnsignal.bench import run_bench
+
+    try:
+        settings = load_settings()
+        configure_logging("warning", settings.log_format)
+        with broker_for(settings) as effective:
+            run_bench(effective, effective.kafka_bootstrap_servers or "", events=events,
+                      accounts=accounts, runs=runs, out_dir=out,
+                      peers=tuple(p for p in peers.split(",") if p))
+    except ChurnsignalError as exc:
+        _fail(exc)
+
+
+@cli.command()
 def migrate() -> None:
     """Create missing ClickHouse tables and views (idempotent)."""
     from churnsignal.sinks.clickhouse import connect

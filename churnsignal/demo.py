@@ -187,6 +187,11 @@ def run_demo(settings: Settings, *, duration: float, accounts: int, rate: float,
     state_dir.mkdir(parents=True, exist_ok=True)
     broker = EmbeddedBroker(log_path=state_dir / "tansu.log")
     worker = None
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         broker.start()
         settings = settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap})

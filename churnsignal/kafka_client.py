@@ -62,8 +62,11 @@ def topic_plan(settings: Settings) -> dict[str, int]:
     return dict.fromkeys(names, settings.partitions)
 
 
-async def ensure_topics(settings: Settings) -> None:
-    """Check the broker answers (bounded by kafka.connect_timeout_s) and create missing topics."""
+async def ensure_topics(settings: Settings, configs: dict[str, str] | None = None) -> None:
+    """Check the broker answers (bounded by kafka.connect_timeout_s) and create missing topics.
+
+    ``configs`` are topic configs for the topics created (the benchmark keeps its data).
+    """
     admin = AIOKafkaAdminClient(request_timeout_ms=15_000, **connection_options(settings))
     try:
         await asyncio.wait_for(admin.start(), timeout=settings.kafka.connect_timeout_s)
@@ -75,7 +78,9 @@ async def ensure_topics(settings: Settings) -> None:
         ) from None
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(name, num_partitions=n, replication_factor=settings.kafka.replication_factor)
+        missing = [NewTopic(name, num_partitions=n,
+                            replication_factor=settings.kafka.replication_factor,
+                            topic_configs=configs or {})
                    for name, n in topic_plan(settings).items() if name not in existing]
         if missing:
             try:

@@ -46,9 +46,13 @@ def register_views(rt: Runtime) -> None:
         events = await rt.sink.aquery("SELECT sum(events) FROM account_daily")
         by_reason = await rt.sink.aquery(
             "SELECT reasons[1] AS reason, count() FROM alerts GROUP BY reason ORDER BY 2 DESC")
+        sizes = [len(v) for v in list(rt.table.values()) if v is not None]
+        stats = dict(rt.stats)
+        stats["accounts"] = len(sizes)
+        stats["state_bytes_per_account"] = sum(sizes) / len(sizes) if sizes else 0
         return self.json({
             "rows": counts,
             "events_in_clickhouse": int(events.result_rows[0][0] or 0),
             "alerts_by_reason": {r: int(n) for r, n in by_reason.result_rows},
-            "stats": dict(rt.stats),
+            "stats": stats,
         })

@@ -1,0 +1,320 @@
+"""`churnsignal bench`: throughput, latency and memory against the ceiling and the peers, one run.
+
+Every system reads the same pre-produced data set on the same broker: a bare aiokafka consumer
+(the ceiling), the textbook Faust windowed count, the same count in Quix Streams, and
+churnsignal end to end (decode, validate, state, score, alerts, ClickHouse, offsets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from rich.console import Console
+from rich.table import Table
+
+from churnsignal.demo import http_json, start_worker, stop_process
+from churnsignal.embedded import free_port, wait_for_port
+from churnsignal.kafka_client import ensure_topics
+from churnsignal.settings import Settings
+from churnsignal.synthetic import (
+    DAY,
+    FEATURES,
+    segment_track,
+    stripe_event,
+    stripe_subscription,
+    zendesk_ticket,
+)
+
+PEERS = ("ceiling", "faust", "quix")
+
+
+@dataclass
+class Dataset:
+    prefix: str
+    events: int
+    accounts: int
+    partitions: int = 4
+    topics: dict[str, str] = field(default_factory=dict)
+
+
+def generate(events: int, accounts: int, now: float, seed: int = 11) -> list[tuple[str, bytes,
+                                                                               bytes, float]]:
+    """A realistic mix with skewed activity: (kind, key, value, event time), in time order."""
+    rng = random.Random(seed)
+    weights = [1 / (rank + 1) ** 0.8 for rank in range(accounts)]
+    picks = rng.choices(range(accounts), weights, k=events)
+    times = sorted(now - rng.uniform(0, 30 * DAY) for _ in range(events))
+    out = []
+    for i, (a, ts) in enumerate(zip(picks, times, strict=True)):
+        account = f"acct-{a:06d}"
+        key = account.encode()
+        roll = rng.random()
+        if roll < 0.90:
+            feature = FEATURES[i % len(FEATURES)]
+            value = segment_track(account, f"{account}-u{i % 7}", f"{feature.title()} Viewed", ts,
+                                  f"m{i}", feature)
+            out.append(("usage", key, value, ts))
+        elif roll < 0.97:
+            if roll < 0.95:
+                obj = {"id": f"in_{i}", "object": "invoice", "customer": f"cus_{a}",
+                       "amount_due": 4900, "currency": "usd", "attempt_count": 1,
+                       "subscription_details": {"metadata": {"account_id": account}}}
+                value = stripe_event("invoice.paid", obj, ts, f"evt_{i}")
+            else:
+                sub = stripe_subscription(account, "active", 1 + a % 20, 4900)
+                value = stripe_event("customer.subscription.updated", sub, ts, f"evt_{i}")
+            out.append(("billing", key, value, ts))
+        else:
+            value = zendesk_ticket(account, i, "created", ts, f"z{i}", priority="normal",
+                                   current="new")
+            out.append(("support", key, value, ts))
+    return out
+
+
+async def produce_dataset(bootstrap: str, data: Dataset, records: list[Any]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=50, acks="all",
+                                max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        for kind, key, value, ts in records:
+            await producer.send(data.topics[kind], value, key=key, timestamp_ms=int(ts * 1000))
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def run_peer(kind: str, bootstrap: str, data: Dataset, timeout: float) -> float:
+    env = {**os.environ, "BENCH_PARTITIONS": str(data.partitions)}
+    proc = subprocess.run([sys.executable, "-m", "churnsignal.bench_peers", kind, bootstrap,
+                           str(data.events), *data.topics.values()], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{kind} printed no result: {proc.stderr[-2000:]}")
+    result = json.loads(lines[-1])
+    return float(result["events"]) / max(1e-9, result["last"] - result["first"])
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _metrics(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:  # noqa: S310
+        return resp.read().decode()
+
+
+def run_churnsignal(settings: Settings, bootstrap: str, data: Dataset, timeout: float,
+                    keep: bool = False) -> tuple[float, dict[str, Any], Any]:
+    """Worker process on the data set; returns (events/s, facts, running worker if keep)."""
+    state = Path(tempfile.mkdtemp(prefix="churnsignal-bench-"))
+    port = free_port()
+    app_id = f"bench-{uuid.uuid4().hex[:8]}"
+    env = {"CHURNSIGNAL_APP_ID": app_id, "CHURNSIGNAL_LOG_LEVEL": "warning",
+           "CHURNSIGNAL_TOPICS__USAGE": data.topics["usage"],
+           "CHURNSIGNAL_TOPICS__BILLING": data.topics["billing"],
+           "CHURNSIGNAL_TOPICS__SUPPORT": data.topics["support"],
+           "CHURNSIGNAL_TOPICS__ALERTS": f"{app_id}.alerts",
+           "CHURNSIGNAL_TOPICS__DLQ": f"{app_id}.dlq",
+           "CHURNSIGNAL_RESCORE_INTERVAL_S": "600"}
+    worker = start_worker(settings, bootstrap, state, port, extra_env=env)
+    peak_rss = 0
+    first = last = 0.0
+    applied = 0.0
+    deadline = time.monotonic() + timeout
+    try:
+        if not wait_for_port(port, 120):
+            raise RuntimeError(f"worker did not start; see {state / 'worker.log'}")
+        proc = psutil.Process(worker.pid)
+        while time.monotonic() < deadline:
+            text = _metrics(port)
+            applied = _metric(text, "churnsignal_events_applied_total")
+            now = time.time()
+            if applied and not first:
+                first = now
+            peak_rss = max(peak_rss, proc.memory_info().rss)
+            if applied >= data.events:
+                last = now
+                break
+            time.sleep(0.1)
+        summary = http_json(port, "/api/summary")
+    except BaseException:
+        stop_process(worker)
+        raise
+    facts = {"peak_rss_mb": peak_rss / 2**20, "alerts_topic": env["CHURNSIGNAL_TOPICS__ALERTS"],
+             "accounts": summary["stats"].get("accounts", 0),
+             "state_bytes_per_account": summary["stats"].get("state_bytes_per_account", 0),
+             "port": port, "topics": env}
+    if not last:
+        stop_process(worker)
+        raise RuntimeError(f"churnsignal applied {applied} of {data.events} in {timeout}s")
+    if not keep:
+        stop_process(worker)
+        worker = None
+    return applied / max(1e-9, last - first), facts, worker
+
+
+async def measure_latency(bootstrap: str, data: Dataset, alerts_topic: str, rate: float,
+                          seconds: float) -> list[float]:
+    """Produce at ``rate`` with a cancellation for a fresh account every 0.2 s; time to alert."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    consumer = AIOKafkaConsumer(alerts_topic, bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="latest")
+    await producer.start()
+    await consumer.start()
+    await consumer.seek_to_end()
+    sent: dict[str, float] = {}
+    got: dict[str, float] = {}
+
+    async def collect() -> None:
+        while True:
+            batch = await consumer.getmany(timeout_ms=100)
+            now = time.time()
+            for records in batch.values():
+                for rec in records:
+                    account = orjson.loads(rec.value)["account_id"]
+                    if account in sent and account not in got:
+                        got[account] = now
+
+    reader = asyncio.create_task(collect())
+    try:
+        start = time.time()
+        i = 0
+        next_marker = start
+        while time.time() - start < seconds:
+            tick = time.time()
+            for _ in range(max(1, int(rate / 20))):
+                i += 1
+                account = f"acct-{i % data.accounts:06d}"
+                await producer.send(data.topics["usage"], segment_track(
+                    account, f"{account}-u1", "Reports Viewed", time.time(), f"lat-m{i}-{start}",
+                    "reports"), key=account.encode())
+            if tick >= next_marker:
+                account = f"lat-{uuid.uuid4().hex[:10]}"
+                sub = stripe_subscription(account, "active", 3, 4900, cancel_at_period_end=True)
+                sent[account] = time.time()
+                await producer.send(data.topics["billing"], stripe_event(
+                    "customer.subscription.updated", sub, time.time(), f"evt_{account}",
+                    {"cancel_at_period_end": False}), key=account.encode())
+                next_marker += 0.2
+            await asyncio.sleep(max(0.0, 0.05 - (time.time() - tick)))
+        await producer.flush()
+        wait_until = time.time() + 15
+        while len(got) < len(sent) and time.time() < wait_until:
+            await asyncio.sleep(0.1)
+    finally:
+        reader.cancel()
+        await consumer.stop()
+        await producer.stop()
+    return sorted(got[a] - sent[a] for a in got)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int, runs: int,
+              out_dir: Path, peers: tuple[str, ...] = PEERS) -> dict[str, Any]:
+    console = Console()
+    data = Dataset(prefix=f"bench{uuid.uuid4().hex[:6]}", events=events, accounts=accounts,
+                   partitions=settings.partitions)
+    data.topics = {k: f"{data.prefix}.{k}" for k in ("usage", "billing", "support")}
+    topic_settings = settings.model_copy(update={
+        "kafka_bootstrap_servers": bootstrap,
+        "topics": settings.topics.model_copy(update={
+            "usage": data.topics["usage"], "billing": data.topics["billing"],
+            "support": data.topics["support"]})})
+    # Explicit retention: the data set keeps old timestamps, and Quix reads retention.ms.
+    asyncio.run(ensure_topics(topic_settings, {"retention.ms": "-1"}))
+    console.print(f"generating {events:,} events over {accounts:,} accounts ...")
+    records = generate(events, accounts, time.time())
+    started = time.monotonic()
+    asyncio.run(produce_dataset(bootstrap, data, records))
+    console.print(f"produced in {time.monotonic() - started:.1f}s to {bootstrap}")
+    del records
+    eps: dict[str, list[float]] = {name: [] for name in (*peers, "churnsignal")}
+    facts: dict[str, Any] = {}
+    worker = None
+    for run in range(runs):
+        for name in peers:
+            eps[name].append(run_peer(name, bootstrap, data, timeout=120 + events / 500))
+            console.print(f"run {run + 1}/{runs} {name:<12} {eps[name][-1]:>10,.0f} events/s")
+        keep = run == runs - 1
+        value, facts, worker = run_churnsignal(settings, bootstrap, data, 900, keep=keep)
+        eps["churnsignal"].append(value)
+        console.print(f"run {run + 1}/{runs} {'churnsignal':<12} {value:>10,.0f} events/s")
+    median = {name: statistics.median(v) for name, v in eps.items()}
+    latencies: list[float] = []
+    try:
+        rate = median["churnsignal"] / 2
+        console.print(f"latency at {rate:,.0f} events/s (half the measured maximum) ...")
+        latencies = asyncio.run(measure_latency(bootstrap, data, facts["alerts_topic"], rate, 15))
+    finally:
+        if worker is not None:
+            stop_process(worker)
+    results = {
+        "ceiling_eps": median.get("ceiling"),
+        "faust_count_eps": median.get("faust"),
+        "quix_count_eps": median.get("quix"),
+        "churnsignal_eps": median["churnsignal"],
+        "latency_p50_s": _pct(latencies, 0.50),
+        "latency_p99_s": _pct(latencies, 0.99),
+        "latency_samples": len(latencies),
+        "state_bytes_per_account": facts.get("state_bytes_per_account"),
+        "peak_rss_mb": facts.get("peak_rss_mb"),
+        "accounts_tracked": facts.get("accounts"),
+        "runs": {name: v for name, v in eps.items()},
+        "events": events,
+        "accounts": accounts,
+        "broker": "embedded Tansu" if settings.embedded_broker else bootstrap,
+        "machine": {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total
+                                                                   / 2**30, 1),
+                    "python": platform.python_version(), "platform": platform.platform()},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = Table(title=f"churnsignal bench: {events:,} events, {accounts:,} accounts, "
+                        f"{runs} run(s) each")
+    table.add_column("system")
+    table.add_column("events/s (median)", justify="right")
+    table.add_column("min - max", justify="right")
+    table.add_column("churnsignal / system", justify="right")
+    labels = {"ceiling": "ceiling: aiokafka + orjson", "faust": "Faust windowed table count",
+              "quix": "Quix Streams windowed count", "churnsignal": "churnsignal end to end"}
+    for name, values in eps.items():
+        table.add_row(labels[name], f"{median[name]:,.0f}",
+                      f"{min(values):,.0f} - {max(values):,.0f}",
+                      f"{median['churnsignal'] / median[name]:.2f}x")
+    console.print(table)
+    console.print(f"event-to-alert latency at half the max rate: p50 "
+                  f"{results['latency_p50_s']:.3f}s, p99 {results['latency_p99_s']:.3f}s "
+                  f"({len(latencies)} alerts)")
+    console.print(f"peak RSS {results['peak_rss_mb']:.0f} MB; state "
+                  f"{results['state_bytes_per_account']:.0f} bytes per account "
+                  f"({results['accounts_tracked']:,} accounts)")
+    console.print(f"written: {out_dir / 'results.json'}")
+    return results
