@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -53,7 +54,7 @@ def faust_count(bootstrap: str, expected: int, topics: list[str]) -> None:
     app = faust.App(f"bench-faust-{uuid.uuid4().hex[:8]}", broker=f"kafka://{bootstrap}",
                     store="memory://", web_enabled=False, consumer_auto_offset_reset="earliest",
                     broker_rebalance_timeout=6, broker_session_timeout=6,
-                    broker_heartbeat_interval=2, datadir=f"/tmp/bench-faust-{os.getpid()}",
+                    broker_heartbeat_interval=2, datadir=tempfile.mkdtemp(prefix="bench-faust-"),
                     topic_partitions=int(os.environ.get("BENCH_PARTITIONS", "4")))
     source = app.topic(*topics, value_serializer="json", key_serializer="raw")
     counts = app.Table("counts", default=int).tumbling(WINDOW_S, expires=86400)
@@ -79,7 +80,7 @@ def quix_count(bootstrap: str, expected: int, topics: list[str]) -> None:
     from quixstreams import Application
 
     app = Application(broker_address=bootstrap, consumer_group=f"bench-quix-{uuid.uuid4().hex[:8]}",
-                      auto_offset_reset="earliest", state_dir=f"/tmp/bench-quix-{os.getpid()}",
+                      auto_offset_reset="earliest", state_dir=tempfile.mkdtemp(prefix="bench-quix-"),
                       loglevel="ERROR")
     state: dict[str, Any] = {"n": 0, "first": 0.0}
 

@@ -62,6 +62,7 @@ def run_worker(settings: Settings) -> None:
     from churnsignal.kafka_client import ensure_topics
     from churnsignal.stream.agents import create_app
 
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(ensure_topics(settings))

@@ -56,7 +56,10 @@ class KafkaSettings(BaseModel):
 class SinkSettings(BaseModel):
     """ClickHouse writing."""
 
-    batch_max_rows: int = Field(50_000, gt=0, description="Flush a table once it holds this many rows.")
+    batch_max_rows: int = Field(50_000, gt=0, description="Flush once this many rows wait.")
+    flush_interval_s: float = Field(
+        1.0, gt=0, le=300, description="Longest a row waits before the flush (one insert per table)."
+    )
     retry_max_s: float = Field(30.0, gt=0, description="Longest back-off between write retries.")
     raw_events_ttl_days: int = Field(30, ge=1, description="TTL of rows in the raw events table.")
 

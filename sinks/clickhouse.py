@@ -67,16 +67,15 @@ class ClickHouseSink:
             migrate(self._client, self.ttl_days)
         return self._client
 
-    def _insert_all(self, rows: Rows, token: str) -> int:
+    def _insert_all(self, rows: Rows) -> int:
+        # No insert_deduplication_token: a retried or re-derived flush may hold newer rows for
+        # the same keys; ReplacingMergeTree versions make every rewrite idempotent instead.
         client = self._ensure()
         written = 0
         for table, data in rows.items():
-            if not data:
-                continue
-            # Same token for the same rows: ClickHouse drops an insert it has already taken.
-            client.insert(table, data, column_names=COLUMNS[table],
-                          settings={"insert_deduplication_token": f"{table}:{token}"})
-            written += len(data)
+            if data:
+                client.insert(table, data, column_names=COLUMNS[table])
+                written += len(data)
         return written
 
     def _call(self, fn: Any, *args: Any) -> Any:
@@ -86,7 +85,7 @@ class ClickHouseSink:
         await self._call(self._ensure)
         self.writable = True
 
-    async def write(self, rows: Rows, token: str) -> None:
+    async def write(self, rows: Rows) -> None:
         """Insert ``rows`` (table -> tuples); returns only once they are durable."""
         if not any(rows.values()):
             return
@@ -94,7 +93,7 @@ class ClickHouseSink:
         while True:
             started = time.perf_counter()
             try:
-                await self._call(self._insert_all, rows, token)
+                await self._call(self._insert_all, rows)
             except Exception as exc:  # any failure: keep the batch, back off, try again
                 self.writable = False
                 self._client = None if isinstance(exc, SinkUnavailable) else self._client

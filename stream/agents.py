@@ -4,15 +4,17 @@
 
 Per pack, in this order (a crash between two steps only repeats work, never loses it):
 
-1. fold the pack into each account's state (pure core), collect rows and alerts;
-2. write the rows to ClickHouse (retried until durable; same token on a retry);
-3. produce the alerts and await their acks;
-4. store the new states in the changelogged table;
-5. return, so Faust acks the pack and commits its offset.
+1. fold the pack into each account's working state (pure core), collect rows and alerts;
+2. produce the alerts and await their acks;
+3. buffer the rows; every ``sink.flush_interval_s`` (or ``sink.batch_max_rows``):
+4. write them in one insert per table, retried until durable;
+5. store each changed state once in the changelogged table;
+6. ack the packs of that flush, so Faust commits their offsets (after flushing its producer).
 
-After a crash before 4, the pack is redelivered: the table does not have it yet, so the same
-rows (deduplicated by ClickHouse) and the same alerts (same deterministic ``alert_id``) are
-produced again. After 4, the per-account offset high-water skips it.
+After a crash before 5, the packs are redelivered and applied again to the stored state: the
+same rows (whole-day totals with a growing version, so rewriting is idempotent) and the same
+alerts (deterministic ``alert_id``). After 5 but before 6, their events are duplicates, and
+their days' rows and score snapshot are re-derived from the stored state.
 """
 
 from __future__ import annotations
@@ -55,16 +57,119 @@ class Runtime:
     sink: ClickHouseSink
     ingestor: Ingestor
     table: Any
+    store: StateStore
     stats: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     clocks: dict[int, PartitionClock] = field(default_factory=lambda: defaultdict(PartitionClock))
+    stream: Any = None  # the agent's manual-ack stream, once it runs
+
+
+class StateStore:
+    """Working copies of account states; the changelogged table is written at each flush.
+
+    Changed states are written once per account per flush (a checkpoint), not per pack,
+    in the partition Kafka's default partitioner gives the key, as the packs use.
+    """
+
+    def __init__(self, table: Any, max_cached: int = 200_000) -> None:
+        self.table = table
+        self.cache: dict[str, AccountState] = {}
+        self.dirty: set[str] = set()
+        self.max_cached = max_cached
+
+    def get(self, account_id: str) -> AccountState | None:
+        state = self.cache.get(account_id)
+        if state is None:
+            raw = self.table.get(account_id.encode())
+            if raw is not None:
+                state = self.cache[account_id] = AccountState.from_bytes(raw)
+        return state
+
+    def put(self, state: AccountState) -> None:
+        self.cache[state.account_id] = state
+        self.dirty.add(state.account_id)
+
+    def accounts_in(self, partition: int, partitions: int) -> list[str]:
+        keys = {k.decode() if isinstance(k, bytes) else str(k) for k in list(self.table.keys())}
+        keys.update(self.cache)
+        return [k for k in keys if packs.partition_for(k, partitions) == partition]
+
+    async def write_dirty(self, producer: Any, partitions: int) -> int:
+        """Store every changed state: changelog records produced in one batch, then the table.
+
+        Faust's own table writes go through its producer buffer one record at a time; at
+        thousands of accounts per flush that dominated the worker. The records are exactly
+        what Faust writes (raw key, raw value, the key's partition), so recovery reads them.
+        """
+        topic = self.table.changelog_topic.get_topic_name()
+        # Snapshot before the first await: the agent keeps changing states meanwhile.
+        dirty, self.dirty = self.dirty, set()
+        values = {a.encode(): self.cache[a].to_bytes() for a in dirty}
+        try:
+            futures = [await producer.send(topic, key, value,
+                                           packs.partition_for(key.decode(), partitions), None,
+                                           None)
+                       for key, value in values.items()]
+            if futures:
+                await asyncio.gather(*futures)
+        except BaseException:
+            self.dirty |= dirty  # written again by the next flush
+            raise
+        for key, value in values.items():
+            self.table.data[key] = value  # the local store, without a second changelog write
+        written = len(values)
+        if len(self.cache) > self.max_cached:  # bounded memory: drop clean copies
+            for account_id in list(self.cache)[: len(self.cache) - self.max_cached]:
+                del self.cache[account_id]
+        return written
+
+    def forget(self) -> None:
+        """After a rebalance the table is the truth again; unflushed changes are dropped
+        (their packs were not acked, so the new owner applies them again)."""
+        self.cache.clear()
+        self.dirty.clear()
+
+
+class PendingFlush:
+    """Rows waiting for the next ClickHouse flush, and the packs to ack once it is durable."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[Any]] = defaultdict(list)
+        self.events: list[Any] = []
+        self.count = 0
+        self.since = 0.0
+
+    def add(self, rows: dict[str, list[Any]], event: Any) -> None:
+        if not self.events:
+            self.since = time.monotonic()
+        for table, data in rows.items():
+            self.rows[table].extend(data)
+            self.count += len(data)
+        self.events.append(event)
+
+    def due(self, max_rows: int, max_wait_s: float) -> bool:
+        return bool(self.events) and (
+            self.count >= max_rows or time.monotonic() - self.since >= max_wait_s)
+
+    def restore(self, rows: dict[str, list[Any]], events: list[Any]) -> None:
+        for table, data in rows.items():
+            self.rows[table][:0] = data
+            self.count += len(data)
+        self.events[:0] = events
+        self.since = min(self.since, time.monotonic()) if self.events else time.monotonic()
+
+    def take(self) -> tuple[dict[str, list[Any]], list[Any]]:
+        rows, events = dict(self.rows), self.events
+        self.rows, self.events, self.count = defaultdict(list), [], 0
+        return rows, events
 
 
 class IngestService(mode.Service):
     """Runs the batched consumer inside the Faust worker's lifecycle."""
 
-    def __init__(self, ingestor: Ingestor, **kwargs: Any) -> None:
+    def __init__(self, ingestor: Ingestor, on_drained: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ingestor = ingestor
+        self.on_drained = on_drained
 
     async def on_start(self) -> None:
         await self.ingestor.start()
@@ -74,11 +179,15 @@ class IngestService(mode.Service):
         await self.ingestor.run()
 
     async def on_stop(self) -> None:
+        # Stopped before the Faust consumer (started last): stop reading, then flush what
+        # the agent holds so its packs are acked and committed on the way out.
         await self.ingestor.stop()
         await self.ingestor.close()
+        if self.on_drained is not None:
+            await self.on_drained()
 
 
-def process_pack(table: Any, pack: dict[str, Any], partition: int, policy: Policy,
+def process_pack(store: StateStore, pack: dict[str, Any], partition: int, policy: Policy,
                  partitions: int, clock: PartitionClock) -> tuple[list[Outcome], float]:
     """Fold one pack (or a re-score tick) into the table's states; pure apart from reading."""
     wall = float(pack["now"])
@@ -86,16 +195,11 @@ def process_pack(table: Any, pack: dict[str, Any], partition: int, policy: Polic
     if pack.get("tick"):
         if clock.catching_up(wall):
             return outcomes, wall  # re-scoring at the wall clock now would be premature
-        for key in list(table.keys()):
-            account_id = key.decode() if isinstance(key, bytes) else str(key)
-            if packs.partition_for(account_id, partitions) != partition:
-                continue  # a standby copy of another worker's partition
-            raw = table.get(key)
-            if not isinstance(raw, bytes | bytearray | memoryview | str):
-                log.warning("skipping state of unexpected type", extra={
-                    "account_id": account_id, "type": type(raw).__name__})
-                continue
-            outcomes.append(rescore(AccountState.from_bytes(raw), wall, policy))
+        # Only this partition's accounts: the table also holds standby copies of others.
+        for account_id in store.accounts_in(partition, partitions):
+            state = store.get(account_id)
+            if state is not None:
+                outcomes.append(rescore(state, wall, policy))
         return outcomes, wall
     grouped: dict[str, list[Any]] = defaultdict(list)
     newest: dict[str, float] = {}
@@ -107,9 +211,7 @@ def process_pack(table: Any, pack: dict[str, Any], partition: int, policy: Polic
             newest[source] = ts
     clock.on_pack(wall, newest)
     for account_id, items in grouped.items():
-        raw = table.get(account_id.encode())
-        state = AccountState.from_bytes(raw) if raw is not None else None
-        outcomes.append(apply_batch(state, account_id, items, wall, policy))
+        outcomes.append(apply_batch(store.get(account_id), account_id, items, wall, policy))
     return outcomes, wall
 
 
@@ -134,6 +236,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         broker_session_timeout=s.kafka.session_timeout_s,
         broker_heartbeat_interval=min(3.0, s.kafka.session_timeout_s / 3),
         producer_acks=-1,
+        # Unacked packs wait for the next flush; at shutdown we flush on revoke instead of
+        # letting Faust wait for acks that only a flush gives (redelivery covers a crash).
+        stream_wait_empty=False,
         autodiscover=False,
         web_in_thread=False,
     )
@@ -151,6 +256,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                             value_serializer="raw"),
         help="Per-account engagement state (compact JSON), changelogged.",
     )
+    store = StateStore(table)
     sink = ClickHouseSink(s.effective_clickhouse_dsn(), retry_max_s=s.sink.retry_max_s,
                           metrics=metrics)
     options = DecodeOptions(
@@ -160,8 +266,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         activation_events=policy.onboarding.activation_events,
     )
     ingestor = Ingestor(s, metrics, options)
-    runtime = Runtime(app, s, policy, metrics, sink, ingestor, table)
-    app.service(IngestService(ingestor))
+    runtime = Runtime(app, s, policy, metrics, sink, ingestor, table, store)
 
     @app.task
     async def start_sink() -> None:
@@ -170,42 +275,83 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         except Exception as exc:  # an outage at start: writes retry until it is back
             log.warning("ClickHouse not writable yet (%s); writes will retry", exc)
 
+    pending = PendingFlush()
+    flush_lock = asyncio.Lock()
+
+    async def flush(stream: Any) -> None:
+        """Write buffered rows in one insert per table, then ack the packs they came from."""
+        async with flush_lock:
+            if not pending.events:
+                return
+            rows, events = pending.take()
+            try:
+                await sink.write(rows)
+                # States after rows: a crash in between redelivers the packs, whose events
+                # are then applied again to the older state: same rows, same alert ids.
+                await store.write_dirty(app.producer, s.partitions)
+            except BaseException:
+                pending.restore(rows, events)  # nothing acked: the next flush tries again
+                raise
+            for event in events:
+                await stream.ack(event)
+
     @app.agent(ingested)
     async def account_state(stream: Any) -> None:
-        async for event in stream.events():
+        manual = stream.noack()
+        runtime.stream = manual
+        async for event in manual.events():
             try:
-                await _handle(event)
+                rows = await _handle(event)
             except Exception as exc:  # a bug must not stop the worker: park the pack
-                log.exception("pack %s:%s failed; sent to the DLQ", event.message.partition,
-                              event.message.offset)
-                metrics.events_dead_lettered.labels(topic=s.ingested_topic,
-                                                    reason="processing_error").inc()
-                await app.producer.send_and_wait(
-                    s.topics.dlq, None, event.value, partition=None, timestamp=None,
-                    headers=[("dlq_reason", b"processing_error"),
-                             ("dlq_detail", repr(exc)[:500].encode()),
-                             ("dlq_step", b"state"), ("dlq_topic", s.ingested_topic.encode()),
-                             ("dlq_partition", str(event.message.partition).encode()),
-                             ("dlq_offset", str(event.message.offset).encode())])
+                rows = {}
+                await _park(event, exc)
+            pending.add(rows, event)
+            if pending.count >= s.sink.batch_max_rows:  # bounded memory: flush now
+                await flush(manual)
 
-    async def _handle(event: Any) -> None:
+    @app.timer(max(0.05, s.sink.flush_interval_s / 2))
+    async def flush_when_due() -> None:
+        # Quiet periods: rows still reach ClickHouse within the flush interval.
+        if runtime.stream is not None and pending.due(s.sink.batch_max_rows,
+                                                      s.sink.flush_interval_s):
+            try:
+                await flush(runtime.stream)
+            except Exception:  # never let a timer take the worker down; packs stay unacked
+                log.exception("flush failed; will retry")
+
+    async def _park(event: Any, exc: Exception) -> None:
+        log.exception("pack %s:%s failed; sent to the DLQ", event.message.partition,
+                      event.message.offset)
+        metrics.events_dead_lettered.labels(topic=s.ingested_topic,
+                                            reason="processing_error").inc()
+        await app.producer.send_and_wait(
+            s.topics.dlq, None, event.value, partition=None, timestamp=None,
+            headers=[("dlq_reason", b"processing_error"),
+                     ("dlq_detail", repr(exc)[:500].encode()),
+                     ("dlq_step", b"state"), ("dlq_topic", s.ingested_topic.encode()),
+                     ("dlq_partition", str(event.message.partition).encode()),
+                     ("dlq_offset", str(event.message.offset).encode())])
+
+    async def _handle(event: Any) -> dict[str, list[Any]]:
         message = event.message
         pack = packs.decode(event.value)
         wall = float(pack["now"])
-        outcomes, now = process_pack(table, pack, message.partition, policy, s.partitions,
+        outcomes, now = process_pack(store, pack, message.partition, policy, s.partitions,
                                      runtime.clocks[message.partition])
         rows: dict[str, list[Any]] = {"account_daily_data": [], "account_scores_data": [],
                                       "alerts_data": []}
         alerts = []
         for out in outcomes:
+            # Duplicates (a redelivered pack) re-derive their rows from the state: if the
+            # worker died after storing the state but before the flush, this restores them.
             rows["account_daily_data"].extend(daily_rows(out.state, out.days))
-            if out.score_changed or out.applied:
+            if out.score_changed or out.applied or out.duplicates:
                 rows["account_scores_data"].append(score_row(out))
             if out.alert is not None:
                 alerts.append(out.alert)
                 rows["alerts_data"].append(alert_row(out.alert))
-        await sink.write(rows, token=f"{message.topic}:{message.partition}:{message.offset}")
         if alerts:
+            # Alerts are acked by Kafka before the state that records them is stored.
             futures = [await alerts_topic.send(key=a.account_id.encode(),
                                                value=a.model_dump_json().encode())
                        for a in alerts]
@@ -218,17 +364,36 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                                          "band": a.band, "kind": a.kind, "score": a.score,
                                          "reason": top, "pack_offset": message.offset,
                                          "partition": message.partition})
+        applied = duplicates = 0
         for out in outcomes:
             if out.applied or out.score_changed or out.alert is not None:
-                # bytes keys: what the changelog gives back on recovery
-                table[out.state.account_id.encode()] = out.state.to_bytes()
-            metrics.duplicates.inc(out.duplicates)
-            metrics.events_applied.inc(out.applied)
-            runtime.stats["events_applied"] += out.applied
-            runtime.stats["duplicates"] += out.duplicates
+                store.put(out.state)
+            applied += out.applied
+            duplicates += out.duplicates
+        metrics.duplicates.inc(duplicates)
+        metrics.events_applied.inc(applied)
+        runtime.stats["events_applied"] += applied
+        runtime.stats["duplicates"] += duplicates
         runtime.stats["alerts"] += len(alerts)
         metrics.packs.inc()
-        metrics.accounts_tracked.set(len(table))
+        metrics.accounts_tracked.set(len(store.cache))
+        return rows
+
+    async def drain() -> None:
+        if runtime.stream is not None:
+            await asyncio.wait_for(flush(runtime.stream), timeout=30)
+
+    app.service(IngestService(ingestor, on_drained=drain))
+
+    @app.on_partitions_revoked.connect
+    async def flush_before_revoke(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        # Rebalance or shutdown: make buffered rows and states durable, ack their packs.
+        try:
+            await drain()
+        except Exception:  # the packs stay unacked and are redelivered to the new owner
+            log.warning("flush before revoke failed", exc_info=True)
+            pending.take()
+        store.forget()
 
     @app.timer(s.rescore_interval_s, on_leader=True)
     async def rescore_tick() -> None:

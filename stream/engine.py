@@ -15,7 +15,7 @@ from churnsignal.stream.alerts import decide
 from churnsignal.stream.clock import is_live, scoring_time
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.scoring import Score, score
-from churnsignal.stream.state import AccountState, apply_event, prune
+from churnsignal.stream.state import AccountState, apply_event, day_of, prune
 
 # One item of a batch: (source "topic/partition" or None, offset, canonical event).
 Item = tuple[str | None, int, Any]
@@ -39,7 +39,7 @@ def _finish(out: Outcome, now: float, trigger: str | None, triggered_at: float,
     scored = score(state, now, policy)
     out.scored = scored
     out.alert = decide(state, scored, now, trigger, triggered_at, policy, alerting=live)
-    out.score_changed = (state.score, state.band) != before
+    out.score_changed = (round(state.score), state.band) != (round(before[0]), before[1])
     return out
 
 
@@ -56,6 +56,7 @@ def apply_batch(state: AccountState | None, account_id: str, items: Iterable[Ite
         day = apply_event(out.state, event, source, offset, policy, wall)
         if day is None:
             out.duplicates += 1
+            out.days.add(day_of(event.occurred_at.timestamp()))  # rows re-derived on redelivery
             continue
         out.applied += 1
         out.days.add(day)

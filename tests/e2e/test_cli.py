@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,14 +24,25 @@ def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 300
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started
 
 
-def _children_of(pid: int) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "ppid,pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines()[1:] if line.split(None, 2)[0] == str(pid)]
+def _running(needle: str) -> list[str]:
+    """Processes whose command line or environment mentions ``needle``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            blob = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle.encode() in blob:
+            found.append(blob.split(b"\0")[0].decode(errors="replace"))
+    return found
 
 
 def test_demo_shows_alerts_and_clickhouse_rows_and_leaves_nothing_running(tmp_path) -> None:
+    state_dir = tmp_path / "demo"
     code, out, _ = run(["demo", "--duration", "12", "--accounts", "120", "--state-dir",
-                        str(tmp_path / "demo")])
+                        str(state_dir)])
     assert code == 0, out[-3000:]
     assert "ALERT" in out
     assert "churnsignal demo summary" in out
@@ -39,7 +52,10 @@ def test_demo_shows_alerts_and_clickhouse_rows_and_leaves_nothing_running(tmp_pa
     assert int(rows["ClickHouse rows: alerts"]) > 0
     assert rows["sum(events) in account_daily"].split()[0] == rows["events processed"].split()[0]
     assert "FROM account_risk" in out
-    assert _children_of(os.getpid()) == [] or all("ps -eo" in c for c in _children_of(os.getpid()))
+    broker = re.search(r"embedded broker at (127\.0\.0\.1:\d+)", out)
+    assert broker is not None
+    assert _running(f"tcp://{broker.group(1)}") == []  # the demo's Tansu
+    assert _running(str(state_dir)) == []  # its worker
 
 
 def test_bad_setting_is_one_line_naming_it() -> None:
