@@ -188,19 +188,20 @@ class IngestService(mode.Service):
 
 
 def process_pack(store: StateStore, pack: dict[str, Any], partition: int, policy: Policy,
-                 partitions: int, clock: PartitionClock) -> tuple[list[Outcome], float]:
-    """Fold one pack (or a re-score tick) into the table's states; pure apart from reading."""
+                 partitions: int, clock: PartitionClock) -> tuple[list[Outcome], float, float]:
+    """Fold one pack (or a re-score tick) into the states; returns (outcomes, wall clock of
+    the pack, newest event time in it)."""
     wall = float(pack["now"])
     outcomes: list[Outcome] = []
     if pack.get("tick"):
         if clock.catching_up(wall):
-            return outcomes, wall  # re-scoring at the wall clock now would be premature
+            return outcomes, wall, 0.0  # re-scoring at the wall clock now would be premature
         # Only this partition's accounts: the table also holds standby copies of others.
         for account_id in store.accounts_in(partition, partitions):
             state = store.get(account_id)
             if state is not None:
                 outcomes.append(rescore(state, wall, policy))
-        return outcomes, wall
+        return outcomes, wall, 0.0
     grouped: dict[str, list[Any]] = defaultdict(list)
     newest: dict[str, float] = {}
     for source, offset, data in pack["items"]:
@@ -212,7 +213,7 @@ def process_pack(store: StateStore, pack: dict[str, Any], partition: int, policy
     clock.on_pack(wall, newest)
     for account_id, items in grouped.items():
         outcomes.append(apply_batch(store.get(account_id), account_id, items, wall, policy))
-    return outcomes, wall
+    return outcomes, wall, max(newest.values(), default=0.0)
 
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
@@ -336,8 +337,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         message = event.message
         pack = packs.decode(event.value)
         wall = float(pack["now"])
-        outcomes, now = process_pack(store, pack, message.partition, policy, s.partitions,
-                                     runtime.clocks[message.partition])
+        outcomes, _, newest = process_pack(store, pack, message.partition, policy, s.partitions,
+                                           runtime.clocks[message.partition])
+        if newest:
+            metrics.event_to_score.observe(max(0.0, time.time() - newest))
         rows: dict[str, list[Any]] = {"account_daily_data": [], "account_scores_data": [],
                                       "alerts_data": []}
         alerts = []
