@@ -71,3 +71,4 @@ def test_unreachable_broker_fails_fast_with_a_clear_error() -> None:
     assert code == 2
     assert "did not answer" in out and "Traceback" not in out
     assert took < 60
+
