@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import signal
 import socket
 import subprocess
 import time
@@ -12,6 +14,12 @@ from pathlib import Path
 from churnsignal.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel stops the broker if churnsignal itself is killed (SIGKILL included)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -56,6 +64,7 @@ class EmbeddedBroker:
         self.process = subprocess.Popen(
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
             stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - called before any thread starts
         )
         if not wait_for_port(self.port, timeout):
             self.stop()
