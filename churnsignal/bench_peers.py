@@ -19,6 +19,23 @@ import orjson
 WINDOW_S = 3600
 
 
+class Progress:
+    """Counts events a peer has seen; reports and exits once it has seen them all."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.n = 0
+        self.first = 0.0
+
+    def seen(self, _value: Any = None) -> None:
+        self.n += 1
+        if self.n == 1:
+            self.first = time.time()
+        if self.n >= self.expected:
+            _report(self.n, self.first, time.time())
+            os._exit(0)
+
+
 def _report(events: int, first: float, last: float) -> None:
     # Straight to fd 1: Faust redirects sys.stdout into its logger.
     os.write(1, orjson.dumps({"events": events, "first": first, "last": last}) + b"\n")
@@ -58,18 +75,13 @@ def faust_count(bootstrap: str, expected: int, topics: list[str]) -> None:
                     topic_partitions=int(os.environ.get("BENCH_PARTITIONS", "4")))
     source = app.topic(*topics, value_serializer="json", key_serializer="raw")
     counts = app.Table("counts", default=int).tumbling(WINDOW_S, expires=86400)
-    state: dict[str, Any] = {"n": 0, "first": 0.0}
+    progress = Progress(expected)
 
     @app.agent(source)
     async def count(stream: Any) -> None:
         async for event in stream.events():
             counts[event.key.decode()] += 1
-            state["n"] += 1
-            if state["n"] == 1:
-                state["first"] = time.time()
-            if state["n"] >= expected:
-                _report(state["n"], state["first"], time.time())
-                os._exit(0)
+            progress.seen()
 
     sys.argv = [sys.argv[0], "worker", "-l", "error"]
     app.main()
@@ -82,19 +94,10 @@ def quix_count(bootstrap: str, expected: int, topics: list[str]) -> None:
     app = Application(broker_address=bootstrap, consumer_group=f"bench-quix-{uuid.uuid4().hex[:8]}",
                       auto_offset_reset="earliest", state_dir=tempfile.mkdtemp(prefix="bench-quix-"),
                       loglevel="ERROR")
-    state: dict[str, Any] = {"n": 0, "first": 0.0}
-
-    def seen(value: Any) -> None:
-        state["n"] += 1
-        if state["n"] == 1:
-            state["first"] = time.time()
-        if state["n"] >= expected:
-            _report(state["n"], state["first"], time.time())
-            os._exit(0)
-
+    progress = Progress(expected)
     for name in topics:
         sdf = app.dataframe(app.topic(name, value_deserializer="json", key_deserializer="bytes"))
-        sdf = sdf.update(seen)
+        sdf = sdf.update(progress.seen)
         sdf.tumbling_window(WINDOW_S * 1000).count().final()
     app.run()
 

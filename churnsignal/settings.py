@@ -61,7 +61,6 @@ class SinkSettings(BaseModel):
         1.0, gt=0, le=300, description="Longest a row waits before the flush (one insert per table)."
     )
     retry_max_s: float = Field(30.0, gt=0, description="Longest back-off between write retries.")
-    raw_events_ttl_days: int = Field(30, ge=1, description="TTL of rows in the raw events table.")
 
 
 class IngestSettings(BaseModel):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
@@ -137,6 +136,3 @@ def family_of(event_type: str) -> str:
         return "support"
     return "billing"
 
-
-def to_epoch(dt: datetime) -> float:
-    return dt.timestamp()
