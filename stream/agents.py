@@ -61,6 +61,7 @@ class Runtime:
     stats: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     clocks: dict[int, PartitionClock] = field(default_factory=lambda: defaultdict(PartitionClock))
     stream: Any = None  # the agent's manual-ack stream, once it runs
+    closing: bool = False  # set by the shutdown flush: later packs are left for a restart
 
 
 class StateStore:
@@ -104,13 +105,20 @@ class StateStore:
         # Snapshot before the first await: the agent keeps changing states meanwhile.
         dirty, self.dirty = self.dirty, set()
         values = {a.encode(): self.cache[a].to_bytes() for a in dirty}
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+        for key, value in values.items():
+            by_partition[packs.partition_for(key.decode(), partitions)].append((key, value))
+        # Each partition's last record goes alone, after the rest are acked: Tansu 0.6
+        # reports a partition's end offset as its last batch's base offset + 1, and Faust's
+        # recovery reads only up to that end, so a multi-record tail batch would be lost.
+        heads = [(p, kv) for p, kvs in by_partition.items() for kv in kvs[:-1]]
+        tails = [(p, kvs[-1]) for p, kvs in by_partition.items()]
         try:
-            futures = [await producer.send(topic, key, value,
-                                           packs.partition_for(key.decode(), partitions), None,
-                                           None)
-                       for key, value in values.items()]
-            if futures:
-                await asyncio.gather(*futures)
+            for wave in (heads, tails):
+                futures = [await producer.send(topic, key, value, partition, None, None)
+                           for partition, (key, value) in wave]
+                if futures:
+                    await asyncio.gather(*futures)
         except BaseException:
             self.dirty |= dirty  # written again by the next flush
             raise
@@ -301,12 +309,18 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         manual = stream.noack()
         runtime.stream = manual
         async for event in manual.events():
-            try:
-                rows = await _handle(event)
-            except Exception as exc:  # a bug must not stop the worker: park the pack
-                rows = {}
-                await _park(event, exc)
-            pending.add(rows, event)
+            if runtime.closing or event.message.tp not in app.consumer.assignment():
+                # Shutting down, or a pack of a partition revoked meanwhile: leave it unacked
+                # and unapplied; the next owner of the partition applies it exactly once.
+                continue
+            # Under the flush lock: a revoke-time flush waits for the pack being folded.
+            async with flush_lock:
+                try:
+                    rows = await _handle(event)
+                except Exception as exc:  # a bug must not stop the worker: park the pack
+                    rows = {}
+                    await _park(event, exc)
+                pending.add(rows, event)
             if pending.count >= s.sink.batch_max_rows:  # bounded memory: flush now
                 await flush(manual)
 
@@ -386,7 +400,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         if runtime.stream is not None:
             await asyncio.wait_for(flush(runtime.stream), timeout=30)
 
-    app.service(IngestService(ingestor, on_drained=drain))
+    async def drain_for_shutdown() -> None:
+        runtime.closing = True  # packs Faust still hands the agent are not applied
+        await drain()
+
+    app.service(IngestService(ingestor, on_drained=drain_for_shutdown))
 
     @app.on_partitions_revoked.connect
     async def flush_before_revoke(sender: Any, revoked: Any, **kwargs: Any) -> None:
