@@ -53,6 +53,10 @@ class Metrics:
             ["topic", "partition"], registry=r)
         self.accounts_tracked = Gauge(
             "churnsignal_accounts_tracked", "Accounts with state on this worker.", registry=r)
+        self.webhook_deliveries = Counter(
+            "churnsignal_webhook_deliveries", "Alerts posted to the webhook, by outcome "
+            "(delivered, failed after retries, dropped because the queue was full).",
+            ["outcome"], registry=r)
         self.packs = Counter(
             "churnsignal_packs", "Repartitioned event packs processed by the state agent.",
             registry=r)

@@ -80,6 +80,30 @@ class IngestSettings(BaseModel):
     )
 
 
+class WebhookSettings(BaseModel):
+    """Optional POST of each alert to an HTTP endpoint (e.g. a Slack incoming webhook)."""
+
+    url: SecretStr | None = Field(
+        None, description="http(s) URL to POST alerts to; unset: no webhook. Treated as a secret.")
+    format: Literal["json", "slack"] = Field(
+        "json", description="json: the alert as on the topic; slack: a Slack message (text, blocks).")
+    timeout_s: float = Field(5.0, gt=0, le=120, description="Timeout of one POST.")
+    max_attempts: int = Field(5, ge=1, le=50, description="POST attempts per alert (5xx, 408, 429, "
+                              "network errors are retried; other 4xx are not).")
+    retry_max_s: float = Field(10.0, gt=0, description="Longest back-off between attempts.")
+    queue_max: int = Field(10_000, ge=1, description="Alerts waiting for the webhook; beyond it they "
+                           "are not posted (still on the alerts topic) and counted as dropped.")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value().strip():
+            return None
+        if not v.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
 class Settings(BaseSettings):
     """Every setting of churnsignal. Env prefix ``CHURNSIGNAL_``; nested with ``__``."""
 
@@ -115,6 +139,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
     ingest: IngestSettings = Field(default_factory=IngestSettings)  # type: ignore[arg-type]
     sink: SinkSettings = Field(default_factory=SinkSettings)  # type: ignore[arg-type]
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)  # type: ignore[arg-type]
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

@@ -42,6 +42,7 @@ from churnsignal.stream.ingest import Ingestor
 from churnsignal.stream.policy import Policy, load_policy
 from churnsignal.stream.rows import alert_row, daily_rows, score_row
 from churnsignal.stream.state import AccountState
+from churnsignal.webhook import WebhookNotifier
 
 log = logging.getLogger("churnsignal")
 
@@ -275,6 +276,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         activation_events=policy.onboarding.activation_events,
     )
     ingestor = Ingestor(s, metrics, options)
+    notifier = WebhookNotifier(s.webhook, metrics) if s.webhook.url is not None else None
     runtime = Runtime(app, s, policy, metrics, sink, ingestor, table, store)
 
     @app.task
@@ -283,6 +285,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             await sink.start()
         except Exception as exc:  # an outage at start: writes retry until it is back
             log.warning("ClickHouse not writable yet (%s); writes will retry", exc)
+
+    if notifier is not None:
+        @app.task
+        async def post_alerts() -> None:
+            await notifier.run()
 
     pending = PendingFlush()
     flush_lock = asyncio.Lock()
@@ -374,6 +381,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                        for a in alerts]
             await asyncio.gather(*futures)
             for a in alerts:
+                if notifier is not None:
+                    notifier.submit(a)  # never waits: a bounded queue and its own task
                 top = a.reasons[0].code if a.reasons else "none"
                 metrics.alerts.labels(band=a.band, kind=a.kind, reason=top).inc()
                 metrics.ingest_to_alert.observe(max(0.0, time.time() - wall))
@@ -403,6 +412,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     async def drain_for_shutdown() -> None:
         runtime.closing = True  # packs Faust still hands the agent are not applied
         await drain()
+        if notifier is not None:
+            await notifier.drain(timeout=min(10.0, s.webhook.timeout_s * 2))
 
     app.service(IngestService(ingestor, on_drained=drain_for_shutdown))
 
