@@ -114,6 +114,42 @@ class Worker:
         return (self.env.state_dir / "worker.log").read_text(errors="replace")
 
 
+class WebhookReceiver:
+    """A real HTTP endpoint on loopback that records POSTed JSON; the first ``fail_first``
+    requests get a 503, as a flaky receiver would answer."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        import http.server
+        import threading
+
+        receiver = self
+        self.bodies: list[dict[str, Any]] = []
+        self.fail_first = fail_first
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if receiver.fail_first > 0:
+                    receiver.fail_first -= 1
+                    self.send_response(503)
+                else:
+                    receiver.bodies.append(json.loads(body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 async def produce(broker: str, messages: list[tuple[str, bytes | None, bytes]]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all")
     await producer.start()

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from tests.integration.helpers import (
+    WebhookReceiver,
     Worker,
     clickhouse_query,
     consume_all,
@@ -59,6 +60,8 @@ def test_pipeline_alerts_dead_letters_and_clickhouse_totals_survive_restart_and_
     s.steady("pay-1", days=40, per_day=6)
     s.payment_failed("pay-1", 0.003, attempt=1, final=False)
     s.payment_failed("pay-1", 0.002, attempt=4, final=True)
+    # silent: steady use, then nothing for 15 days; only the re-score timer can see it
+    s.steady("silent-1", days=30, per_day=5, until_days_ago=15)
     duplicate = s.usage("healthy-1", 0.02)
     messages = [(topics[kind], key, value) for kind, key, value in s.messages]
     messages.append((topics["usage"], b"healthy-1", duplicate))  # a producer retry
@@ -71,15 +74,17 @@ def test_pipeline_alerts_dead_letters_and_clickhouse_totals_survive_restart_and_
     messages.append((topics["billing"], None, unused))
     accepted = len(s.messages)  # the duplicate, the bad ones and the unused type are not
 
-    worker = Worker(env)
+    hook = WebhookReceiver(fail_first=2)  # alerts are also POSTed; the first two get a 503
+    worker = Worker(env, extra={"CHURNSIGNAL_WEBHOOK__URL": hook.url,
+                                "CHURNSIGNAL_WEBHOOK__RETRY_MAX_S": "0.2"})
     try:
         worker.wait_ready()
         asyncio.run(produce(broker, messages))
         worker.wait_applied(accepted)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             by_account = _alerts_by_account(asyncio.run(consume_all(broker, topics["alerts"], 1)))
-            if {"decline-1", "cancel-1", "pay-1"} <= set(by_account):
+            if {"decline-1", "cancel-1", "pay-1", "silent-1"} <= set(by_account):
                 break
             time.sleep(1)
         # phase 2: the payment goes through
@@ -97,6 +102,7 @@ def test_pipeline_alerts_dead_letters_and_clickhouse_totals_survive_restart_and_
         metrics = worker.metrics()
     finally:
         assert worker.stop() == 0, worker.log()[-3000:]
+        hook.close()
 
     # --- alerts
     assert "healthy-1" not in by_account, by_account.get("healthy-1")
@@ -113,8 +119,16 @@ def test_pipeline_alerts_dead_letters_and_clickhouse_totals_survive_restart_and_
     assert pay[0]["reasons"][0]["code"] == "payment_failed_final", pay
     assert pay[0]["reasons"][0]["kind"] == "involuntary"
     assert pay[1]["band"] == "low"
+    silent = by_account["silent-1"]  # its events are 15 days old: the timer alone alerts
+    assert len(silent) == 1 and silent[0]["trigger_event_id"] is None, silent
+    assert silent[0]["band"] in ("high", "critical")
+    assert "inactivity" in [r["code"] for r in silent[0]["reasons"]]
     all_alerts = [a for alerts in by_account.values() for a in alerts]
     assert len({a["alert_id"] for a in all_alerts}) == len(all_alerts)
+    # the webhook got every alert (retried through the 503s), as the topic has them
+    assert {b["alert_id"] for b in hook.bodies} == {a["alert_id"] for a in all_alerts}
+    assert _metric(metrics, 'churnsignal_webhook_deliveries_total{outcome="delivered"}') == len(
+        all_alerts)
 
     # --- dead letters: every bad message, with its reason, and nothing else
     dlq = asyncio.run(consume_all(broker, topics["dlq"], 1))
@@ -130,7 +144,7 @@ def test_pipeline_alerts_dead_letters_and_clickhouse_totals_survive_restart_and_
     dsn = env.settings().effective_clickhouse_dsn()
     [[events, accounts]] = clickhouse_query(
         dsn, "SELECT sum(events), uniqExact(account_id) FROM account_daily")
-    assert (int(events), int(accounts)) == (accepted, 4)
+    assert (int(events), int(accounts)) == (accepted, 5)
     [[ch_alerts]] = clickhouse_query(dsn, "SELECT count() FROM alerts")
     assert int(ch_alerts) == len(all_alerts)
 
@@ -150,7 +164,8 @@ def test_pipeline_alerts_dead_letters_and_clickhouse_totals_survive_restart_and_
     assert stats.get("events_applied", 0) == 0, stats
     assert stats["duplicates"] == accepted + 1, stats
     after = _alerts_by_account(asyncio.run(consume_all(broker, topics["alerts"], 1)))
-    assert {a["alert_id"] for alerts in after.values() for a in alerts} == {
-        a["alert_id"] for a in all_alerts}
+    # not one alert published again, not even with the same id
+    assert sorted(a["alert_id"] for alerts in after.values() for a in alerts) == sorted(
+        a["alert_id"] for a in all_alerts)
     [[events_after]] = clickhouse_query(dsn, "SELECT sum(events) FROM account_daily")
     assert int(events_after) == accepted
