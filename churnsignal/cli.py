@@ -1,4 +1,4 @@
-"""The `churnsignal` command line: worker, demo, migrate, config show, schemas export."""
+"""The `churnsignal` command line: worker, demo, bench, migrate, query, report, config, schemas."""
 
 from __future__ import annotations
 
@@ -150,6 +150,93 @@ def migrate() -> None:
             typer.echo(name)
     except ChurnsignalError as exc:
         _fail(exc)
+
+
+def _clickhouse(dsn: str | None) -> tuple[object, str]:
+    """A client for --dsn, else the configured DSN (the worker's embedded store by default)."""
+    from churnsignal.settings import mask_dsn
+    from churnsignal.sinks.clickhouse import connect
+    from churnsignal.sinks.clickhouse import migrate as run_migrate
+
+    settings = load_settings()
+    target = dsn or settings.effective_clickhouse_dsn()
+    client = connect(target)
+    run_migrate(client)  # the views exist even before a worker ran
+    return client, mask_dsn(target)
+
+
+DsnOption = Annotated[str | None, typer.Option(
+    help="chdb:///path or http(s)://user:pass@host:8123 (default: CHURNSIGNAL_CLICKHOUSE_DSN, "
+         "else the embedded store under CHURNSIGNAL_STATE_DIR). A worker on chdb must be "
+         "stopped first: the embedded store is one process's.")]
+
+
+@cli.command()
+def query(
+    name: Annotated[str | None, typer.Argument(help="Saved query; omit to list them.")] = None,
+    dsn: DsnOption = None,
+    output: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+) -> None:
+    """Run a saved analyst query (logo_churn, mrr_churn, at_risk, ...) and print a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from churnsignal.sinks.queries import QUERIES, run_query
+
+    if name is None:
+        for key, saved in QUERIES.items():
+            typer.echo(f"{key:18} {saved.title}")
+        return
+    if name not in QUERIES:
+        _fail(ValueError(f"no saved query {name!r}; one of: {', '.join(QUERIES)}"))
+    if output not in ("table", "csv", "json"):
+        _fail(ValueError("--format must be table, csv or json"))
+    try:
+        client, _ = _clickhouse(dsn)
+        result = run_query(client, name)
+    except ChurnsignalError as exc:
+        _fail(exc)
+    if output == "json":
+        typer.echo(json.dumps(result.rows, default=str, indent=1))
+    elif output == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=result.columns)
+        writer.writeheader()
+        writer.writerows(result.rows)
+    else:
+        table = Table(title=result.title)
+        for column in result.columns:
+            table.add_column(column)
+        for row in result.rows:
+            table.add_row(*(_cell(row[c]) for c in result.columns))
+        Console().print(table)
+
+
+def _cell(value: object) -> str:
+    from datetime import datetime
+
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, datetime) and not (value.hour or value.minute or value.second):
+        return value.date().isoformat()  # months and days
+    return str(value)
+
+
+@cli.command()
+def report(
+    out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("report.html"),
+    dsn: DsnOption = None,
+) -> None:
+    """Write a self-contained HTML page (works offline) with the churn charts."""
+    from churnsignal.report import write_report
+
+    try:
+        client, source = _clickhouse(dsn)
+        path = write_report(client, out, source)
+    except ChurnsignalError as exc:
+        _fail(exc)
+    typer.echo(str(path))
 
 
 @config_cli.command("show")

@@ -48,6 +48,9 @@ class SubscriptionData(_Strict):
     current_period_end: AwareDatetime | None = None
     pause_resumes_at: AwareDatetime | None = None
     trial_end: AwareDatetime | None = None
+    cancellation_reason: Name | None = Field(
+        None, description="Why it ended (Stripe cancellation_details.reason: cancellation_requested, "
+        "payment_failed, payment_disputed); payment_* means involuntary churn.")
 
 
 class PaymentData(_Strict):

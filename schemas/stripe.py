@@ -128,6 +128,7 @@ def to_canonical(payload: dict[str, Any], account_key: str = "account_id") -> di
             "current_period_end": epoch_to_iso(_period_end(obj)),
             "pause_resumes_at": epoch_to_iso(get_in(obj, "pause_collection", "resumes_at")),
             "trial_end": epoch_to_iso(obj.get("trial_end")),
+            "cancellation_reason": get_in(obj, "cancellation_details", "reason"),
         }
         if get_in(obj, "pause_collection", "behavior") and status == "active":
             data["status"] = "paused"

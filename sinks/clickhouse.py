@@ -18,7 +18,13 @@ import clickhouse_connect
 from churnsignal.errors import SinkUnavailable
 from churnsignal.settings import mask_dsn
 from churnsignal.sinks import ddl
-from churnsignal.stream.rows import ALERT_COLUMNS, DAILY_COLUMNS, SCORE_COLUMNS
+from churnsignal.stream.rows import (
+    ALERT_COLUMNS,
+    BILLING_COLUMNS,
+    DAILY_COLUMNS,
+    SCORE_COLUMNS,
+    SUPPORT_COLUMNS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,8 @@ COLUMNS = {
     "account_daily_data": DAILY_COLUMNS,
     "account_scores_data": SCORE_COLUMNS,
     "alerts_data": ALERT_COLUMNS,
+    "billing_events_data": BILLING_COLUMNS,
+    "support_events_data": SUPPORT_COLUMNS,
 }
 
 Rows = Mapping[str, Sequence[Sequence[Any]]]

@@ -40,7 +40,7 @@ from churnsignal.stream.clock import PartitionClock
 from churnsignal.stream.engine import Outcome, apply_batch, rescore
 from churnsignal.stream.ingest import Ingestor
 from churnsignal.stream.policy import Policy, load_policy
-from churnsignal.stream.rows import alert_row, daily_rows, score_row
+from churnsignal.stream.rows import alert_row, daily_rows, fact_rows, score_row
 from churnsignal.stream.state import AccountState
 from churnsignal.webhook import WebhookNotifier
 
@@ -363,7 +363,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         if newest:
             metrics.event_to_score.observe(max(0.0, time.time() - newest))
         rows: dict[str, list[Any]] = {"account_daily_data": [], "account_scores_data": [],
-                                      "alerts_data": []}
+                                      "alerts_data": [], "billing_events_data": [],
+                                      "support_events_data": []}
         alerts = []
         for out in outcomes:
             # Duplicates (a redelivered pack) re-derive their rows from the state: if the
@@ -371,6 +372,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             rows["account_daily_data"].extend(daily_rows(out.state, out.days))
             if out.score_changed or out.applied or out.duplicates:
                 rows["account_scores_data"].append(score_row(out))
+            if out.facts:
+                billing, support = fact_rows(out)
+                rows["billing_events_data"].extend(billing)
+                rows["support_events_data"].extend(support)
             if out.alert is not None:
                 alerts.append(out.alert)
                 rows["alerts_data"].append(alert_row(out.alert))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from churnsignal.schemas.alerts import Alert
+from churnsignal.schemas.events import UsageEvent
 from churnsignal.stream.alerts import decide
 from churnsignal.stream.clock import is_live, scoring_time
 from churnsignal.stream.policy import Policy
@@ -30,6 +31,9 @@ class Outcome:
     scored: Score | None = None
     score_changed: bool = False
     alert: Alert | None = None
+    # Billing and support events applied, for their own tables:
+    # (event, MRR before it, involuntary end after it, state seq after it).
+    facts: list[tuple[Any, int, bool, int]] = field(default_factory=list)
 
 
 def _finish(out: Outcome, now: float, trigger: str | None, triggered_at: float,
@@ -53,6 +57,7 @@ def apply_batch(state: AccountState | None, account_id: str, items: Iterable[Ite
     out = Outcome(state or AccountState(account_id))
     last_event: Any = None
     for source, offset, event in items:
+        mrr_before = out.state.mrr_cents
         day = apply_event(out.state, event, source, offset, policy, wall)
         if day is None:
             out.duplicates += 1
@@ -60,6 +65,8 @@ def apply_batch(state: AccountState | None, account_id: str, items: Iterable[Ite
             continue
         out.applied += 1
         out.days.add(day)
+        if not isinstance(event, UsageEvent):
+            out.facts.append((event, mrr_before, out.state.involuntary_end, out.state.seq))
         if last_event is None or event.occurred_at >= last_event.occurred_at:
             last_event = event
     now = scoring_time(wall, out.state.last_event)

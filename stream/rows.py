@@ -16,7 +16,17 @@ ALERT_COLUMNS = ("alert_id", "account_id", "kind", "band", "previous_band", "sco
                  "reasons", "plays", "mrr_at_risk_cents", "trigger_event_id", "triggered_at",
                  "emitted_at", "policy_version")
 
+BILLING_COLUMNS = ("account_id", "event_id", "occurred_at", "type", "status", "plan", "mrr_cents",
+                   "mrr_before_cents", "cancel_at_period_end", "invoice_id", "amount_cents",
+                   "attempt_count", "final_attempt", "involuntary", "version")
+SUPPORT_COLUMNS = ("account_id", "event_id", "occurred_at", "type", "ticket_id", "status",
+                   "priority", "channel", "first_response_s", "resolution_s", "csat", "nps",
+                   "version")
+
 _EPOCH = date(1970, 1, 1).toordinal()
+# Subscription events that do not carry a status still say what it became.
+_IMPLIED_STATUS = {"subscription_paused": "paused", "subscription_resumed": "active",
+                   "subscription_deleted": "canceled"}
 
 
 def _ts(seconds: float) -> datetime:
@@ -47,3 +57,34 @@ def alert_row(alert: Alert) -> tuple[object, ...]:
             float(alert.score), [r.code for r in alert.reasons], [r.play for r in alert.reasons],
             alert.mrr_at_risk_cents, alert.trigger_event_id or "", _ts(alert.triggered_at),
             _ts(alert.emitted_at), alert.policy_version)
+
+
+def fact_rows(out: Outcome) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """One row per applied billing event and per applied support event (keyed by event id)."""
+    billing: list[tuple[object, ...]] = []
+    support: list[tuple[object, ...]] = []
+    account = out.state.account_id
+    for event, mrr_before, involuntary, seq in out.facts:
+        t, d, at = event.type, event.data, event.occurred_at
+        if t.startswith(("ticket_", "satisfaction", "nps")):
+            support.append((
+                account, event.event_id, at, t, getattr(d, "ticket_id", "") or "",
+                getattr(d, "status", "") or "", getattr(d, "priority", "") or "",
+                getattr(d, "channel", "") or "", getattr(d, "first_response_s", None),
+                getattr(d, "resolution_s", None), getattr(d, "csat", "") or "",
+                getattr(d, "score", None), seq))
+            continue
+        status = getattr(d, "status", None) or _IMPLIED_STATUS.get(t, "")
+        subscription = t.startswith("subscription_") or t == "trial_will_end"
+        mrr = mrr_before
+        if subscription:
+            mrr = 0 if status == "canceled" else (d.mrr_cents if d.mrr_cents is not None
+                                                  else mrr_before)
+        billing.append((
+            account, event.event_id, at, t, status if subscription else "",
+            (getattr(d, "plan", None) or "") if subscription else "", mrr, mrr_before,
+            bool(getattr(d, "cancel_at_period_end", False)), getattr(d, "invoice_id", "") or "",
+            getattr(d, "amount_cents", None), getattr(d, "attempt_count", None),
+            t == "payment_failed" and d.next_attempt_at is None,
+            involuntary and status == "canceled", seq))
+    return billing, support

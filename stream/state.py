@@ -229,7 +229,8 @@ def _apply_billing(state: AccountState, event: Any, ts: float) -> None:
             return
         state.sub_seen_at = ts
         if d.status is not None:
-            if d.status == "canceled" and state.failed_payments:
+            if d.status == "canceled" and (state.failed_payments or d.cancellation_reason in (
+                    "payment_failed", "payment_disputed")):
                 state.involuntary_end = True
             state.sub_status = d.status
         if t == "subscription_paused":
