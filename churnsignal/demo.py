@@ -36,7 +36,8 @@ FROM account_risk GROUP BY band ORDER BY accounts DESC"""
 
 
 def start_worker(settings: Settings, bootstrap: str, state_dir: Path, port: int,
-                 extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+                 extra_env: dict[str, str] | None = None,
+                 module: str = "churnsignal.cli") -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -49,7 +50,7 @@ def start_worker(settings: Settings, bootstrap: str, state_dir: Path, port: int,
         **(extra_env or {}),
     }
     log = open(state_dir / "worker.log", "ab")  # noqa: SIM115 - lives as long as the child
-    return subprocess.Popen([sys.executable, "-m", "churnsignal.cli", "worker"], env=env,
+    return subprocess.Popen([sys.executable, "-m", module, "worker"], env=env,
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                             start_new_session=True)
 

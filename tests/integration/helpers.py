@@ -68,11 +68,12 @@ def new_env(broker: str, tmp_path: Path) -> Env:
 class Worker:
     """A real `churnsignal worker` process."""
 
-    def __init__(self, env: Env, extra: dict[str, str] | None = None) -> None:
+    def __init__(self, env: Env, extra: dict[str, str] | None = None,
+                 module: str = "churnsignal.cli") -> None:
         self.env = env
         self.port = free_port()
         self.proc = start_worker(env.settings(), env.broker, env.state_dir, self.port,
-                                 extra_env={**env.env(), **(extra or {})})
+                                 extra_env={**env.env(), **(extra or {})}, module=module)
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
