@@ -98,6 +98,14 @@ def hundred_customers() -> History:
     return h
 
 
+def with_late_cancellation(history: History) -> None:
+    """An account whose cancellation is scheduled at processing time: a live critical alert."""
+    history.add("late", "subscription_created", "2026-09-01T00:00:00+00:00", status="active",
+                mrr_cents=30_000)
+    history.add("late", "subscription_updated", "2026-11-20T00:00:00+00:00", status="active",
+                mrr_cents=30_000, cancel_at_period_end=True)
+
+
 def _month(rows: list[dict[str, Any]], month: str) -> dict[str, Any]:
     [row] = [r for r in rows if str(r["month"]).startswith(month)]
     return row
@@ -143,3 +151,29 @@ async def test_churn_revenue_cohort_payment_and_pause_figures(sink: ClickHouseSi
 def test_every_saved_query_runs_on_an_empty_store(sink: ClickHouseSink) -> None:
     for name in QUERIES:
         assert run_query(sink, name).rows == [], name  # valid SQL, nothing made up
+
+
+async def test_grafana_dashboard_queries_run_and_name_real_metrics(sink: ClickHouseSink) -> None:
+    import json
+    import re
+
+    from churnsignal.metrics import Metrics
+
+    history = hundred_customers()
+    with_late_cancellation(history)
+    await sink.write(history.rows())
+    dashboard = json.loads((Path(__file__).parents[2] / "deploy/grafana/provisioning/dashboards"
+                            / "churnsignal.json").read_text())
+    exported = {m.name for m in Metrics().registry.collect()}
+    ran = 0
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            if "rawSql" in target:
+                result = sink.query(target["rawSql"])  # the panel's SQL on the real engine
+                assert result.result_rows, panel["title"]
+                ran += 1
+            else:
+                for name in re.findall(r"churnsignal_[a-z_]+", target["expr"]):
+                    base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+                    assert base in exported, (panel["title"], name)
+    assert ran >= 8

@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 
 from churnsignal.sinks.clickhouse import ClickHouseSink
-from tests.integration.test_business_views import NOV_20, hundred_customers
+from tests.integration.test_business_views import (
+    NOV_20,
+    hundred_customers,
+    with_late_cancellation,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +35,7 @@ def test_report_is_self_contained_and_its_charts_draw(tmp_path: Path) -> None:
     chromium = _chromium()
     dsn = f"chdb://{tmp_path / 'ch'}"
     history = hundred_customers()
-    # one live account whose cancellation is scheduled now: an alert for the reasons chart
-    history.add("late", "subscription_created", "2026-09-01T00:00:00+00:00", status="active",
-                mrr_cents=30_000)
-    history.add("late", "subscription_updated", "2026-11-20T00:00:00+00:00", status="active",
-                mrr_cents=30_000, cancel_at_period_end=True)
+    with_late_cancellation(history)  # an alert for the reasons chart
     sink = ClickHouseSink(dsn)
     asyncio.run(sink.write(history.rows(wall=NOV_20)))
     sink.close()
