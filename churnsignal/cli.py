@@ -146,7 +146,7 @@ def migrate() -> None:
         settings = load_settings()
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         client = connect(settings.effective_clickhouse_dsn())
-        for name in run_migrate(client):
+        for name in run_migrate(client, settings.sink.ttl_days):
             typer.echo(name)
     except ChurnsignalError as exc:
         _fail(exc)
@@ -161,7 +161,7 @@ def _clickhouse(dsn: str | None) -> tuple[object, str]:
     settings = load_settings()
     target = dsn or settings.effective_clickhouse_dsn()
     client = connect(target)
-    run_migrate(client)  # the views exist even before a worker ran
+    run_migrate(client, settings.sink.ttl_days)  # the views exist even before a worker ran
     return client, mask_dsn(target)
 
 

@@ -61,6 +61,8 @@ class SinkSettings(BaseModel):
         1.0, gt=0, le=300, description="Longest a row waits before the flush (one insert per table)."
     )
     retry_max_s: float = Field(30.0, gt=0, description="Longest back-off between write retries.")
+    ttl_days: int = Field(400, ge=1, le=36_500, description="Days score snapshots and support "
+                          "events are kept (TTL, applied when the tables are created).")
 
 
 class IngestSettings(BaseModel):

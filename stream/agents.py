@@ -268,7 +268,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     )
     store = StateStore(table)
     sink = ClickHouseSink(s.effective_clickhouse_dsn(), retry_max_s=s.sink.retry_max_s,
-                          metrics=metrics)
+                          metrics=metrics, ttl_days=s.sink.ttl_days)
     options = DecodeOptions(
         max_bytes=s.ingest.max_message_bytes,
         max_future_s=s.ingest.max_future_skew_s,
