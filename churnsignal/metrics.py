@@ -57,6 +57,11 @@ class Metrics:
             "churnsignal_webhook_deliveries", "Alerts posted to the webhook, by outcome "
             "(delivered, failed after retries, dropped because the queue was full).",
             ["outcome"], registry=r)
+        self.identity_events = Counter(
+            "churnsignal_identity_events",
+            "Events that did not name their account: parked (kept until an identity link is "
+            "learned), joined (forwarded once it was), overflow (dead-lettered: too many wait).",
+            ["outcome"], registry=r)
         self.packs = Counter(
             "churnsignal_packs", "Repartitioned event packs processed by the state agent.",
             registry=r)

@@ -80,6 +80,12 @@ class IngestSettings(BaseModel):
     max_future_skew_s: float = Field(
         86_400.0, ge=0, description="Events further in the future than this are dead-lettered."
     )
+    identity_grace_s: float = Field(
+        60.0, ge=0, description="How long an event of a Stripe customer that no metadata links "
+        "waits for a link before the customer id itself is taken as its account.")
+    max_parked_per_identity: int = Field(
+        1000, ge=0, le=100_000, description="Events kept per unresolved identity (a Stripe charge, "
+        "a Segment user) until its account is known; beyond it they are dead-lettered.")
 
 
 class WebhookSettings(BaseModel):

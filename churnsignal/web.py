@@ -46,7 +46,8 @@ def register_views(rt: Runtime) -> None:
         events = await rt.sink.aquery("SELECT sum(events) FROM account_daily")
         by_reason = await rt.sink.aquery(
             "SELECT reasons[1] AS reason, count() FROM alerts GROUP BY reason ORDER BY 2 DESC")
-        sizes = [len(v) for v in list(rt.table.values()) if v is not None]
+        sizes = [len(v) for k, v in list(rt.table.items())
+                 if v is not None and not bytes(k).startswith(b"~")]  # not identities
         stats = dict(rt.stats)
         stats["accounts"] = len(sizes)
         stats["state_bytes_per_account"] = sum(sizes) / len(sizes) if sizes else 0

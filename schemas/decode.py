@@ -70,6 +70,7 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
     if not isinstance(payload, dict):
         return Rejected("not_object", f"top-level JSON is {type(payload).__name__}, not an object")
     kind: str | None = source
+    links: tuple[tuple[str, str], ...] = ()
     try:
         if source == "auto":
             kind = detect(payload)
@@ -80,8 +81,10 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
             candidate: dict[str, Any] | str = payload
         elif kind == "stripe":
             candidate = stripe.to_canonical(payload, opts.account_key)
+            links = tuple(stripe.links(payload, opts.account_key))
         elif kind == "segment":
             candidate = segment.to_canonical(payload, opts.activation_events)
+            links = tuple(segment.links(payload))
         elif kind == "zendesk":
             candidate = zendesk.to_canonical(payload)
         else:
@@ -89,7 +92,7 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         return Rejected("invalid", f"{kind} payload: {type(exc).__name__}: {exc}"[:_MAX_DETAIL])
     if isinstance(candidate, str):
-        return Skipped(candidate)
+        return Skipped(candidate, links)
     try:
         event = EVENT_ADAPTER.validate_python(candidate)
     except ValidationError as exc:
@@ -101,4 +104,4 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
     if ts < now - opts.max_age_s:
         when = datetime.fromtimestamp(ts, tz=UTC).isoformat()
         return Rejected("too_old", f"occurred_at {when} is older than the state horizon")
-    return Accepted(event)
+    return Accepted(event, links)

@@ -11,6 +11,8 @@ class Accepted:
     """A valid event churnsignal uses."""
 
     event: Any  # one of schemas.events.Event
+    # (identity key, account or identity key) pairs the payload teaches; see schemas.identity
+    links: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -21,6 +23,7 @@ class Skipped:
     """
 
     reason: str
+    links: tuple[tuple[str, str], ...] = ()  # a skipped call may still link identities
 
 
 @dataclass(slots=True, frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from churnsignal.schemas import identity
 from churnsignal.schemas._util import get_in, str_id
 
 SEGMENT_CALLS = frozenset({"track", "page", "screen", "identify", "group", "alias"})
@@ -35,6 +36,50 @@ def _kind(name: str, properties: dict[str, Any], activation: frozenset[str]) -> 
     return "track"
 
 
+def _account(payload: dict[str, Any]) -> str | None:
+    """The account a call names: context.groupId, properties or context traits."""
+    properties = payload.get("properties") if isinstance(payload.get("properties"), dict) else {}
+    return (
+        str_id(get_in(payload, "context", "groupId"))
+        or str_id(properties.get("account_id"))
+        or str_id(properties.get("groupId"))
+        or str_id(get_in(payload, "context", "traits", "account_id"))
+    )
+
+
+def _person(payload: dict[str, Any]) -> str | None:
+    """The identity key of the call's user (or anonymous visitor), to find the account by."""
+    user = str_id(payload.get("userId"))
+    if user is not None:
+        return identity.segment_user(user)
+    anonymous = str_id(payload.get("anonymousId"))
+    return identity.segment_anonymous(anonymous) if anonymous is not None else None
+
+
+def links(payload: dict[str, Any]) -> list[tuple[str, str]]:
+    """(identity key, what it leads to) pairs a call teaches: a Group call or any call that
+    names both its user and its account (user -> account), an Identify call (anonymous ->
+    user, and user -> account from traits.groupId / account_id / company.id)."""
+    call = payload.get("type")
+    user = str_id(payload.get("userId"))
+    anonymous = str_id(payload.get("anonymousId"))
+    if call == "group":
+        account = str_id(payload.get("groupId"))
+    elif call == "identify":
+        account = (str_id(get_in(payload, "traits", "groupId"))
+                   or str_id(get_in(payload, "traits", "account_id"))
+                   or str_id(get_in(payload, "traits", "company", "id")))
+    else:
+        account = _account(payload)
+    out: list[tuple[str, str]] = []
+    if account is not None and user is not None:
+        out.append((identity.segment_user(user), account))
+    if anonymous is not None and (account is not None or user is not None):
+        out.append((identity.segment_anonymous(anonymous),
+                    account if account is not None else identity.segment_user(user or "")))
+    return out
+
+
 def to_canonical(
     payload: dict[str, Any], activation: frozenset[str] = frozenset()
 ) -> dict[str, Any] | str:
@@ -43,12 +88,7 @@ def to_canonical(
     if call in ("identify", "group", "alias"):
         return f"segment_unused:{call}"
     properties = payload.get("properties") if isinstance(payload.get("properties"), dict) else {}
-    account = (
-        str_id(get_in(payload, "context", "groupId"))
-        or str_id(properties.get("account_id"))
-        or str_id(properties.get("groupId"))
-        or str_id(get_in(payload, "context", "traits", "account_id"))
-    )
+    account = _account(payload) or _person(payload)
     if account is None:
         return "unattributed"
     if call == "track":

@@ -6,6 +6,7 @@ import calendar
 from datetime import UTC, datetime
 from typing import Any
 
+from churnsignal.schemas import identity
 from churnsignal.schemas._util import epoch_to_iso, get_in, str_id
 
 # Stripe event type -> canonical type. Types not listed are valid but unused (skipped, counted).
@@ -76,14 +77,52 @@ def _period_end(subscription: dict[str, Any]) -> Any:
     return None
 
 
-def _account(obj: dict[str, Any], key: str) -> str | None:
-    """metadata[key] on the object, then on its subscription details, then the customer id."""
+def _metadata_account(obj: dict[str, Any], key: str) -> str | None:
+    """metadata[key] on the object, or on its subscription details."""
     for path in (("metadata",), ("subscription_details", "metadata"),
                  ("parent", "subscription_details", "metadata")):
         value = get_in(obj, *path, key)
         if value not in (None, ""):
             return str_id(value)
-    return str_id(obj.get("customer"))
+    return None
+
+
+def _charge_id(obj: dict[str, Any]) -> str | None:
+    if obj.get("object") == "charge":
+        return str_id(obj.get("id"))
+    return str_id(obj.get("charge"))  # invoices and disputes name their charge
+
+
+def _account(obj: dict[str, Any], key: str) -> str | None:
+    """The account, or the identity key that will lead to it: metadata, else the customer
+    (its link learned from subscription events, else its own id), else the charge."""
+    account = _metadata_account(obj, key)
+    if account is not None:
+        return account
+    customer = str_id(obj.get("customer"))
+    if customer is not None:
+        return identity.stripe_customer(customer)
+    charge = _charge_id(obj)
+    return identity.stripe_charge(charge) if charge is not None else None
+
+
+def links(payload: dict[str, Any], account_key: str = "account_id") -> list[tuple[str, str]]:
+    """(identity key, what it leads to) pairs this Event teaches, whatever its type:
+    customer -> account (metadata on the object), charge -> customer or account."""
+    obj = get_in(payload, "data", "object")
+    if not isinstance(obj, dict):
+        return []
+    out: list[tuple[str, str]] = []
+    account = _metadata_account(obj, account_key)
+    customer = str_id(obj.get("id")) if obj.get("object") == "customer" else str_id(
+        obj.get("customer"))
+    if customer is not None and account is not None:
+        out.append((identity.stripe_customer(customer), account))
+    charge = _charge_id(obj)
+    if charge is not None and (account is not None or customer is not None):
+        out.append((identity.stripe_charge(charge),
+                    account if account is not None else identity.stripe_customer(customer or "")))
+    return out
 
 
 def _card_expiry(obj: dict[str, Any]) -> str | None:

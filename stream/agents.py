@@ -28,16 +28,19 @@ from typing import Any
 
 import faust
 import mode
+import orjson
 
 from churnsignal.kafka_client import faust_credentials
 from churnsignal.metrics import Metrics
 from churnsignal.schemas.decode import DecodeOptions
 from churnsignal.schemas.events import EVENT_ADAPTER
+from churnsignal.schemas.identity import is_identity
 from churnsignal.settings import Settings
 from churnsignal.sinks.clickhouse import ClickHouseSink
 from churnsignal.stream import packs
 from churnsignal.stream.clock import PartitionClock
 from churnsignal.stream.engine import Outcome, apply_batch, rescore
+from churnsignal.stream.identity import IdentityState, Resolution, resolve, settle
 from churnsignal.stream.ingest import Ingestor
 from churnsignal.stream.policy import Policy, load_policy
 from churnsignal.stream.rows import alert_row, daily_rows, fact_rows, score_row
@@ -74,7 +77,7 @@ class StateStore:
 
     def __init__(self, table: Any, max_cached: int = 200_000) -> None:
         self.table = table
-        self.cache: dict[str, AccountState] = {}
+        self.cache: dict[str, AccountState | IdentityState] = {}
         self.dirty: set[str] = set()
         self.max_cached = max_cached
 
@@ -84,13 +87,27 @@ class StateStore:
             raw = self.table.get(account_id.encode())
             if raw is not None:
                 state = self.cache[account_id] = AccountState.from_bytes(raw)
-        return state
+        return state  # type: ignore[return-value]
 
     def put(self, state: AccountState) -> None:
         self.cache[state.account_id] = state
         self.dirty.add(state.account_id)
 
-    def accounts_in(self, partition: int, partitions: int) -> list[str]:
+    def identity(self, key: str) -> IdentityState:
+        """An identity's state (same table, keys starting with ``~``), new if unknown."""
+        state = self.cache.get(key)
+        if state is None:
+            raw = self.table.get(key.encode())
+            state = IdentityState.from_bytes(raw) if raw is not None else IdentityState(key)
+            self.cache[key] = state
+        return state  # type: ignore[return-value]
+
+    def put_identity(self, state: IdentityState) -> None:
+        self.cache[state.key] = state
+        self.dirty.add(state.key)
+
+    def keys_in(self, partition: int, partitions: int) -> list[str]:
+        """Accounts and identities of one partition (the table also holds standbys)."""
         keys = {k.decode() if isinstance(k, bytes) else str(k) for k in list(self.table.keys())}
         keys.update(self.cache)
         return [k for k in keys if packs.partition_for(k, partitions) == partition]
@@ -196,24 +213,44 @@ class IngestService(mode.Service):
             await self.on_drained()
 
 
+@dataclass
+class PackResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+    wall: float = 0.0
+    newest: float = 0.0  # newest event time in the pack
+    identities: list[Resolution] = field(default_factory=list)
+
+
 def process_pack(store: StateStore, pack: dict[str, Any], partition: int, policy: Policy,
-                 partitions: int, clock: PartitionClock) -> tuple[list[Outcome], float, float]:
-    """Fold one pack (or a re-score tick) into the states; returns (outcomes, wall clock of
-    the pack, newest event time in it)."""
+                 partitions: int, clock: PartitionClock, max_parked: int = 1000,
+                 identity_grace_s: float = 60.0) -> PackResult:
+    """Fold one pack (or a re-score tick) into the states."""
     wall = float(pack["now"])
-    outcomes: list[Outcome] = []
+    result = PackResult(wall=wall)
+    outcomes = result.outcomes
     if pack.get("tick"):
+        keys = store.keys_in(partition, partitions)
+        for key in keys:
+            if is_identity(key):
+                identity_state = store.identity(key)
+                settled = settle(identity_state, wall, identity_grace_s)
+                if settled.changed:
+                    store.put_identity(identity_state)
+                    result.identities.append(settled)
         if clock.catching_up(wall):
-            return outcomes, wall, 0.0  # re-scoring at the wall clock now would be premature
-        # Only this partition's accounts: the table also holds standby copies of others.
-        for account_id in store.accounts_in(partition, partitions):
-            state = store.get(account_id)
+            return result  # re-scoring at the wall clock now would be premature
+        for account_id in keys:
+            state = None if is_identity(account_id) else store.get(account_id)
             if state is not None:
                 outcomes.append(rescore(state, wall, policy))
-        return outcomes, wall, 0.0
+        return result
     grouped: dict[str, list[Any]] = defaultdict(list)
+    identities: dict[str, list[Any]] = defaultdict(list)
     newest: dict[str, float] = {}
     for source, offset, data in pack["items"]:
+        if is_identity(data["account_id"]):  # not an account yet: its identity decides
+            identities[data["account_id"]].append((source, offset, data))
+            continue
         event = EVENT_ADAPTER.validate_python(data)
         grouped[event.account_id].append((source, offset, event))
         ts = event.occurred_at.timestamp()
@@ -222,7 +259,14 @@ def process_pack(store: StateStore, pack: dict[str, Any], partition: int, policy
     clock.on_pack(wall, newest)
     for account_id, items in grouped.items():
         outcomes.append(apply_batch(store.get(account_id), account_id, items, wall, policy))
-    return outcomes, wall, max(newest.values(), default=0.0)
+    for key, items in identities.items():
+        state = store.identity(key)
+        resolution = resolve(state, items, max_parked, wall)
+        if resolution.changed:
+            store.put_identity(state)
+        result.identities.append(resolution)
+    result.newest = max(newest.values(), default=0.0)
+    return result
 
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
@@ -354,12 +398,46 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                      ("dlq_partition", str(event.message.partition).encode()),
                      ("dlq_offset", str(event.message.offset).encode())])
 
+    async def _forward(resolutions: list[Resolution], wall: float, message: Any) -> None:
+        """Send events that found their account on (as packs), before the pack is acked."""
+        by_partition: dict[int, list[list[Any]]] = defaultdict(list)
+        futures = []
+        for res in resolutions:
+            for target, source, offset, data in res.forwards:
+                by_partition[packs.partition_for(target, s.partitions)].append(
+                    [source, offset, data])
+            metrics.identity_events.labels(outcome="parked").inc(res.parked)
+            metrics.identity_events.labels(outcome="joined").inc(res.joined)
+            for data in res.overflow:  # never silently dropped
+                metrics.identity_events.labels(outcome="overflow").inc()
+                metrics.events_dead_lettered.labels(topic=s.ingested_topic,
+                                                    reason="unattributed_overflow").inc()
+                futures.append(await app.producer.send(
+                    s.topics.dlq, None, orjson.dumps(data), partition=None, timestamp=None,
+                    headers=[("dlq_reason", b"unattributed_overflow"),
+                             ("dlq_detail", f"more than {s.ingest.max_parked_per_identity} "
+                              "events wait for this identity's account".encode()),
+                             ("dlq_step", b"identity"),
+                             ("dlq_topic", s.ingested_topic.encode()),
+                             ("dlq_partition", str(message.partition).encode()),
+                             ("dlq_offset", str(message.offset).encode())]))
+        for partition, items in by_partition.items():
+            for chunk in packs.chunks(items):
+                futures.append(await ingested.send(value=packs.encode(wall, chunk),
+                                                   partition=partition))
+        if futures:
+            await asyncio.gather(*futures)
+
     async def _handle(event: Any) -> dict[str, list[Any]]:
         message = event.message
         pack = packs.decode(event.value)
         wall = float(pack["now"])
-        outcomes, _, newest = process_pack(store, pack, message.partition, policy, s.partitions,
-                                           runtime.clocks[message.partition])
+        result = process_pack(store, pack, message.partition, policy, s.partitions,
+                              runtime.clocks[message.partition], s.ingest.max_parked_per_identity,
+                              s.ingest.identity_grace_s)
+        outcomes, newest = result.outcomes, result.newest
+        if result.identities:
+            await _forward(result.identities, wall, message)
         if newest:
             metrics.event_to_score.observe(max(0.0, time.time() - newest))
         rows: dict[str, list[Any]] = {"account_daily_data": [], "account_scores_data": [],

@@ -31,6 +31,7 @@ from churnsignal.schemas.decode import DecodeOptions, decode
 from churnsignal.schemas.results import Accepted, Rejected
 from churnsignal.settings import Settings
 from churnsignal.stream import deadletter, packs
+from churnsignal.stream.identity import link_item
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Ingestor:
         self._stopping = asyncio.Event()
         self.assigned = False
         self.batches = 0
+        # Links already sent (identity -> target): most calls repeat a known one.
+        self._links_sent: dict[str, str] = {}
 
     async def start(self) -> None:
         s = self.settings
@@ -88,6 +91,18 @@ class Ingestor:
             if batch:
                 await self.process(batch)
 
+    def _add_links(self, links: tuple[tuple[str, str], ...], source: str, offset: int,
+                   by_partition: dict[int, list[list[Any]]]) -> None:
+        """Route each new identity link to its identity's partition, in source order."""
+        for key, target in links:
+            if self._links_sent.get(key) == target:
+                continue
+            if len(self._links_sent) >= 200_000:  # bounded: forgetting only costs a resend
+                self._links_sent.clear()
+            self._links_sent[key] = target
+            by_partition[packs.partition_for(key, self.settings.partitions)].append(
+                [source, offset, link_item(key, target)])
+
     async def process(self, batch: dict[Any, list[Any]]) -> None:
         """Decode, dead-letter and repartition one batch; commit its offsets after the acks."""
         assert self.producer is not None and self.consumer is not None
@@ -105,6 +120,8 @@ class Ingestor:
             m.events_consumed.labels(topic=tp.topic).inc(len(records))
             for rec in records:
                 result = decode(rec.value, self.options, now)
+                if not isinstance(result, Rejected) and result.links:
+                    self._add_links(result.links, source, rec.offset, by_partition)
                 if isinstance(result, Accepted):
                     event = result.event
                     by_partition[packs.partition_for(event.account_id, partitions)].append(
