@@ -80,6 +80,9 @@ class IngestSettings(BaseModel):
     max_future_skew_s: float = Field(
         86_400.0, ge=0, description="Events further in the future than this are dead-lettered."
     )
+    sources: dict[str, Literal["auto", "canonical", "stripe", "segment", "zendesk"]] = Field(
+        default_factory=dict, description="Pin a topic's payload format, e.g. "
+        '{"billing.events": "stripe"}; unpinned topics detect it per message from its shape.')
     identity_grace_s: float = Field(
         60.0, ge=0, description="How long an event of a Stripe customer that no metadata links "
         "waits for a link before the customer id itself is taken as its account.")

@@ -74,6 +74,9 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
     try:
         if source == "auto":
             kind = detect(payload)
+        elif detect(payload) != source:
+            return Rejected("source_mismatch", f"topic is pinned to {source} payloads; this "
+                            f"one looks like {detect(payload) or 'none of the known sources'}")
         if kind == "canonical":
             event_type = payload.get("type")
             if not isinstance(event_type, str) or event_type not in EVENT_TYPES:

@@ -117,9 +117,10 @@ class Ingestor:
         skipped: Counter[tuple[str, str]] = Counter()
         for tp, records in batch.items():
             source = f"{tp.topic}/{tp.partition}"
+            pinned = s.ingest.sources.get(tp.topic, "auto")
             m.events_consumed.labels(topic=tp.topic).inc(len(records))
             for rec in records:
-                result = decode(rec.value, self.options, now)
+                result = decode(rec.value, self.options, now, pinned)
                 if not isinstance(result, Rejected) and result.links:
                     self._add_links(result.links, source, rec.offset, by_partition)
                 if isinstance(result, Accepted):

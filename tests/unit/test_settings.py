@@ -37,3 +37,20 @@ def test_dsn_password_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_partitioning_is_stable() -> None:
     assert partition_for("acme", 4) == partition_for("acme", 4)
     assert {partition_for(f"a{i}", 4) for i in range(100)} == {0, 1, 2, 3}
+
+
+def test_a_topic_can_pin_its_payload_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    from churnsignal.schemas.decode import DecodeOptions, decode
+    from churnsignal.schemas.results import Rejected
+
+    monkeypatch.setenv("CHURNSIGNAL_INGEST__SOURCES", '{"billing.events": "stripe"}')
+    settings = load_settings()
+    assert settings.ingest.sources == {"billing.events": "stripe"}
+    canonical = (b'{"event_id":"e1","account_id":"a","type":"session",'
+                 b'"occurred_at":"2026-11-25T00:00:00Z"}')
+    pinned = decode(canonical, DecodeOptions(), 1_795_600_000.0,
+                    settings.ingest.sources["billing.events"])
+    assert isinstance(pinned, Rejected) and pinned.reason == "source_mismatch"
+    monkeypatch.setenv("CHURNSIGNAL_INGEST__SOURCES", '{"billing.events": "paypal"}')
+    with pytest.raises(ConfigError, match="CHURNSIGNAL_INGEST__SOURCES"):
+        load_settings()
