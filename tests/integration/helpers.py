@@ -191,10 +191,12 @@ async def consume_all(broker: str, topic: str, idle_s: float = 3.0) -> list[Any]
         await consumer.stop()
 
 
-def clickhouse_query(dsn: str, sql: str) -> list[list[Any]]:
+def clickhouse_query(dsn: str, sql: str,
+                     parameters: dict[str, Any] | None = None) -> list[list[Any]]:
     """Query a ClickHouse DSN from a separate process (the embedded store is per-process)."""
     code = ("import clickhouse_connect, json, sys; c = clickhouse_connect.get_client(dsn=sys.argv[1]);"
-            "print(json.dumps(c.query(sys.argv[2]).result_rows, default=str))")
-    out = subprocess.run([sys.executable, "-c", code, dsn, sql], capture_output=True, text=True,
-                         timeout=120, check=True)
+            "print(json.dumps(c.query(sys.argv[2], parameters=json.loads(sys.argv[3])).result_rows,"
+            " default=str))")
+    out = subprocess.run([sys.executable, "-c", code, dsn, sql, json.dumps(parameters or {})],
+                         capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
