@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,6 +35,31 @@ def register_views(rt: Runtime) -> None:
         }
         ready = all(checks.values())
         return self.json({"ready": ready, **checks}, status=200 if ready else 503)
+
+    @app.page("/api/accounts/{account_id}")
+    async def account(self: Any, request: Any, account_id: str) -> Any:
+        """One account's current risk as this worker holds it, explained."""
+        from churnsignal.stream import packs
+        from churnsignal.stream.scoring import score
+
+        if account_id.startswith("~") or len(account_id) > 200:
+            return self.json({"error": "not an account id"}, status=400)
+        state = rt.store.get(account_id)
+        if state is None:
+            return self.json({"error": "unknown account", "account_id": account_id},
+                             status=404)
+        partition = packs.partition_for(account_id, rt.settings.partitions)
+        owned = any(tp.partition == partition and tp.topic == rt.settings.ingested_topic
+                    for tp in app.consumer.assignment())
+        scored = score(state, time.time(), rt.policy)
+        return self.json({
+            "account_id": account_id, "owned_here": owned, "events": state.seq,
+            "score": state.score, "band": state.band, "scored_at": state.scored_at,
+            "score_now": scored.score, "reasons_now": [r.as_dict() for r in scored.reasons],
+            "last_event": state.last_event, "last_active": state.last_active,
+            "sub_status": state.sub_status, "plan": state.plan, "mrr_cents": state.mrr_cents,
+            "alerts": state.alerts,
+        })
 
     @app.page("/api/summary")
     async def summary(self: Any, request: Any) -> Any:

@@ -5,16 +5,19 @@
 Per pack, in this order (a crash between two steps only repeats work, never loses it):
 
 1. fold the pack into each account's working state (pure core), collect rows and alerts;
-2. produce the alerts and await their acks;
-3. buffer the rows; every ``sink.flush_interval_s`` (or ``sink.batch_max_rows``):
-4. write them in one insert per table, retried until durable;
+2. buffer both; every ``sink.flush_interval_s`` (or ``sink.batch_max_rows``, or at once
+   when an alert waits, at most every ``ALERT_FLUSH_S``):
+3. write the rows in one insert per table, retried until durable;
+4. publish the alerts and await their acks;
 5. store each changed state once in the changelogged table;
 6. ack the packs of that flush, so Faust commits their offsets (after flushing its producer).
 
-After a crash before 5, the packs are redelivered and applied again to the stored state: the
+After a crash before 4, the packs are redelivered and applied again to the stored state: the
 same rows (whole-day totals with a growing version, so rewriting is idempotent) and the same
-alerts (deterministic ``alert_id``). After 5 but before 6, their events are duplicates, and
-their days' rows and score snapshot are re-derived from the stored state.
+alerts (deterministic ``alert_id``), which were not published yet. Only a crash between 4 and
+5 (milliseconds) publishes an alert again, with the same id. After 5 but before 6, their
+events are duplicates, and their days' rows and score snapshot are re-derived from the
+stored state.
 """
 
 from __future__ import annotations
@@ -155,38 +158,61 @@ class StateStore:
         self.dirty.clear()
 
 
+ALERT_FLUSH_S = 0.1  # a waiting alert brings the flush forward, at most this often
+
+
+@dataclass
+class PendingAlert:
+    alert: Any  # schemas.alerts.Alert
+    wall: float  # when its pack was read (ingest-to-alert latency)
+    partition: int
+    offset: int
+
+
 class PendingFlush:
-    """Rows waiting for the next ClickHouse flush, and the packs to ack once it is durable."""
+    """Rows and alerts waiting for the next flush, and the packs to ack once it is durable."""
 
     def __init__(self) -> None:
         self.rows: dict[str, list[Any]] = defaultdict(list)
         self.events: list[Any] = []
+        self.alerts: list[PendingAlert] = []
         self.count = 0
         self.since = 0.0
+        self.alerts_since = 0.0
 
-    def add(self, rows: dict[str, list[Any]], event: Any) -> None:
+    def add(self, rows: dict[str, list[Any]], event: Any,
+            alerts: list[PendingAlert] | None = None) -> None:
         if not self.events:
             self.since = time.monotonic()
         for table, data in rows.items():
             self.rows[table].extend(data)
             self.count += len(data)
         self.events.append(event)
+        if alerts:
+            if not self.alerts:
+                self.alerts_since = time.monotonic()
+            self.alerts.extend(alerts)
 
     def due(self, max_rows: int, max_wait_s: float) -> bool:
+        now = time.monotonic()
         return bool(self.events) and (
-            self.count >= max_rows or time.monotonic() - self.since >= max_wait_s)
+            self.count >= max_rows or now - self.since >= max_wait_s
+            or (bool(self.alerts) and now - self.alerts_since >= ALERT_FLUSH_S))
 
-    def restore(self, rows: dict[str, list[Any]], events: list[Any]) -> None:
+    def restore(self, rows: dict[str, list[Any]], events: list[Any],
+                alerts: list[PendingAlert]) -> None:
         for table, data in rows.items():
             self.rows[table][:0] = data
             self.count += len(data)
         self.events[:0] = events
+        self.alerts[:0] = alerts
         self.since = min(self.since, time.monotonic()) if self.events else time.monotonic()
+        self.alerts_since = time.monotonic()
 
-    def take(self) -> tuple[dict[str, list[Any]], list[Any]]:
-        rows, events = dict(self.rows), self.events
-        self.rows, self.events, self.count = defaultdict(list), [], 0
-        return rows, events
+    def take(self) -> tuple[dict[str, list[Any]], list[Any], list[PendingAlert]]:
+        rows, events, alerts = dict(self.rows), self.events, self.alerts
+        self.rows, self.events, self.alerts, self.count = defaultdict(list), [], [], 0
+        return rows, events, alerts
 
 
 class IngestService(mode.Service):
@@ -339,45 +365,72 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     flush_lock = asyncio.Lock()
 
     async def flush(stream: Any) -> None:
-        """Write buffered rows in one insert per table, then ack the packs they came from."""
+        """Rows in one insert per table, then the alerts, then the states; then ack the packs."""
         async with flush_lock:
             if not pending.events:
                 return
-            rows, events = pending.take()
+            rows, events, alerts = pending.take()
             try:
                 await sink.write(rows)
-                # States after rows: a crash in between redelivers the packs, whose events
-                # are then applied again to the older state: same rows, same alert ids.
+                # Alerts after their rows and before the states that record them: a crash
+                # before the states are stored redelivers the packs, which decide the same
+                # alerts again (same ids); only one between publish and store repeats one.
+                await _publish(alerts)
+                alerts = []
                 await store.write_dirty(app.producer, s.partitions)
             except BaseException:
-                pending.restore(rows, events)  # nothing acked: the next flush tries again
+                pending.restore(rows, events, alerts)  # nothing acked: the next flush retries
                 raise
             for event in events:
                 await stream.ack(event)
+
+    async def _publish(alerts: list[PendingAlert]) -> None:
+        if not alerts:
+            return
+        futures = [await alerts_topic.send(key=p.alert.account_id.encode(),
+                                           value=p.alert.model_dump_json().encode())
+                   for p in alerts]
+        await asyncio.gather(*futures)
+        now = time.time()
+        for p in alerts:
+            a = p.alert
+            if notifier is not None:
+                notifier.submit(a)  # never waits: a bounded queue and its own task
+            top = a.reasons[0].code if a.reasons else "none"
+            metrics.alerts.labels(band=a.band, kind=a.kind, reason=top).inc()
+            metrics.ingest_to_alert.observe(max(0.0, now - p.wall))
+            log.info("alert", extra={"alert_id": a.alert_id, "account_id": a.account_id,
+                                     "band": a.band, "kind": a.kind, "score": a.score,
+                                     "reason": top, "pack_offset": p.offset,
+                                     "partition": p.partition})
+        runtime.stats["alerts"] += len(alerts)
 
     @app.agent(ingested)
     async def account_state(stream: Any) -> None:
         manual = stream.noack()
         runtime.stream = manual
         async for event in manual.events():
-            if runtime.closing or event.message.tp not in app.consumer.assignment():
-                # Shutting down, or a pack of a partition revoked meanwhile: leave it unacked
-                # and unapplied; the next owner of the partition applies it exactly once.
+            if runtime.closing:
+                # Shutting down: leave the pack unacked and unapplied; the next owner of the
+                # partition applies it once. (Packs of partitions revoked by a rebalance are
+                # dropped by Faust itself, which clears the agents' buffers on revoke; skipping
+                # by assignment here raced with rebalances and stalled owned partitions.)
                 continue
             # Under the flush lock: a revoke-time flush waits for the pack being folded.
             async with flush_lock:
+                alerts: list[PendingAlert] = []
                 try:
-                    rows = await _handle(event)
+                    rows = await _handle(event, alerts)
                 except Exception as exc:  # a bug must not stop the worker: park the pack
-                    rows = {}
+                    rows, alerts = {}, []
                     await _park(event, exc)
-                pending.add(rows, event)
+                pending.add(rows, event, alerts)
             if pending.count >= s.sink.batch_max_rows:  # bounded memory: flush now
                 await flush(manual)
 
-    @app.timer(max(0.05, s.sink.flush_interval_s / 2))
+    @app.timer(min(ALERT_FLUSH_S, s.sink.flush_interval_s / 2))
     async def flush_when_due() -> None:
-        # Quiet periods: rows still reach ClickHouse within the flush interval.
+        # Quiet periods: rows reach ClickHouse within the flush interval, alerts at once.
         if runtime.stream is not None and pending.due(s.sink.batch_max_rows,
                                                       s.sink.flush_interval_s):
             try:
@@ -428,7 +481,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         if futures:
             await asyncio.gather(*futures)
 
-    async def _handle(event: Any) -> dict[str, list[Any]]:
+    async def _handle(event: Any, alerts: list[PendingAlert]) -> dict[str, list[Any]]:
         message = event.message
         pack = packs.decode(event.value)
         wall = float(pack["now"])
@@ -443,7 +496,6 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         rows: dict[str, list[Any]] = {"account_daily_data": [], "account_scores_data": [],
                                       "alerts_data": [], "billing_events_data": [],
                                       "support_events_data": []}
-        alerts = []
         for out in outcomes:
             # Duplicates (a redelivered pack) re-derive their rows from the state: if the
             # worker died after storing the state but before the flush, this restores them.
@@ -455,24 +507,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 rows["billing_events_data"].extend(billing)
                 rows["support_events_data"].extend(support)
             if out.alert is not None:
-                alerts.append(out.alert)
+                alerts.append(PendingAlert(out.alert, wall, message.partition, message.offset))
                 rows["alerts_data"].append(alert_row(out.alert))
-        if alerts:
-            # Alerts are acked by Kafka before the state that records them is stored.
-            futures = [await alerts_topic.send(key=a.account_id.encode(),
-                                               value=a.model_dump_json().encode())
-                       for a in alerts]
-            await asyncio.gather(*futures)
-            for a in alerts:
-                if notifier is not None:
-                    notifier.submit(a)  # never waits: a bounded queue and its own task
-                top = a.reasons[0].code if a.reasons else "none"
-                metrics.alerts.labels(band=a.band, kind=a.kind, reason=top).inc()
-                metrics.ingest_to_alert.observe(max(0.0, time.time() - wall))
-                log.info("alert", extra={"alert_id": a.alert_id, "account_id": a.account_id,
-                                         "band": a.band, "kind": a.kind, "score": a.score,
-                                         "reason": top, "pack_offset": message.offset,
-                                         "partition": message.partition})
         applied = duplicates = 0
         for out in outcomes:
             if out.applied or out.score_changed or out.alert is not None:
@@ -483,7 +519,6 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         metrics.events_applied.inc(applied)
         runtime.stats["events_applied"] += applied
         runtime.stats["duplicates"] += duplicates
-        runtime.stats["alerts"] += len(alerts)
         metrics.packs.inc()
         metrics.accounts_tracked.set(len(store.cache))
         return rows

@@ -69,10 +69,12 @@ class Worker:
     """A real `churnsignal worker` process."""
 
     def __init__(self, env: Env, extra: dict[str, str] | None = None,
-                 module: str = "churnsignal.cli") -> None:
+                 module: str = "churnsignal.cli", state_dir: Path | None = None) -> None:
         self.env = env
         self.port = free_port()
-        self.proc = start_worker(env.settings(), env.broker, env.state_dir, self.port,
+        self.state_dir = state_dir or env.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = start_worker(env.settings(), env.broker, self.state_dir, self.port,
                                  extra_env={**env.env(), **(extra or {})}, module=module)
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -112,7 +114,25 @@ class Worker:
         return stop_process(self.proc)
 
     def log(self) -> str:
-        return (self.env.state_dir / "worker.log").read_text(errors="replace")
+        return (self.state_dir / "worker.log").read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, no commit, as a crash or an OOM kill would."""
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def account(self, account_id: str) -> dict[str, Any]:
+        """/api/accounts/ID; an account this worker has no state for yet has 0 events."""
+        try:
+            return http_json(self.port, f"/api/accounts/{account_id}")
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+            if exc.code == 404 and body.get("error") == "unknown account":
+                return {"events": 0, "owned_here": False}
+            raise
+
+    def dsn(self) -> str:
+        return f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
 
 
 class WebhookReceiver:
@@ -200,3 +220,44 @@ def clickhouse_query(dsn: str, sql: str,
     out = subprocess.run([sys.executable, "-c", code, dsn, sql, json.dumps(parameters or {})],
                          capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def merge_clickhouse(sources: list[str], target: str, workdir: Path) -> None:
+    """Copy every ``*_data`` table of several embedded stores into one, as if the workers had
+    shared a ClickHouse server (the embedded engine is one process's)."""
+    from churnsignal.sinks.ddl import TABLES
+
+    code = ("import clickhouse_connect, sys; from churnsignal.sinks.clickhouse import migrate;"
+            "c = clickhouse_connect.get_client(dsn=sys.argv[1]); migrate(c);"
+            "[c.command(s) for s in sys.argv[2:]]")
+
+    def parquet(i: int, table: str) -> Path:
+        return workdir / f"{table}-{i}.parquet"
+
+    for i, dsn in enumerate(sources):
+        exports = [f"INSERT INTO FUNCTION file('{parquet(i, t)}', 'Parquet') SELECT * FROM {t}"
+                   for t in TABLES]
+        subprocess.run([sys.executable, "-c", code, dsn, *exports], check=True, timeout=300,
+                       capture_output=True)
+    inserts = [f"INSERT INTO {t} SELECT * FROM file('{parquet(i, t)}', 'Parquet')"
+               for i in range(len(sources)) for t in TABLES]
+    subprocess.run([sys.executable, "-c", code, target, *inserts], check=True, timeout=300,
+                   capture_output=True)
+
+
+def accepted_per_account(messages: list[tuple[str, bytes | None, bytes]]) -> dict[str, int]:
+    """Ground truth, computed apart from the worker: accepted events per account."""
+    from collections import Counter
+
+    from churnsignal.schemas.decode import DecodeOptions, decode
+    from churnsignal.schemas.results import Accepted
+
+    counts: Counter[str] = Counter()
+    seen: set[str] = set()
+    now = time.time()
+    for _, _, value in messages:
+        result = decode(value, DecodeOptions(), now)
+        if isinstance(result, Accepted) and result.event.event_id not in seen:
+            seen.add(result.event.event_id)
+            counts[result.event.account_id] += 1
+    return dict(counts)
