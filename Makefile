@@ -36,7 +36,8 @@ test-kafka: $(STAMP)
 	deploy/kafka/kafka.sh fetch
 	bootstrap=$$(deploy/kafka/kafka.sh start $(abspath $(KAFKA_DIR))) && \
 	  trap 'deploy/kafka/kafka.sh stop $(abspath $(KAFKA_DIR))' EXIT && \
-	  KAFKA_BOOTSTRAP_SERVERS=$$bootstrap $(PY) -m pytest tests/integration -q
+	  KAFKA_BOOTSTRAP_SERVERS=$$bootstrap CHURNSIGNAL_TEST_KAFKA_DIR=$(abspath $(KAFKA_DIR)) \
+	  $(PY) -m pytest tests/integration -q
 
 compose-check:
 	@if docker compose version >/dev/null 2>&1; then docker compose config -q; \

@@ -3,6 +3,7 @@
 #   deploy/kafka/kafka.sh fetch            download the broker jars once (cached)
 #   deploy/kafka/kafka.sh start DIR        format DIR, start the broker, print host:port
 #   deploy/kafka/kafka.sh stop DIR         stop the broker started in DIR, by PID
+#   deploy/kafka/kafka.sh restart DIR      stop it and start it again on its data and ports
 # Retention is off (log.retention.ms=-1): tests feed events with old timestamps.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -47,8 +48,14 @@ PROPS
   local cluster
   cluster=$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
   java -cp "$libs/*" kafka.tools.StorageTool format -t "$cluster" -c "$dir/server.properties" >"$dir/format.log" 2>&1
+  launch "$dir"
+}
+
+launch() {
+  local dir=$1 port
+  port=$(sed -n 's/^advertised.listeners=PLAINTEXT:\/\/127.0.0.1:\([0-9]*\)$/\1/p' "$dir/server.properties")
   setsid java -Xms256m -Xmx768m -cp "$libs/*" kafka.Kafka "$dir/server.properties" \
-    >"$dir/kafka.log" 2>&1 < /dev/null &
+    >>"$dir/kafka.log" 2>&1 < /dev/null &
   echo $! > "$dir/kafka.pid"
   for _ in $(seq 1 240); do
     if python3 -c "import socket,sys;socket.create_connection(('127.0.0.1',$port),0.5)" 2>/dev/null; then
@@ -63,6 +70,13 @@ PROPS
   done
   echo "kafka did not listen on $port within 60s" >&2
   stop "$dir"; return 1
+}
+
+restart() {
+  # Same data, same ports: what a rolling restart of a one-broker cluster looks like.
+  local dir=$1
+  stop "$dir"
+  launch "$dir"
 }
 
 stop() {
@@ -81,5 +95,6 @@ case "${1:-}" in
   fetch) fetch ;;
   start) start "${2:?DIR}" ;;
   stop) stop "${2:?DIR}" ;;
-  *) echo "usage: $0 fetch | start DIR | stop DIR" >&2; exit 2 ;;
+  restart) restart "${2:?DIR}" ;;
+  *) echo "usage: $0 fetch | start DIR | stop DIR | restart DIR" >&2; exit 2 ;;
 esac

@@ -1,0 +1,242 @@
+"""History files for the backtest and calibration: warehouse exports and native payloads.
+
+Events are streamed in event-time order with bounded memory: the embedded ClickHouse engine
+(chdb) reads CSV, TSV or Parquet exports and sorts them (spilling to disk when large), and
+hands them over in Arrow blocks. JSONL files of native payloads (Stripe Events, Segment
+messages, Zendesk tickets, canonical events) go through the worker's own decoder.
+Subscriptions are small (a few rows per account) and are read whole.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from churnsignal.errors import ChurnsignalError
+from churnsignal.schemas.decode import DecodeOptions, decode
+from churnsignal.schemas.events import EVENT_ADAPTER
+from churnsignal.schemas.identity import fallback_account, is_identity
+from churnsignal.schemas.results import Accepted
+
+DAY = 86_400.0
+_FORMATS = {".csv": "CSVWithNames", ".tsv": "TSVWithNames", ".parquet": "Parquet"}
+
+
+class HistoryError(ChurnsignalError):
+    """A history file is missing, unreadable, or lacks a required column."""
+
+
+def _literal(path: Path) -> str:
+    return "'" + str(path.resolve()).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _format(path: Path) -> str:
+    try:
+        return _FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise HistoryError(f"{path}: expected .csv, .tsv, .parquet or .jsonl") from None
+
+
+class Engine:
+    """One embedded ClickHouse session for reading and sorting history files."""
+
+    def __init__(self) -> None:
+        from chdb import session
+
+        self._dir = tempfile.TemporaryDirectory(prefix="churnsignal-history-")
+        self.session = session.Session(self._dir.name)
+
+    def columns(self, path: Path) -> list[str]:
+        if not path.is_file():
+            raise HistoryError(f"{path}: no such file")
+        try:
+            out = self.session.query(f"DESCRIBE file({_literal(path)}, '{_format(path)}')", "CSV")
+        except Exception as exc:  # chdb raises RuntimeError with the engine's message
+            raise HistoryError(f"{path}: cannot read: {str(exc)[:300]}") from None
+        return [line.split(",")[0].strip('"') for line in str(out).splitlines() if line]
+
+    def stream(self, sql: str) -> Iterator[dict[str, Any]]:
+        import pyarrow as pa
+
+        for chunk in self.session.send_query(sql, "ArrowStream"):
+            table = pa.ipc.open_stream(pa.py_buffer(chunk.bytes())).read_all()
+            yield from table.to_pylist()
+
+    def rows(self, sql: str) -> list[dict[str, Any]]:
+        return list(self.stream(sql))
+
+    def close(self) -> None:
+        self.session.close()
+        self._dir.cleanup()
+
+
+def _require(path: Path, columns: list[str], needed: tuple[str, ...]) -> None:
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise HistoryError(f"{path}: missing column(s) {', '.join(missing)} (has {columns})")
+
+
+def _ts(expr: str) -> str:
+    """Any date/time column (text, DateTime, epoch) as Unix seconds."""
+    return (f"toFloat64(toUnixTimestamp64Milli(parseDateTime64BestEffortOrNull("
+            f"toString({expr}), 3, 'UTC'))) / 1000")
+
+
+def warehouse_events(engine: Engine, path: Path) -> Iterator[Any]:
+    """Canonical usage events from an events export (account_id, event_time, event_type,
+    user_id?, value?), in event-time order. Event types are the product's own names."""
+    columns = engine.columns(path)
+    _require(path, columns, ("account_id", "event_time", "event_type"))
+    user = "toString(user_id)" if "user_id" in columns else "''"
+    # Only the file path comes from outside, quoted by _literal; the rest are our columns.
+    sql = (f"SELECT toString(account_id) AS a, {_ts('event_time')} AS t, "  # noqa: S608
+           f"toString(event_type) AS e, ifNull({user}, '') AS u "
+           f"FROM file({_literal(path)}, '{_format(path)}') "
+           f"WHERE a != '' AND t IS NOT NULL ORDER BY t")
+    for n, row in enumerate(engine.stream(sql)):
+        name = row["e"][:200] or "event"
+        yield EVENT_ADAPTER.validate_python({
+            "event_id": f"w{n}", "account_id": row["a"][:200], "type": "track",
+            "user_id": row["u"][:200] or None,
+            "occurred_at": datetime.fromtimestamp(row["t"], tz=UTC),
+            "data": {"name": name, "feature": name}})
+
+
+def native_events(path: Path, account_key: str = "account_id",
+                  skipped: Counter[str] | None = None) -> list[Any]:
+    """Canonical events from a JSONL file of native payloads, sorted by event time.
+
+    History is old by definition: no age or future limit applies. A Stripe event that names
+    only its customer is that customer's; events that name no account at all (a Segment call
+    with only a user) cannot be attributed offline and are counted in ``skipped``."""
+    if not path.is_file():
+        raise HistoryError(f"{path}: no such file")
+    options = DecodeOptions(max_age_s=float("inf"), max_future_s=float("inf"),
+                            account_key=account_key)
+    skipped = skipped if skipped is not None else Counter()
+    events = []
+    now = datetime.now(UTC).timestamp()
+    with path.open("rb") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            result = decode(line, options, now)
+            if not isinstance(result, Accepted):
+                skipped[getattr(result, "reason", "skipped")] += 1
+                continue
+            event = result.event
+            if is_identity(event.account_id):
+                account = fallback_account(event.account_id)
+                if account is None:
+                    skipped["unattributed"] += 1
+                    continue
+                event = event.model_copy(update={"account_id": account})
+            events.append(event)
+    events.sort(key=lambda e: e.occurred_at)
+    return events
+
+
+@dataclass
+class Subscriptions:
+    """Per account: paid periods (start, end or None) and MRR, and the churn dates they imply."""
+
+    periods: dict[str, list[tuple[float, float | None, int, str | None]]] = field(
+        default_factory=lambda: defaultdict(list))
+
+    def churn_dates(self, gap_days: float) -> dict[str, list[float]]:
+        """An account churns when a period ends and no other starts within ``gap_days``."""
+        out: dict[str, list[float]] = {}
+        for account, periods in self.periods.items():
+            merged: list[list[float | None]] = []
+            for start, end, _, _ in sorted(periods, key=lambda p: p[0]):
+                last = merged[-1] if merged else None
+                if last is not None and (last[1] is None or start <= last[1] + gap_days * DAY):
+                    last[1] = None if last[1] is None or end is None else max(last[1], end)
+                else:
+                    merged.append([start, end])
+            dates = [end for _, end in merged if end is not None]
+            if dates:
+                out[account] = dates
+        return out
+
+    def active(self, account: str, t: float) -> bool:
+        return any(start <= t and (end is None or t < end)
+                   for start, end, _, _ in self.periods.get(account, ()))
+
+
+def read_subscriptions(engine: Engine, path: Path) -> Subscriptions:
+    columns = engine.columns(path)
+    _require(path, columns, ("account_id", "start_date"))
+    end = _ts("end_date") if "end_date" in columns else "NULL"
+    mrr = "toFloat64OrZero(toString(mrr))" if "mrr" in columns else "0"
+    plan = "toString(plan)" if "plan" in columns else "''"
+    sql = (f"SELECT toString(account_id) AS a, {_ts('start_date')} AS s, {end} AS e, "  # noqa: S608
+           f"{mrr} AS m, ifNull({plan}, '') AS p "
+           f"FROM file({_literal(path)}, '{_format(path)}') WHERE a != '' AND s IS NOT NULL")
+    subs = Subscriptions()
+    for row in engine.rows(sql):
+        # MRR in the export's currency units; state keeps minor units.
+        subs.periods[row["a"][:200]].append(
+            (row["s"], row["e"], round(float(row["m"] or 0) * 100), row["p"] or None))
+    return subs
+
+
+def subscription_events(subs: Subscriptions) -> list[Any]:
+    """Canonical billing events for the subscription periods (start: active, end: canceled)."""
+    events = []
+    for account, periods in subs.periods.items():
+        for i, (start, end, mrr, plan) in enumerate(sorted(periods, key=lambda p: p[0])):
+            events.append(_subscription(f"s{account}-{i}", account, "subscription_created",
+                                        start, "active", mrr, plan))
+            if end is not None:
+                events.append(_subscription(f"s{account}-{i}-end", account,
+                                            "subscription_deleted", end, "canceled", mrr, plan))
+    events.sort(key=lambda e: e.occurred_at)
+    return events
+
+
+def _subscription(event_id: str, account: str, kind: str, ts: float, status: str, mrr: int,
+                  plan: str | None) -> Any:
+    return EVENT_ADAPTER.validate_python({
+        "event_id": event_id[:200], "account_id": account, "type": kind,
+        "occurred_at": datetime.fromtimestamp(ts, tz=UTC),
+        "data": {"status": status, "mrr_cents": mrr, "plan": plan}})
+
+
+def load_jsonl_subscriptions(events: list[Any]) -> Subscriptions:
+    """Subscription periods implied by native billing events (when no subscriptions file)."""
+    subs = Subscriptions()
+    started: dict[str, tuple[float, int]] = {}
+    for e in events:
+        if not e.type.startswith("subscription_"):
+            continue
+        ts = e.occurred_at.timestamp()
+        status = e.data.status or ("canceled" if e.type == "subscription_deleted" else None)
+        if status in ("active", "past_due", "unpaid", "paused", "trialing") and \
+                e.account_id not in started:
+            started[e.account_id] = (ts, e.data.mrr_cents or 0)
+        elif status == "canceled" and e.account_id in started:
+            start, mrr = started.pop(e.account_id)
+            subs.periods[e.account_id].append((start, ts, mrr, e.data.plan))
+    for account, (start, mrr) in started.items():
+        subs.periods[account].append((start, None, mrr, None))
+    return subs
+
+
+def iso_day(value: str) -> float:
+    """A --since / --until date (YYYY-MM-DD) as Unix seconds at 00:00 UTC."""
+    try:
+        return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        raise HistoryError(f"expected a date like 2025-06-01, got {value!r}") from None
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
