@@ -239,6 +239,93 @@ def report(
     typer.echo(str(path))
 
 
+@cli.command()
+def backtest(
+    events: Annotated[Path, typer.Option(help="Events: CSV/TSV/Parquet export (account_id, "
+                                         "event_time, event_type, user_id?, value?) or JSONL "
+                                         "of Stripe/Segment/Zendesk/canonical payloads.")],
+    subscriptions: Annotated[Path | None, typer.Option(
+        help="account_id, start_date, end_date (empty while active), mrr, plan?")] = None,
+    policy: Annotated[Path | None, typer.Option(help="Policy YAML (default: shipped).")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="First checkpoint (YYYY-MM-DD); all history before it is still replayed.")] = None,
+    horizon_days: Annotated[int, typer.Option(help="Churn within this many days counts.")] = 30,
+    renewal_gap_days: Annotated[float, typer.Option(
+        help="A new subscription within this gap is a renewal, not churn.")] = 30.0,
+    scores_out: Annotated[Path | None, typer.Option(
+        help="CSV: account_id, as_of, score, band per account and checkpoint.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Figures as JSON.")] = None,
+    html: Annotated[Path | None, typer.Option(help="Figures and curves as HTML.")] = None,
+) -> None:
+    """Replay history through the worker's own scoring; measure how well it predicted churn."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from churnsignal import history
+    from churnsignal.backtest import Inputs, run_backtest
+    from churnsignal.stream.policy import load_policy
+
+    console = Console(stderr=True)
+    try:
+        inputs = Inputs(events, subscriptions, load_policy(policy),
+                        history.iso_day(since) if since else None, horizon_days,
+                        renewal_gap_days)
+        with Progress(TextColumn("replaying"), BarColumn(bar_width=None),
+                      TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("", total=None)
+
+            def step(t: float) -> None:
+                from datetime import UTC, datetime
+
+                bar.update(task, description=datetime.fromtimestamp(t, tz=UTC).date().isoformat())
+
+            report = run_backtest(inputs, scores_out, progress=step)
+    except ChurnsignalError as exc:
+        _fail(exc)
+    _print_backtest(report)
+    if json_out:
+        json_out.write_bytes(history.dumps(report.as_dict()))
+    if html:
+        from churnsignal.report import render_backtest
+
+        html.write_text(render_backtest(report), encoding="utf-8")
+
+
+def _print_backtest(report: object) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from churnsignal.report import _pct
+
+    r = report
+    table = Table(title=f"Backtest: churn within {r.horizon_days} days "  # type: ignore[attr-defined]
+                  f"(since {r.since or 'the start'})")  # type: ignore[attr-defined]
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+
+    def num(v: float | None, fmt: str = "{:.3f}") -> str:
+        return "n/a" if v is None else fmt.format(v)
+
+    d = r.as_dict()  # type: ignore[attr-defined]
+    for label, value in (
+        ("checkpoints (evaluated)", f"{d['checkpoints']} ({d['evaluated']})"),
+        ("accounts / churners", f"{d['accounts']} / {d['churners']}"),
+        ("base rate", _pct(d["base_rate"])),
+        ("ROC AUC", num(d["roc_auc"])), ("PR AUC", num(d["pr_auc"])),
+        ("median lead time (days)", num(d["lead_time_median_days"], "{:.1f}")),
+        ("churners alerted >= 14 days ahead", _pct(d["share_alerted_14d_ahead"])),
+        ("alerts per 100 accounts per week",
+         num(d["alerts_per_100_accounts_per_week"], "{:.2f}")),
+    ):
+        table.add_row(label, value)
+    for b in r.bands:  # type: ignore[attr-defined]
+        table.add_row(f"{b.band}+: precision / recall", f"{_pct(b.precision)} / {_pct(b.recall)}")
+    for reason, share in d["churn_caught_by_reason"].items():
+        table.add_row(f"churn caught first by {reason}", _pct(share))
+    Console().print(table)
+
+
 @config_cli.command("show")
 def config_show() -> None:
     """Print the effective configuration as JSON, secrets masked."""

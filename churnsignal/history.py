@@ -109,6 +109,13 @@ def warehouse_events(engine: Engine, path: Path) -> Iterator[Any]:
             "data": {"name": name, "feature": name}})
 
 
+def last_event_time(engine: Engine, path: Path) -> float | None:
+    sql = (f"SELECT max({_ts('event_time')}) AS t "  # noqa: S608 - quoted path only
+           f"FROM file({_literal(path)}, '{_format(path)}')")
+    rows = engine.rows(sql)
+    return rows[0]["t"] if rows else None
+
+
 def native_events(path: Path, account_key: str = "account_id",
                   skipped: Counter[str] | None = None) -> list[Any]:
     """Canonical events from a JSONL file of native payloads, sorted by event time.

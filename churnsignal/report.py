@@ -37,7 +37,7 @@ _PAGE = jinja2.Template("""<!doctype html>
 <div class="grid">
 {% for chart in charts %}<div class="card">{{ chart }}</div>
 {% endfor %}</div>
-<h2>Top accounts at risk</h2>
+<h2>{{ table_title }}</h2>
 {% if accounts.rows %}<table><tr>{% for c in accounts.columns %}<th>{{ c }}</th>{% endfor %}</tr>
 {% for row in accounts.rows %}<tr>{% for c in accounts.columns %}<td>{{ row[c] }}</td>{% endfor %}</tr>
 {% endfor %}</table>{% else %}<p class="muted">No account is at high or critical risk.</p>{% endif %}
@@ -120,10 +120,49 @@ def render(client: Any, source: str, title: str = "churnsignal: churn and risk")
         # plotly.js itself, and figures whose data plotly serialises with <, > and / escaped.
         plotly_js=Markup(get_plotlyjs()),  # noqa: S704
         charts=[Markup(c) for c in charts],  # noqa: S704
-        accounts=results["at_risk_accounts"])
+        accounts=results["at_risk_accounts"], table_title="Top accounts at risk")
 
 
 def write_report(client: Any, out: Path, source: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(client, source), encoding="utf-8")
     return out
+
+
+def render_backtest(report: Any, title: str = "churnsignal backtest") -> str:
+    """The backtest's figures and its ROC and precision-recall curves, as one offline page."""
+    curves = report.curves
+    figures = [
+        _figure(f"ROC (AUC {report.roc_auc:.3f})" if report.roc_auc is not None else "ROC", [
+            go.Scatter(name="score", x=curves.get("fpr", []), y=curves.get("tpr", []),
+                       mode="lines"),
+            go.Scatter(name="chance", x=[0, 1], y=[0, 1], mode="lines",
+                       line={"dash": "dot", "color": "#999"})],
+            xaxis={"title": "false positive rate"}, yaxis={"title": "true positive rate"}),
+        _figure(f"Precision-recall (AP {report.pr_auc:.3f})" if report.pr_auc is not None
+                else "Precision-recall", [
+            go.Scatter(name="score", x=curves.get("recall", []), y=curves.get("precision", []),
+                       mode="lines")],
+            xaxis={"title": "recall"}, yaxis={"title": "precision"}),
+    ]
+    config = {"displaylogo": False, "responsive": True}
+    charts = [fig.to_html(full_html=False, include_plotlyjs=False, config=config)
+              for fig in figures]
+    rows = [{"figure": k, "value": v} for k, v in report.as_dict().items()
+            if not isinstance(v, list | dict)]
+    rows += [{"figure": f"{b.band}+ precision / recall / flagged",
+              "value": f"{_pct(b.precision)} / {_pct(b.recall)} / {b.flagged}"}
+             for b in report.bands]
+    rows += [{"figure": f"churn caught by {reason}", "value": _pct(share)}
+             for reason, share in report.churn_caught_by_reason.items()]
+    table = QueryResult("figures", "Figures", ["figure", "value"], rows)
+    return _PAGE.render(
+        title=title, generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        source=f"a replay with a {report.horizon_days}-day churn horizon",
+        plotly_js=Markup(get_plotlyjs()),  # noqa: S704 - plotly.js itself
+        charts=[Markup(c) for c in charts],  # noqa: S704 - plotly escapes its data
+        accounts=table, table_title="Figures")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
