@@ -6,7 +6,7 @@ COPY churnsignal churnsignal
 COPY schemas schemas
 COPY stream stream
 COPY sinks sinks
-RUN pip install --no-cache-dir --prefix=/install -c constraints.txt .
+RUN pip install --no-cache-dir --prefix=/install -c constraints.txt '.[backtest]'
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

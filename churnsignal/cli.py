@@ -261,6 +261,7 @@ def backtest(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    _need_backtest_extra()
     from churnsignal import history
     from churnsignal.backtest import Inputs, run_backtest
     from churnsignal.stream.policy import load_policy
@@ -290,6 +291,62 @@ def backtest(
         from churnsignal.report import render_backtest
 
         html.write_text(render_backtest(report), encoding="utf-8")
+
+
+@cli.command()
+def calibrate(
+    events: Annotated[Path, typer.Option(help="Events export (CSV/TSV/Parquet).")],
+    subscriptions: Annotated[Path, typer.Option(help="Subscriptions export.")],
+    until: Annotated[str, typer.Option(help="Learn only from what was known before this date "
+                                       "(YYYY-MM-DD), labels included.")],
+    out: Annotated[Path, typer.Option(help="Policy YAML to write.")],
+    policy: Annotated[Path | None, typer.Option(help="Starting policy (default: shipped).")]
+    = None,
+    horizon_days: Annotated[int, typer.Option(help="Churn within this many days counts.")] = 30,
+    target_high_share: Annotated[float, typer.Option(
+        help="Share of account-days at high risk or above the thresholds aim for.")] = 0.03,
+) -> None:
+    """Fit signal weights and band thresholds from labelled history; write a policy YAML."""
+    from rich.console import Console
+    from rich.table import Table
+
+    _need_backtest_extra()
+    from churnsignal import history
+    from churnsignal.backtest import Inputs
+    from churnsignal.calibrate import calibrate as fit
+    from churnsignal.calibrate import write_policy
+    from churnsignal.stream.policy import load_policy
+
+    try:
+        inputs = Inputs(events, subscriptions, load_policy(policy), None, horizon_days)
+        result = fit(inputs, history.iso_day(until), target_high_share=target_high_share)
+    except ChurnsignalError as exc:
+        typer.secho(f"churnsignal: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(3) from None
+    write_policy(result.policy, out)
+    table = Table(title=f"Calibration on the validation period ({result.validation_rows} "
+                  f"account-days; trained on {result.train_rows}, {result.train_churners} "
+                  "churners)")
+    for column in ("", "before", "after"):
+        table.add_column(column, justify="right")
+    table.add_row("ROC AUC", f"{result.auc_before:.3f}", f"{result.auc_after:.3f}")
+    table.add_row("PR AUC", f"{result.pr_auc_before:.3f}", f"{result.pr_auc_after:.3f}")
+    t = result.policy.thresholds
+    table.add_row("thresholds (medium/high/critical)", "", f"{t.medium}/{t.high}/{t.critical}")
+    for name, weight in sorted(result.weights.items(), key=lambda kv: -kv[1]):
+        if weight:
+            table.add_row(f"weight {name}", "", f"{weight:g}")
+    Console().print(table)
+    typer.echo(str(out))
+
+
+def _need_backtest_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in ("sklearn", "chdb", "pyarrow") if importlib.util.find_spec(m) is None]
+    if missing:
+        _fail(ChurnsignalError(f"backtest and calibrate need {', '.join(missing)}: "
+                               "pip install 'churnsignal[backtest]'"))
 
 
 def _print_backtest(report: object) -> None:

@@ -5,7 +5,9 @@
 writes DIR/events.csv (account_id, event_time, event_type, user_id) and
 DIR/subscriptions.csv (account_id, start_date, end_date, mrr, plan). Three kinds of account:
 healthy ones use the product steadily; decliners' usage decays over the weeks before they
-cancel; abrupt churners cancel without warning in usage. Event names are product-specific
+cancel; narrowing churners keep their volume but fall back to one feature in the weeks
+before they leave (a pattern the default policy weighs lightly and calibration can learn);
+abrupt churners cancel without warning in usage. Event names are product-specific
 (``Report Exported``, ``Dashboard Viewed``...), as a real export has them.
 """
 
@@ -27,6 +29,7 @@ START = datetime(2025, 1, 1, tzinfo=UTC)
 class Truth:
     churned: dict[str, datetime]  # account -> end date
     decliners: set[str]
+    narrowing: set[str]
     abrupt: set[str]
 
 
@@ -34,7 +37,7 @@ def generate(directory: Path, accounts: int = 500, days: int = 365, seed: int = 
              churn_share: float = 0.3) -> Truth:
     rng = random.Random(seed)
     directory.mkdir(parents=True, exist_ok=True)
-    truth = Truth({}, set(), set())
+    truth = Truth({}, set(), set(), set())
     with (directory / "events.csv").open("w", newline="") as ev_fh, \
             (directory / "subscriptions.csv").open("w", newline="") as sub_fh:
         events = csv.writer(ev_fh)
@@ -51,9 +54,10 @@ def generate(directory: Path, accounts: int = 500, days: int = 365, seed: int = 
             kind = "healthy"
             if rng.random() < churn_share:
                 end = start + timedelta(days=rng.randrange(70, max(71, days - (start - START).days)))
-                kind = "decline" if rng.random() < 0.7 else "abrupt"
+                kind = rng.choices(("decline", "narrow", "abrupt"), (0.45, 0.35, 0.2))[0]
                 truth.churned[account] = end
-                (truth.decliners if kind == "decline" else truth.abrupt).add(account)
+                {"decline": truth.decliners, "narrow": truth.narrowing,
+                 "abrupt": truth.abrupt}[kind].add(account)
             last = min(end or START + timedelta(days=days), START + timedelta(days=days))
             day = start
             while day < last:
@@ -61,9 +65,11 @@ def generate(directory: Path, accounts: int = 500, days: int = 365, seed: int = 
                 if kind == "decline" and end is not None:
                     weeks_left = (end - day).days / 7
                     rate = per_day * min(1.0, max(0.0, (weeks_left - 0.5) / 5))
-                for _ in range(_poisson(rng, rate)):
+                narrowed = kind == "narrow" and end is not None and (end - day).days < 42
+                names = EVENT_NAMES[:1] if narrowed else EVENT_NAMES[: 3 + users % 4]
+                for _ in range(_poisson(rng, rate * (0.8 if narrowed else 1.0))):
                     at = day + timedelta(seconds=rng.randrange(8 * 3600, 20 * 3600))
-                    rows.append((at, account, rng.choice(EVENT_NAMES[: 3 + users % 4]),
+                    rows.append((at, account, rng.choice(names),
                                  f"{account}-u{rng.randrange(users)}"))
                 day += timedelta(days=1)
             mrr = round(users * rng.choice((29, 49, 99)), 2)

@@ -51,11 +51,16 @@ def register_views(rt: Runtime) -> None:
         partition = packs.partition_for(account_id, rt.settings.partitions)
         owned = any(tp.partition == partition and tp.topic == rt.settings.ingested_topic
                     for tp in app.consumer.assignment())
-        scored = score(state, time.time(), rt.policy)
+        try:  # ?at=UNIX_SECONDS scores the state as of then (the backtest compares with it)
+            at = float(request.query.get("at", time.time()))
+        except ValueError:
+            return self.json({"error": "at must be Unix seconds"}, status=400)
+        scored = score(state, at, rt.policy)
         return self.json({
             "account_id": account_id, "owned_here": owned, "events": state.seq,
             "score": state.score, "band": state.band, "scored_at": state.scored_at,
-            "score_now": scored.score, "reasons_now": [r.as_dict() for r in scored.reasons],
+            "score_at": scored.score, "at": at,
+            "reasons_at": [r.as_dict() for r in scored.reasons],
             "last_event": state.last_event, "last_active": state.last_active,
             "sub_status": state.sub_status, "plan": state.plan, "mrr_cents": state.mrr_cents,
             "alerts": state.alerts,

@@ -49,7 +49,8 @@ class Score:
     reasons: tuple[Reason, ...]  # strongest first
 
 
-def _strength(signal: Signal, value: float) -> float:
+def strength(signal: Signal, value: float) -> float:
+    """How fully a signal counts (0-1) at this raw value, by the policy's start and full."""
     if signal.full == signal.start:
         return 1.0 if value >= signal.full else 0.0
     return min(1.0, max(0.0, (value - signal.start) / (signal.full - signal.start)))
@@ -148,7 +149,7 @@ def score(state: AccountState, now: float, policy: Policy) -> Score:
     reasons = []
     for code, (value, detail) in signals(state, now, policy).items():
         signal: Signal = getattr(policy.signals, code)
-        points = signal.weight * _strength(signal, value)
+        points = signal.weight * strength(signal, value)
         if points > 0:
             kind, play = REASONS[code]
             reasons.append(Reason(code, value, points, kind, play, detail))

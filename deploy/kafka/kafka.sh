@@ -46,6 +46,7 @@ log.retention.ms=-1
 auto.create.topics.enable=true
 PROPS
   local cluster
+  rm -rf "$dir/data"  # start = a new, empty broker (restart keeps the data)
   cluster=$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
   java -cp "$libs/*" kafka.tools.StorageTool format -t "$cluster" -c "$dir/server.properties" >"$dir/format.log" 2>&1
   launch "$dir"
