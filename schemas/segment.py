@@ -57,9 +57,10 @@ def _person(payload: dict[str, Any]) -> str | None:
 
 
 def links(payload: dict[str, Any]) -> list[tuple[str, str]]:
-    """(identity key, what it leads to) pairs a call teaches: a Group call or any call that
-    names both its user and its account (user -> account), an Identify call (anonymous ->
-    user, and user -> account from traits.groupId / account_id / company.id)."""
+    """(identity key, what it leads to) pairs a call teaches: a Group call (user -> account),
+    an Identify call (anonymous -> user, and user -> account from traits.groupId /
+    account_id / company.id). Track and page calls teach nothing: most name their account
+    anyway, and a link per user would cost a state per user for little."""
     call = payload.get("type")
     user = str_id(payload.get("userId"))
     anonymous = str_id(payload.get("anonymousId"))
@@ -70,7 +71,7 @@ def links(payload: dict[str, Any]) -> list[tuple[str, str]]:
                    or str_id(get_in(payload, "traits", "account_id"))
                    or str_id(get_in(payload, "traits", "company", "id")))
     else:
-        account = _account(payload)
+        return []
     out: list[tuple[str, str]] = []
     if account is not None and user is not None:
         out.append((identity.segment_user(user), account))
