@@ -211,8 +211,31 @@ def mask_dsn(dsn: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
+# Secrets may come from files (Docker/Kubernetes secrets): NAME_FILE=/path sets NAME.
+SECRET_VARIABLES = ("CHURNSIGNAL_KAFKA__SASL_PASSWORD", "CHURNSIGNAL_CLICKHOUSE_DSN",
+                    "CHURNSIGNAL_WEBHOOK__URL")
+
+
+def _secrets_from_files() -> dict[str, str]:
+    import os
+
+    found = {}
+    for name in SECRET_VARIABLES:
+        path = os.environ.get(f"{name}_FILE")
+        if path and name not in os.environ:
+            try:
+                found[name] = Path(path).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    return found
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment; any invalid value raises one ConfigError naming it."""
+    import os
+
+    secrets = _secrets_from_files()
+    os.environ.update(secrets)  # read like any other variable, then removed again
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -224,3 +247,6 @@ def load_settings(**overrides: Any) -> Settings:
                 env = "KAFKA_BOOTSTRAP_SERVERS"
             problems.append(f"{env} ({loc}): {err['msg']}")
         raise ConfigError("invalid setting: " + "; ".join(problems)) from None
+    finally:
+        for name in secrets:
+            os.environ.pop(name, None)

@@ -4,7 +4,8 @@
 #   deploy/kafka/kafka.sh start DIR        format DIR, start the broker, print host:port
 #   deploy/kafka/kafka.sh stop DIR         stop the broker started in DIR, by PID
 #   deploy/kafka/kafka.sh restart DIR      stop it and start it again on its data and ports
-# Retention is off (log.retention.ms=-1): tests feed events with old timestamps.
+# Retention is off (log.retention.ms=-1): tests feed events with old timestamps. A second
+# listener takes SASL/PLAIN (user churnsignal, password test-secret) for the security tests.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.xml")
@@ -24,16 +25,18 @@ start() {
   local dir=$1
   fetch
   mkdir -p "$dir"
-  local port ctrl
-  port=$(free_port); ctrl=$(free_port)
+  local port ctrl sasl
+  port=$(free_port); ctrl=$(free_port); sasl=$(free_port)
   cat > "$dir/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$ctrl
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$ctrl
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,SASL_PLAINTEXT://127.0.0.1:$sasl,CONTROLLER://127.0.0.1:$ctrl
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_PLAINTEXT://127.0.0.1:$sasl
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="admin" password="admin-secret" user_admin="admin-secret" user_churnsignal="test-secret";
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$dir/data
 num.partitions=4
@@ -54,7 +57,9 @@ PROPS
 
 launch() {
   local dir=$1 port
-  port=$(sed -n 's/^advertised.listeners=PLAINTEXT:\/\/127.0.0.1:\([0-9]*\)$/\1/p' "$dir/server.properties")
+  port=$(sed -n 's/^advertised.listeners=PLAINTEXT:\/\/127.0.0.1:\([0-9]*\).*/\1/p' "$dir/server.properties")
+  sed -n 's/^advertised.listeners=.*SASL_PLAINTEXT:\/\/\(127.0.0.1:[0-9]*\).*/\1/p' "$dir/server.properties" \
+    > "$dir/bootstrap_sasl"  # SASL/PLAIN listener, user churnsignal / test-secret
   setsid java -Xms256m -Xmx768m -cp "$libs/*" kafka.Kafka "$dir/server.properties" \
     >>"$dir/kafka.log" 2>&1 < /dev/null &
   echo $! > "$dir/kafka.pid"

@@ -54,3 +54,16 @@ def test_a_topic_can_pin_its_payload_format(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("CHURNSIGNAL_INGEST__SOURCES", '{"billing.events": "paypal"}')
     with pytest.raises(ConfigError, match="CHURNSIGNAL_INGEST__SOURCES"):
         load_settings()
+
+
+def test_secrets_can_come_from_files(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    secret = tmp_path / "sasl_password"
+    secret.write_text("s3cret\n")
+    monkeypatch.setenv("CHURNSIGNAL_KAFKA__SASL_PASSWORD_FILE", str(secret))
+    settings = load_settings()
+    assert settings.kafka.sasl_password is not None
+    assert settings.kafka.sasl_password.get_secret_value() == "s3cret"
+    assert "s3cret" not in str(settings.masked())
+    monkeypatch.setenv("CHURNSIGNAL_KAFKA__SASL_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="CHURNSIGNAL_KAFKA__SASL_PASSWORD_FILE"):
+        load_settings()
