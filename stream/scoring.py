@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from churnsignal.stream.policy import Policy, Signal
-from churnsignal.stream.state import DAY, SESSIONS, USAGE, USERS, AccountState, day_of
+from churnsignal.stream.state import DAY, USAGE, USERS, AccountState, day_of, generic_activation
 
 # Each reason: whether it is voluntary (the customer disengages or decides) or involuntary
 # (billing mechanics), and the play a customer-success team should run.
@@ -133,15 +133,9 @@ def _max_users(state: AccountState, first_day: int, last_day: int) -> int:
 
 
 def _activated(state: AccountState, policy: Policy) -> bool:
-    if state.activated_at is not None:
-        return True
-    ob = policy.onboarding
-    if ob.activation_events:
-        return False
-    # Generic rule: enough active days and users, whatever the product's event names.
-    active = sum(1 for b in state.days.values() if b[USAGE] or b[SESSIONS])
-    users = _max_users(state, 0, 1 << 30)
-    return active >= ob.min_active_days and users >= ob.min_active_users
+    # prune() records the generic activation once it is reached (see generic_activation)
+    return state.activated_at is not None or (
+        not policy.onboarding.activation_events and generic_activation(state, policy))
 
 
 def score(state: AccountState, now: float, policy: Policy) -> Score:

@@ -269,8 +269,21 @@ def _apply_support(state: AccountState, event: Any, ts: float, policy: Policy) -
         state.nps, state.nps_at = d.score, ts
 
 
+def generic_activation(state: AccountState, policy: Policy) -> bool:
+    """Activation by the generic rule: enough active days and distinct users, whatever the
+    product's event names (used when the policy names no milestone events)."""
+    ob = policy.onboarding
+    active = sum(1 for b in state.days.values() if b[USAGE] or b[SESSIONS])
+    users = max((b[USERS] for b in state.days.values()), default=0)
+    return active >= ob.min_active_days and users >= ob.min_active_users
+
+
 def prune(state: AccountState, now: float, policy: Policy) -> None:
-    """Forget what fell out of the horizon, so state stays bounded."""
+    """Forget what fell out of the horizon, so state stays bounded; note a generic
+    activation once reached (scoring then need not recount it every time)."""
+    if (state.activated_at is None and not policy.onboarding.activation_events
+            and generic_activation(state, policy)):
+        state.activated_at = now
     today = day_of(now)
     oldest = today - policy.windows.horizon_days
     for d in [d for d in state.days if d < oldest]:
