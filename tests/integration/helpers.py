@@ -171,6 +171,16 @@ class WebhookReceiver:
         self.server.server_close()
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples in /metrics text (those with ``labels``, if given)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v
+                                              for k, v in labels.items()))
+
+
 async def produce(broker: str, messages: list[tuple[str, bytes | None, bytes]]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all")
     await producer.start()

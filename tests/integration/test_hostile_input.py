@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.helpers import Env, Worker, clickhouse_query, consume_all, new_env, produce
+from tests.integration.helpers import Env, Worker, clickhouse_query, consume_all, metric, new_env, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -74,11 +73,6 @@ def hostile(draw: st.DrawFn) -> bytes:
     return raw
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(m.group(1)) for m in re.finditer(
-        rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE))
-
-
 class Run:
     def __init__(self, broker: str, env: Env, worker: Worker) -> None:
         self.broker, self.env, self.worker = broker, env, worker
@@ -114,14 +108,14 @@ def test_hostile_input_is_accepted_or_dead_lettered_and_the_worker_stays_up(
     while True:
         assert run.worker.proc.poll() is None, run.worker.log()[-3000:]
         metrics = run.worker.metrics()
-        consumed = _metric(metrics, "churnsignal_events_consumed_total")
+        consumed = metric(metrics, "churnsignal_events_consumed_total")
         if consumed >= run.produced:
             break
         assert time.monotonic() < deadline, f"consumed {consumed} of {run.produced}"
         time.sleep(0.5)
-    accepted = _metric(metrics, "churnsignal_events_accepted_total")
-    skipped = _metric(metrics, "churnsignal_events_skipped_total")
-    dead = _metric(metrics, "churnsignal_events_dead_lettered_total")
+    accepted = metric(metrics, "churnsignal_events_accepted_total")
+    skipped = metric(metrics, "churnsignal_events_skipped_total")
+    dead = metric(metrics, "churnsignal_events_dead_lettered_total")
     print(f"example {run.examples}: produced {run.produced}, accepted {accepted:.0f}, "
           f"skipped {skipped:.0f}, dead-lettered {dead:.0f}")
     assert consumed == run.produced
@@ -135,7 +129,7 @@ def test_dead_letters_carry_reasons_and_accepted_events_land_exactly_once(run: R
     deadline = time.monotonic() + 60
     while True:
         metrics = worker.metrics()
-        applied = _metric(metrics, "churnsignal_events_applied_total")
+        applied = metric(metrics, "churnsignal_events_applied_total")
         summary: dict[str, Any] = worker.summary()
         if summary["events_in_clickhouse"] >= applied:
             break
@@ -144,20 +138,20 @@ def test_dead_letters_carry_reasons_and_accepted_events_land_exactly_once(run: R
     dlq = asyncio.run(consume_all(run.broker, run.env.topics["dlq"], 1))
     reasons = Counter(dict(r.headers)["dlq_reason"].decode() for r in dlq)
     assert set(reasons) <= REASONS, reasons
-    assert sum(reasons.values()) == _metric(metrics, "churnsignal_events_dead_lettered_total")
+    assert sum(reasons.values()) == metric(metrics, "churnsignal_events_dead_lettered_total")
     assert all(dict(r.headers).get("dlq_offset") for r in dlq)
     assert summary["events_in_clickhouse"] == applied  # exactly once in ClickHouse
     print(f"dead letters by reason: {dict(reasons)}; applied {applied:.0f}")
 
 
 def test_sql_looking_account_ids_are_stored_as_data(run: Run) -> None:
-    before = _metric(run.worker.metrics(), "churnsignal_events_applied_total")
+    before = metric(run.worker.metrics(), "churnsignal_events_applied_total")
     asyncio.run(produce(run.broker, [
         (run.env.topics["usage"], None, _canonical(a, datetime.now(UTC), "session", 10**10 + i))
         for i, a in enumerate(SQLISH)]))
     run.worker.wait_applied(0)  # the endpoint answers
     deadline = time.monotonic() + 60
-    while _metric(run.worker.metrics(), "churnsignal_events_applied_total") < before + len(SQLISH):
+    while metric(run.worker.metrics(), "churnsignal_events_applied_total") < before + len(SQLISH):
         assert time.monotonic() < deadline
         time.sleep(0.5)
     time.sleep(2)  # the next flush

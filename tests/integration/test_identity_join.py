@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from pathlib import Path
 
@@ -11,18 +10,13 @@ import orjson
 import pytest
 
 from churnsignal.synthetic import stripe_event, stripe_subscription
-from tests.integration.helpers import Worker, clickhouse_query, new_env, produce
+from tests.integration.helpers import Worker, clickhouse_query, metric, new_env, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def _metric(text: str, name: str, labels: str = "") -> float:
-    return sum(float(m.group(1)) for m in re.finditer(
-        rf"^{name}{{?{re.escape(labels)}[^ ]*}}? ([0-9.e+-]+)$", text, re.MULTILINE))
 
 
 def test_unattributed_events_wait_then_join_their_account(broker: str, tmp_path: Path) -> None:
@@ -72,9 +66,9 @@ def test_unattributed_events_wait_then_join_their_account(broker: str, tmp_path:
 
     # parked: the 3 track calls, the dispute, the orphan's invoice (and stripe-1's invoice
     # when it overtook the subscription); every one of them joined an account in the end
-    parked = _metric(metrics, "churnsignal_identity_events_total", 'outcome="parked"')
+    parked = metric(metrics, "churnsignal_identity_events_total", outcome="parked")
     assert parked >= 5
-    assert _metric(metrics, "churnsignal_identity_events_total", 'outcome="joined"') == parked
+    assert metric(metrics, "churnsignal_identity_events_total", outcome="joined") == parked
     assert summary["events_in_clickhouse"] == 7
     dsn = env.settings().effective_clickhouse_dsn()
     per_account = dict(clickhouse_query(
@@ -93,7 +87,7 @@ def test_unattributed_events_wait_then_join_their_account(broker: str, tmp_path:
     try:
         worker.wait_ready()
         deadline = time.monotonic() + 60
-        while _metric(worker.metrics(), "churnsignal_events_consumed_total") < produced:
+        while metric(worker.metrics(), "churnsignal_events_consumed_total") < produced:
             assert time.monotonic() < deadline
             time.sleep(0.5)
         time.sleep(4)  # flushes and re-score ticks
@@ -102,7 +96,7 @@ def test_unattributed_events_wait_then_join_their_account(broker: str, tmp_path:
     finally:
         assert worker.stop() == 0, worker.log()[-3000:]
     assert stats.get("events_applied", 0) == 0, stats
-    assert _metric(replay_metrics, "churnsignal_identity_events_total", 'outcome="joined"') == 0
+    assert metric(replay_metrics, "churnsignal_identity_events_total", outcome="joined") == 0
     assert dict(clickhouse_query(
         dsn, "SELECT account_id, toInt64(sum(events)) FROM account_daily GROUP BY account_id")
     ) == per_account

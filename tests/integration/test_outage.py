@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import urllib.error
 import urllib.request
@@ -12,15 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.integration.helpers import Worker, clickhouse_query, consume_all, new_env, produce
+from tests.integration.helpers import Worker, clickhouse_query, consume_all, metric, new_env, produce
 from tests.scenarios import Scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(m.group(1)) for m in re.finditer(
-        rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE))
 
 
 def _status(port: int, path: str) -> int:
@@ -60,7 +54,7 @@ def test_clickhouse_outage_loses_and_doubles_nothing(broker: str, tmp_path: Path
         worker.wait_ready()
         asyncio.run(produce(broker, [(env.topics[k], key, v) for k, key, v in before]))
         deadline = time.monotonic() + 60
-        while _metric(worker.metrics(), "churnsignal_clickhouse_errors_total") < 3:
+        while metric(worker.metrics(), "churnsignal_clickhouse_errors_total") < 3:
             assert time.monotonic() < deadline, "writes never failed"
             time.sleep(0.5)
         asyncio.run(produce(broker, [(env.topics[k], key, v) for k, key, v in during]))
@@ -71,8 +65,8 @@ def test_clickhouse_outage_loses_and_doubles_nothing(broker: str, tmp_path: Path
         assert _status(worker.port, "/healthz") == 200  # alive ...
         assert _status(worker.port, "/readyz") == 503  # ... but says its sink is not writable
         assert summary["events_in_clickhouse"] == 0
-        assert _metric(metrics, "churnsignal_clickhouse_rows_total") == 0
-        errors_during = _metric(metrics, "churnsignal_clickhouse_errors_total")
+        assert metric(metrics, "churnsignal_clickhouse_rows_total") == 0
+        errors_during = metric(metrics, "churnsignal_clickhouse_errors_total")
         print(f"outage: {len(before)} events before, {len(during)} during, "
               f"{errors_during:.0f} failed writes")
 
@@ -82,8 +76,8 @@ def test_clickhouse_outage_loses_and_doubles_nothing(broker: str, tmp_path: Path
     finally:
         assert worker.stop() == 0, worker.log()[-3000:]
 
-    assert _metric(metrics, "churnsignal_events_applied_total") == total
-    assert _metric(metrics, "churnsignal_duplicates_skipped_total") == 0
+    assert metric(metrics, "churnsignal_events_applied_total") == total
+    assert metric(metrics, "churnsignal_duplicates_skipped_total") == 0
     dsn = env.settings().effective_clickhouse_dsn()
     [[events, accounts]] = clickhouse_query(
         dsn, "SELECT sum(events), uniqExact(account_id) FROM account_daily")

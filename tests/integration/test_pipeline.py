@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -17,6 +16,7 @@ from tests.integration.helpers import (
     Worker,
     clickhouse_query,
     consume_all,
+    metric,
     new_env,
     produce,
 )
@@ -31,11 +31,6 @@ def _alerts_by_account(records: list[Any]) -> dict[str, list[dict[str, Any]]]:
         alert = orjson.loads(rec.value)
         out[alert["account_id"]].append(alert)
     return out
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(m.group(1)) for m in re.finditer(
-        rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE))
 
 
 def test_pipeline_alerts_dead_letters_and_clickhouse_totals_survive_restart_and_replay(
@@ -127,7 +122,7 @@ def test_pipeline_alerts_dead_letters_and_clickhouse_totals_survive_restart_and_
     assert len({a["alert_id"] for a in all_alerts}) == len(all_alerts)
     # the webhook got every alert (retried through the 503s), as the topic has them
     assert {b["alert_id"] for b in hook.bodies} == {a["alert_id"] for a in all_alerts}
-    assert _metric(metrics, 'churnsignal_webhook_deliveries_total{outcome="delivered"}') == len(
+    assert metric(metrics, "churnsignal_webhook_deliveries_total", outcome="delivered") == len(
         all_alerts)
 
     # --- dead letters: every bad message, with its reason, and nothing else
@@ -135,10 +130,10 @@ def test_pipeline_alerts_dead_letters_and_clickhouse_totals_survive_restart_and_
     reasons = Counter(dict(r.headers)["dlq_reason"].decode() for r in dlq)
     assert reasons == Counter({"not_json": 1, "unknown_type": 1, "invalid": 1, "too_large": 1})
     assert all(dict(r.headers)["dlq_topic"].decode() == topics["usage"] for r in dlq)
-    assert _metric(metrics, "churnsignal_events_dead_lettered_total") == 4
-    assert _metric(metrics, "churnsignal_duplicates_skipped_total") == 1
-    assert _metric(metrics, "churnsignal_events_skipped_total") == 1
-    assert _metric(metrics, "churnsignal_events_applied_total") == accepted
+    assert metric(metrics, "churnsignal_events_dead_lettered_total") == 4
+    assert metric(metrics, "churnsignal_duplicates_skipped_total") == 1
+    assert metric(metrics, "churnsignal_events_skipped_total") == 1
+    assert metric(metrics, "churnsignal_events_applied_total") == accepted
 
     # --- ClickHouse, read after the worker stopped: its shutdown left everything durable
     dsn = env.settings().effective_clickhouse_dsn()
