@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -36,6 +37,7 @@ def day_of(ts: float) -> int:
     return int(ts // DAY)
 
 
+@lru_cache(maxsize=1 << 16)  # user ids repeat on every event of their user
 def id_hash(text: str) -> int:
     """A stable 48-bit hash: process-independent, unlike hash()."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=6).digest(), "big")
@@ -112,7 +114,15 @@ class AccountState:
     # --- derived views -------------------------------------------------------------------
 
     def window_sum(self, column: int, first_day: int, last_day: int) -> int:
-        return sum(b[column] for d, b in self.days.items() if first_day <= d <= last_day)
+        days = self.days
+        if last_day - first_day < len(days):  # a short window: look its days up
+            total = 0
+            for d in range(first_day, last_day + 1):
+                b = days.get(d)
+                if b is not None:
+                    total += b[column]
+            return total
+        return sum(b[column] for d, b in days.items() if first_day <= d <= last_day)
 
     def active_days(self, first_day: int, last_day: int) -> int:
         return sum(1 for d, b in self.days.items() if first_day <= d <= last_day and b[USAGE])
@@ -121,19 +131,20 @@ class AccountState:
         return self.days.get(day, [0] * _BUCKET_WIDTH)
 
 
-def is_duplicate(state: AccountState, source: str | None, offset: int, event_id: str) -> bool:
-    """Seen before: a redelivered Kafka record (offset high-water) or a repeated event id."""
+def is_duplicate(state: AccountState, source: str | None, offset: int, id_h: int) -> bool:
+    """Seen before: a redelivered Kafka record (offset high-water) or a repeated event id
+    (``id_h``: its ``id_hash``)."""
     if source is not None and offset <= state.hw.get(source, -1):
         return True
-    return id_hash(event_id) in state.ids
+    return id_h in state.ids
 
 
-def _remember(state: AccountState, source: str | None, offset: int, event_id: str,
+def _remember(state: AccountState, source: str | None, offset: int, id_h: int,
               policy: Policy) -> None:
     if source is not None:
         state.hw[source] = max(offset, state.hw.get(source, -1))
     if policy.limits.dedup_ids:
-        state.ids.append(id_hash(event_id))
+        state.ids.append(id_h)
         overflow = len(state.ids) - policy.limits.dedup_ids
         if overflow > 0:
             del state.ids[:overflow]
@@ -161,9 +172,10 @@ def _count_user(state: AccountState, day: int, user_id: str | None, today: int,
 def apply_event(state: AccountState, event: Any, source: str | None, offset: int,
                 policy: Policy, now: float) -> int | None:
     """Fold one canonical event into ``state``. Returns the day it touched, None if a duplicate."""
-    if is_duplicate(state, source, offset, event.event_id):
+    id_h = id_hash(event.event_id)
+    if is_duplicate(state, source, offset, id_h):
         return None
-    _remember(state, source, offset, event.event_id, policy)
+    _remember(state, source, offset, id_h, policy)
     ts = event.occurred_at.timestamp()
     day = day_of(ts)
     today = day_of(now)
