@@ -29,6 +29,10 @@ class Metrics:
         self.duplicates = Counter(
             "churnsignal_duplicates_skipped", "Events already applied (redelivery or same id).",
             registry=r)
+        self.events_late = Counter(
+            "churnsignal_events_late", "Events applied out of order: older than their "
+            "account's newest event (applied to their own day; older than the horizon are "
+            "dead-lettered as too_old).", registry=r)
         self.events_applied = Counter(
             "churnsignal_events_applied", "Events folded into account state.", registry=r)
         self.alerts = Counter(

@@ -532,14 +532,17 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             if out.alert is not None:
                 alerts.append(PendingAlert(out.alert, wall, message.partition, message.offset))
                 rows["alerts_data"].append(alert_row(out.alert))
-        applied = duplicates = 0
+        applied = duplicates = late = 0
         for out in outcomes:
             if out.applied or out.score_changed or out.alert is not None:
                 store.put(out.state)
             applied += out.applied
             duplicates += out.duplicates
+            late += out.late
         metrics.duplicates.inc(duplicates)
         metrics.events_applied.inc(applied)
+        if late:
+            metrics.events_late.inc(late)
         runtime.stats["events_applied"] += applied
         runtime.stats["duplicates"] += duplicates
         metrics.packs.inc()

@@ -27,6 +27,7 @@ class Outcome:
     state: AccountState
     applied: int = 0  # events folded in (not duplicates)
     duplicates: int = 0
+    late: int = 0  # applied although older than the account's newest event (out of order)
     days: set[int] = field(default_factory=set)  # daily buckets that changed
     scored: Score | None = None
     score_changed: bool = False
@@ -58,6 +59,7 @@ def apply_batch(state: AccountState | None, account_id: str, items: Iterable[Ite
     last_event: Any = None
     for source, offset, event in items:
         mrr_before = out.state.mrr_cents
+        newest_before = out.state.last_event
         day = apply_event(out.state, event, source, offset, policy, wall)
         if day is None:
             out.duplicates += 1
@@ -65,6 +67,8 @@ def apply_batch(state: AccountState | None, account_id: str, items: Iterable[Ite
             continue
         out.applied += 1
         out.days.add(day)
+        if event.occurred_at.timestamp() < newest_before:
+            out.late += 1  # still applied to its own day: windows are by event time
         if not isinstance(event, UsageEvent):
             out.facts.append((event, mrr_before, out.state.involuntary_end, out.state.seq))
         if last_event is None or event.occurred_at >= last_event.occurred_at:

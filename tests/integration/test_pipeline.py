@@ -85,8 +85,9 @@ def test_pipeline_alerts_dead_letters_and_clickhouse_totals_survive_restart_and_
         # phase 2: the payment goes through
         s.messages.clear()
         s.invoice_paid("pay-1", 0.0001)
+        s.usage("healthy-1", 5.0)  # a five-day-old event that arrives late
         asyncio.run(produce(broker, [(topics[k], key, v) for k, key, v in s.messages]))
-        accepted += 1
+        accepted += 2
         worker.wait_applied(accepted)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -134,6 +135,7 @@ def test_pipeline_alerts_dead_letters_and_clickhouse_totals_survive_restart_and_
     assert metric(metrics, "churnsignal_duplicates_skipped_total") == 1
     assert metric(metrics, "churnsignal_events_skipped_total") == 1
     assert metric(metrics, "churnsignal_events_applied_total") == accepted
+    assert metric(metrics, "churnsignal_events_late_total") >= 1  # at least the one sent late
 
     # --- ClickHouse, read after the worker stopped: its shutdown left everything durable
     dsn = env.settings().effective_clickhouse_dsn()

@@ -116,3 +116,14 @@ def test_payment_events_out_of_order_keep_the_newest_retry_state() -> None:
     later = apply_batch(out.state, "acme", [("b/2", 1, paid)], NOW, POLICY)
     assert later.alert is not None and later.alert.kind == "deescalated"
     assert later.state.band == "low"
+
+
+def test_out_of_order_events_are_applied_to_their_day_and_counted_late() -> None:
+    # no source offsets: a producer sent them out of order, nothing was redelivered
+    items = [(None, 0, event) for _, _, event in history({age: 2 for age in range(0, 10)})]
+    in_order = apply_batch(None, "acme", items, NOW, POLICY)
+    shuffled = apply_batch(None, "acme", list(reversed(items)), NOW, POLICY)
+    assert in_order.late == 0
+    assert shuffled.late == len(items) - 1  # each is older than the newest before it
+    assert shuffled.state.days == in_order.state.days  # same windows either way
+    assert shuffled.scored.score == in_order.scored.score
