@@ -44,3 +44,12 @@ def broker() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def broker_kind() -> str:
     return "external" if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") else "embedded"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.integration.helpers import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -171,6 +171,15 @@ class WebhookReceiver:
         self.server.server_close()
 
 
+FIGURES: list[str] = []
+
+
+def figures(text: str) -> None:
+    """What a reliability test measured (events, faults, lost, doubled): printed in the
+    session's summary, so CI logs show the figures of passing tests too."""
+    FIGURES.append(text)
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """Sum of a metric's samples in /metrics text (those with ``labels``, if given)."""
     from prometheus_client.parser import text_string_to_metric_families

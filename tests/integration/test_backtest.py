@@ -19,7 +19,7 @@ from churnsignal.stream.engine import apply_batch
 from churnsignal.stream.policy import Policy, load_policy
 from churnsignal.stream.scoring import score
 from churnsignal.synthetic_history import generate
-from tests.integration.helpers import Worker, new_env, produce
+from tests.integration.helpers import Worker, figures, new_env, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -116,7 +116,7 @@ def test_calibration_lifts_auc_out_of_time_and_refuses_tiny_data(tmp_path: Path)
     inputs = Inputs(tmp_path / "events.csv", tmp_path / "subscriptions.csv", POLICY, None)
     until = datetime(2025, 10, 1, tzinfo=UTC).timestamp()
     result = calibrate(inputs, until)
-    print(f"validation AUC {result.auc_before:.3f} -> {result.auc_after:.3f}, "
+    figures(f"validation AUC {result.auc_before:.3f} -> {result.auc_after:.3f}, "
           f"PR AUC {result.pr_auc_before:.3f} -> {result.pr_auc_after:.3f}; {result.weights}")
     assert result.auc_after > result.auc_before
     assert result.weights["low_feature_breadth"] > POLICY.signals.low_feature_breadth.weight

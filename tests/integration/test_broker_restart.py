@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import Worker, accepted_per_account, clickhouse_query, new_env, produce
+from tests.integration.helpers import (
+    Worker,
+    accepted_per_account,
+    clickhouse_query,
+    figures,
+    new_env,
+    produce,
+)
 from tests.integration.test_workers import _stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -37,7 +44,7 @@ def test_worker_rides_out_a_broker_restart(broker: str, tmp_path: Path) -> None:
         started = time.monotonic()
         subprocess.run([str(KAFKA_SH), "restart", kafka_dir], check=True, timeout=180,
                        capture_output=True)
-        print(f"broker restarted in {time.monotonic() - started:.1f}s")
+        figures(f"broker restarted in {time.monotonic() - started:.1f}s")
         for chunk in chunks[3:]:
             asyncio.run(produce(broker, [(env.topics[k], key, v) for k, key, v in chunk]))
         summary = worker.wait_applied(total, timeout=180)

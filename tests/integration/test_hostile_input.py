@@ -17,7 +17,16 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.helpers import Env, Worker, clickhouse_query, consume_all, metric, new_env, produce
+from tests.integration.helpers import (
+    Env,
+    Worker,
+    clickhouse_query,
+    consume_all,
+    figures,
+    metric,
+    new_env,
+    produce,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -116,7 +125,7 @@ def test_hostile_input_is_accepted_or_dead_lettered_and_the_worker_stays_up(
     accepted = metric(metrics, "churnsignal_events_accepted_total")
     skipped = metric(metrics, "churnsignal_events_skipped_total")
     dead = metric(metrics, "churnsignal_events_dead_lettered_total")
-    print(f"example {run.examples}: produced {run.produced}, accepted {accepted:.0f}, "
+    figures(f"example {run.examples}: produced {run.produced}, accepted {accepted:.0f}, "
           f"skipped {skipped:.0f}, dead-lettered {dead:.0f}")
     assert consumed == run.produced
     assert accepted + skipped + dead == run.produced  # nothing lost, nothing counted twice
@@ -141,7 +150,7 @@ def test_dead_letters_carry_reasons_and_accepted_events_land_exactly_once(run: R
     assert sum(reasons.values()) == metric(metrics, "churnsignal_events_dead_lettered_total")
     assert all(dict(r.headers).get("dlq_offset") for r in dlq)
     assert summary["events_in_clickhouse"] == applied  # exactly once in ClickHouse
-    print(f"dead letters by reason: {dict(reasons)}; applied {applied:.0f}")
+    figures(f"dead letters by reason: {dict(reasons)}; applied {applied:.0f}")
 
 
 def test_sql_looking_account_ids_are_stored_as_data(run: Run) -> None:

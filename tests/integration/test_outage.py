@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.integration.helpers import Worker, clickhouse_query, consume_all, metric, new_env, produce
+from tests.integration.helpers import Worker, clickhouse_query, consume_all, figures, metric, new_env, produce
 from tests.scenarios import Scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -67,7 +67,7 @@ def test_clickhouse_outage_loses_and_doubles_nothing(broker: str, tmp_path: Path
         assert summary["events_in_clickhouse"] == 0
         assert metric(metrics, "churnsignal_clickhouse_rows_total") == 0
         errors_during = metric(metrics, "churnsignal_clickhouse_errors_total")
-        print(f"outage: {len(before)} events before, {len(during)} during, "
+        figures(f"outage: {len(before)} events before, {len(during)} during, "
               f"{errors_during:.0f} failed writes")
 
         down.unlink()  # ClickHouse is back
@@ -85,7 +85,7 @@ def test_clickhouse_outage_loses_and_doubles_nothing(broker: str, tmp_path: Path
     [[alert_rows]] = clickhouse_query(dsn, "SELECT count() FROM alerts")
     published = asyncio.run(consume_all(broker, env.topics["alerts"], 1))
     alert_ids = {orjson.loads(r.value)["alert_id"] for r in published}
-    print(f"after recovery: {events} events, {billing_rows} billing rows, {alert_rows} alerts; "
+    figures(f"after recovery: {events} events, {billing_rows} billing rows, {alert_rows} alerts; "
           f"lost 0 = {total - int(events)}, doubled 0 = {int(events) - total}")
     assert (int(events), int(accounts)) == (total, 40)
     assert int(billing_rows) == billing

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import Worker, new_env
+from tests.integration.helpers import Worker, figures, new_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ def test_wrong_password_is_one_clear_error_within_the_timeout(tmp_path: Path) ->
                           capture_output=True, text=True, timeout=120)
     took = time.monotonic() - started
     out = done.stdout + done.stderr
-    print(f"wrong password: exit {done.returncode} after {took:.1f}s: {out.strip()[-300:]}")
+    figures(f"wrong password: exit {done.returncode} after {took:.1f}s: {out.strip()[-300:]}")
     assert done.returncode != 0
     assert took < 60
     assert "Traceback" not in out

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tests.integration.helpers import Worker, new_env
+from tests.integration.helpers import Worker, figures, new_env
 from tests.scenarios import Scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -65,7 +65,7 @@ def test_memory_stays_flat_under_a_steady_stream(broker: str, tmp_path: Path) ->
         assert worker.stop() == 0, worker.log()[-3000:]
     warm = [rss for t, rss in samples if SECONDS * 0.25 <= t < SECONDS * 0.5]
     late = [rss for t, rss in samples if t >= SECONDS * 0.75]
-    print(f"soak: {sent} events over {SECONDS:.0f}s to {ACCOUNTS} accounts; RSS after warm-up "
+    figures(f"soak: {sent} events over {SECONDS:.0f}s to {ACCOUNTS} accounts; RSS after warm-up "
           f"{max(warm):.0f} MB, at the end {max(late):.0f} MB; "
           f"{summary['stats']['state_bytes_per_account']:.0f} B state per account")
     assert summary["events_in_clickhouse"] == sent

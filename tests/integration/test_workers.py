@@ -16,6 +16,7 @@ from tests.integration.helpers import (
     accepted_per_account,
     clickhouse_query,
     consume_all,
+    figures,
     merge_clickhouse,
     new_env,
     produce,
@@ -63,7 +64,7 @@ def _check_exact(env_topics: dict[str, str], broker: str, dsn: str,
     ids = Counter(orjson.loads(r.value)["alert_id"] for r in published)
     [[stored]] = clickhouse_query(dsn, "SELECT count() FROM alerts")
     assert int(stored) == len(ids)
-    print(f"events {total}, accounts {len(truth)}, alerts {len(ids)} "
+    figures(f"events {total}, accounts {len(truth)}, alerts {len(ids)} "
           f"(records {len(published)}), lost 0, doubled 0")
 
 
@@ -136,10 +137,10 @@ def test_a_killed_worker_restarts_with_nothing_lost_or_doubled(broker: str,
         time.sleep(2)
     finally:
         assert worker.stop() == 0, worker.log()[-3000:]
-    print(f"SIGKILLed {killed} times")
+    figures(f"SIGKILLed {killed} times")
     _check_exact(env.topics, broker, worker.dsn(), truth)
     # Alerts go out after their rows and before their states: a kill repeats an alert only
     # in the milliseconds between the two (same id; the alerts table keeps one).
     ids = [orjson.loads(r.value)["alert_id"]
            for r in asyncio.run(consume_all(broker, env.topics["alerts"], 1))]
-    print(f"alerts published again after the kills: {len(ids) - len(set(ids))}")
+    figures(f"alerts published again after the kills: {len(ids) - len(set(ids))}")
