@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -24,6 +24,9 @@ schemas_cli = typer.Typer(no_args_is_help=True, help="Event contract for produce
 cli.add_typer(config_cli, name="config")
 cli.add_typer(schemas_cli, name="schemas")
 log = logging.getLogger("churnsignal")
+
+if TYPE_CHECKING:
+    from churnsignal.backtest import Report
 
 # Tansu lets a group form only after half the rebalance timeout: keep it short when embedded.
 EMBEDDED_REBALANCE_S = 6.0
@@ -349,22 +352,22 @@ def _need_backtest_extra() -> None:
                                "pip install 'churnsignal[backtest]'"))
 
 
-def _print_backtest(report: object) -> None:
+def _print_backtest(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from churnsignal.report import _pct
 
     r = report
-    table = Table(title=f"Backtest: churn within {r.horizon_days} days "  # type: ignore[attr-defined]
-                  f"(since {r.since or 'the start'})")  # type: ignore[attr-defined]
+    table = Table(title=f"Backtest: churn within {r.horizon_days} days "
+                  f"(since {r.since or 'the start'})")
     table.add_column("figure")
     table.add_column("value", justify="right")
 
     def num(v: float | None, fmt: str = "{:.3f}") -> str:
         return "n/a" if v is None else fmt.format(v)
 
-    d = r.as_dict()  # type: ignore[attr-defined]
+    d = r.as_dict()
     for label, value in (
         ("checkpoints (evaluated)", f"{d['checkpoints']} ({d['evaluated']})"),
         ("accounts / churners", f"{d['accounts']} / {d['churners']}"),
@@ -376,7 +379,7 @@ def _print_backtest(report: object) -> None:
          num(d["alerts_per_100_accounts_per_week"], "{:.2f}")),
     ):
         table.add_row(label, value)
-    for b in r.bands:  # type: ignore[attr-defined]
+    for b in r.bands:
         table.add_row(f"{b.band}+: precision / recall", f"{_pct(b.precision)} / {_pct(b.recall)}")
     for reason, share in d["churn_caught_by_reason"].items():
         table.add_row(f"churn caught first by {reason}", _pct(share))

@@ -55,7 +55,7 @@ def _send(broker: str, topics: dict[str, str], chunk: list[tuple[str, bytes | No
 
 
 def _check_exact(env_topics: dict[str, str], broker: str, dsn: str,
-                 truth: dict[str, int], survivor: Worker | None = None) -> None:
+                 truth: dict[str, int]) -> None:
     total = sum(truth.values())
     rows = clickhouse_query(dsn, "SELECT account_id, toInt64(sum(events)) FROM account_daily "
                                  "GROUP BY account_id")
