@@ -258,13 +258,43 @@ class ScoresWriter:
 
 @dataclass
 class Inputs:
-    events: Path
+    events: Path | str  # a file, or a Kafka topic range (kafka:TOPIC,...?from=&to=)
     subscriptions: Path | None
     policy: Policy
     since: float | None
     horizon_days: int = 30
     renewal_gap_days: float = 30.0
     account_key: str = "account_id"
+    settings: Any = None  # churnsignal.settings.Settings, for a Kafka topic range
+
+
+NATIVE_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+def load_native(inputs: Inputs, progress: Callable[[int], None] | None = None) -> Any:
+    """Native payloads (JSONL file or Kafka range) decoded and sorted: a NativeHistory."""
+    from churnsignal.history_kafka import KafkaRange, is_kafka, read_range
+    from churnsignal.history_native import NativeHistory
+
+    native = NativeHistory(inputs.account_key)
+    try:
+        if isinstance(inputs.events, str) and is_kafka(inputs.events):
+            from churnsignal.settings import load_settings
+
+            read_range(KafkaRange.parse(inputs.events), inputs.settings or load_settings(),
+                       native.add, progress)
+        else:
+            native.add_jsonl(Path(inputs.events))
+    except BaseException:
+        native.close()
+        raise
+    return native
+
+
+def is_native(events: Path | str) -> bool:
+    from churnsignal.history_kafka import is_kafka
+
+    return is_kafka(str(events)) or Path(events).suffix.lower() in NATIVE_SUFFIXES
 
 
 def run_backtest(inputs: Inputs, scores_out: Path | None = None,
@@ -273,22 +303,23 @@ def run_backtest(inputs: Inputs, scores_out: Path | None = None,
     from churnsignal import history
 
     engine = history.Engine()
+    native = None
     try:
-        skipped: Counter[str] = Counter()
-        if inputs.events.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-            native = history.native_events(inputs.events, inputs.account_key, skipped)
+        if is_native(inputs.events):
+            native = load_native(inputs)
             subs = (history.read_subscriptions(engine, inputs.subscriptions)
-                    if inputs.subscriptions else history.load_jsonl_subscriptions(native))
-            stream: Iterable[Any] = native if not inputs.subscriptions else merge_by_time(
-                native, history.subscription_events(subs))
-            last = native[-1].occurred_at.timestamp() if native else None
+                    if inputs.subscriptions else native.subscriptions())
+            stream: Iterable[Any] = native.events() if not inputs.subscriptions else \
+                merge_by_time(native.events(), history.subscription_events(subs))
+            last = native.last
         else:
             if inputs.subscriptions is None:
                 raise history.HistoryError("--subscriptions is needed with a warehouse export")
+            events = Path(inputs.events)
             subs = history.read_subscriptions(engine, inputs.subscriptions)
-            stream = merge_by_time(history.warehouse_events(engine, inputs.events),
+            stream = merge_by_time(history.warehouse_events(engine, events),
                                    history.subscription_events(subs))
-            last = history.last_event_time(engine, inputs.events)
+            last = history.last_event_time(engine, events)
         end = _data_end(subs, last)
         evaluator = Evaluator(subs.churn_dates(inputs.renewal_gap_days), inputs.horizon_days,
                               end, set(subs.periods))
@@ -303,6 +334,8 @@ def run_backtest(inputs: Inputs, scores_out: Path | None = None,
             writer.close()
         return evaluator.report(alerts, inputs.since)
     finally:
+        if native is not None:
+            native.close()
         engine.close()
 
 

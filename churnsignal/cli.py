@@ -244,9 +244,11 @@ def report(
 
 @cli.command()
 def backtest(
-    events: Annotated[Path, typer.Option(help="Events: CSV/TSV/Parquet export (account_id, "
-                                         "event_time, event_type, user_id?, value?) or JSONL "
-                                         "of Stripe/Segment/Zendesk/canonical payloads.")],
+    events: Annotated[str, typer.Option(help="Events: CSV/TSV/Parquet export (account_id, "
+                                        "event_time, event_type, user_id?, value?), JSONL of "
+                                        "Stripe/Segment/Zendesk/canonical payloads, or a Kafka "
+                                        "topic range kafka:TOPIC[,TOPIC...][?from=DATE&to=DATE] "
+                                        "(KAFKA_BOOTSTRAP_SERVERS).")],
     subscriptions: Annotated[Path | None, typer.Option(
         help="account_id, start_date, end_date (empty while active), mrr, plan?")] = None,
     policy: Annotated[Path | None, typer.Option(help="Policy YAML (default: shipped).")] = None,
@@ -271,9 +273,11 @@ def backtest(
 
     console = Console(stderr=True)
     try:
-        inputs = Inputs(events, subscriptions, load_policy(policy),
-                        history.iso_day(since) if since else None, horizon_days,
-                        renewal_gap_days)
+        from churnsignal.history_kafka import is_kafka
+
+        inputs = Inputs(events if is_kafka(events) else Path(events), subscriptions,
+                        load_policy(policy), history.iso_day(since) if since else None,
+                        horizon_days, renewal_gap_days)
         with Progress(TextColumn("replaying"), BarColumn(bar_width=None),
                       TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
@@ -339,6 +343,9 @@ def calibrate(
     for name, weight in sorted(result.weights.items(), key=lambda kv: -kv[1]):
         if weight:
             table.add_row(f"weight {name}", "", f"{weight:g}")
+    table.add_row("key events", "", ", ".join(result.key_events) or "none")
+    for name, coef in sorted(result.type_decline_coefficients.items(), key=lambda kv: -kv[1]):
+        table.add_row(f"decline of {name!r} (coefficient)", "", f"{coef:+.3f}")
     Console().print(table)
     typer.echo(str(out))
 

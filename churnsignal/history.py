@@ -3,14 +3,15 @@
 Events are streamed in event-time order with bounded memory: the embedded ClickHouse engine
 (chdb) reads CSV, TSV or Parquet exports and sorts them (spilling to disk when large), and
 hands them over in Arrow blocks. JSONL files of native payloads (Stripe Events, Segment
-messages, Zendesk tickets, canonical events) go through the worker's own decoder.
+messages, Zendesk tickets, canonical events) and Kafka topic ranges go through the worker's
+own decoder (``history_native``, ``history_kafka``).
 Subscriptions are small (a few rows per account) and are read whole.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,10 +21,7 @@ from typing import Any
 import orjson
 
 from churnsignal.errors import ChurnsignalError
-from churnsignal.schemas.decode import DecodeOptions, decode
 from churnsignal.schemas.events import EVENT_ADAPTER
-from churnsignal.schemas.identity import fallback_account, is_identity
-from churnsignal.schemas.results import Accepted
 
 DAY = 86_400.0
 _FORMATS = {".csv": "CSVWithNames", ".tsv": "TSVWithNames", ".parquet": "Parquet"}
@@ -109,45 +107,22 @@ def warehouse_events(engine: Engine, path: Path) -> Iterator[Any]:
             "data": {"name": name, "feature": name}})
 
 
+def top_event_types(engine: Engine, path: Path, until: float, limit: int) -> list[str]:
+    """The most frequent event types before ``until``: calibration's candidates."""
+    columns = engine.columns(path)
+    _require(path, columns, ("account_id", "event_time", "event_type"))
+    sql = (f"SELECT toString(event_type) AS e, count() AS n "  # noqa: S608 - quoted path only
+           f"FROM file({_literal(path)}, '{_format(path)}') "
+           f"WHERE {_ts('event_time')} <= {float(until)!r} AND e != '' "
+           f"GROUP BY e ORDER BY n DESC, e LIMIT {int(limit)}")
+    return [row["e"][:200] for row in engine.rows(sql)]
+
+
 def last_event_time(engine: Engine, path: Path) -> float | None:
     sql = (f"SELECT max({_ts('event_time')}) AS t "  # noqa: S608 - quoted path only
            f"FROM file({_literal(path)}, '{_format(path)}')")
     rows = engine.rows(sql)
     return rows[0]["t"] if rows else None
-
-
-def native_events(path: Path, account_key: str = "account_id",
-                  skipped: Counter[str] | None = None) -> list[Any]:
-    """Canonical events from a JSONL file of native payloads, sorted by event time.
-
-    History is old by definition: no age or future limit applies. A Stripe event that names
-    only its customer is that customer's; events that name no account at all (a Segment call
-    with only a user) cannot be attributed offline and are counted in ``skipped``."""
-    if not path.is_file():
-        raise HistoryError(f"{path}: no such file")
-    options = DecodeOptions(max_age_s=float("inf"), max_future_s=float("inf"),
-                            account_key=account_key)
-    skipped = skipped if skipped is not None else Counter()
-    events = []
-    now = datetime.now(UTC).timestamp()
-    with path.open("rb") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            result = decode(line, options, now)
-            if not isinstance(result, Accepted):
-                skipped[getattr(result, "reason", "skipped")] += 1
-                continue
-            event = result.event
-            if is_identity(event.account_id):
-                account = fallback_account(event.account_id)
-                if account is None:
-                    skipped["unattributed"] += 1
-                    continue
-                event = event.model_copy(update={"account_id": account})
-            events.append(event)
-    events.sort(key=lambda e: e.occurred_at)
-    return events
 
 
 @dataclass

@@ -7,14 +7,15 @@ import csv
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from churnsignal.backtest import Inputs, merge_by_time, run_backtest
+from churnsignal.backtest import Inputs, load_native, merge_by_time, run_backtest
 from churnsignal.calibrate import TooLittleData, calibrate
-from churnsignal.history import DAY, native_events
+from churnsignal.history import DAY
+from churnsignal.history_native import NativeHistory, native_events
 from churnsignal.stream.engine import apply_batch
 from churnsignal.stream.policy import Policy, load_policy
 from churnsignal.stream.scoring import score
@@ -118,8 +119,15 @@ def test_calibration_lifts_auc_out_of_time_and_refuses_tiny_data(tmp_path: Path)
     result = calibrate(inputs, until)
     figures(f"validation AUC {result.auc_before:.3f} -> {result.auc_after:.3f}, "
           f"PR AUC {result.pr_auc_before:.3f} -> {result.pr_auc_after:.3f}; {result.weights}")
+    figures(f"key events {result.key_events}; decline coefficients "
+            f"{result.type_decline_coefficients}")
     assert result.auc_after > result.auc_before
     assert result.weights["low_feature_breadth"] > POLICY.signals.low_feature_breadth.weight
+    # the core action that key-event droppers stop is learnt, per event type; the view that
+    # everyone keeps is not
+    assert "Report Exported" in result.key_events
+    assert "Dashboard Viewed" not in result.key_events
+    assert result.weights["key_event_decline"] > 0
     # the written policy loads in the worker unchanged
     out = tmp_path / "policy.yaml"
     done = subprocess.run([sys.executable, "-m", "churnsignal.cli", "calibrate", "--events",
@@ -127,8 +135,11 @@ def test_calibration_lifts_auc_out_of_time_and_refuses_tiny_data(tmp_path: Path)
                            "--until", "2025-10-01", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert load_policy(out).signals.low_feature_breadth.weight == pytest.approx(
+    written = load_policy(out)
+    assert written.signals.low_feature_breadth.weight == pytest.approx(
         result.weights["low_feature_breadth"])
+    assert "report exported" in written.usage.key_events
+    assert "key events" in done.stdout
     # honest about small data: five accounts are not a basis for weights
     small = tmp_path / "small"
     generate(small, accounts=5, days=200, seed=3)
@@ -162,6 +173,24 @@ def test_worker_and_replay_give_the_same_scores(broker: str, tmp_path: Path) -> 
         assert worker.stop() == 0, worker.log()[-3000:]
 
     replayed = native_events(jsonl)
+    # The same history read back from the topics themselves (a Kafka topic range).
+    topics = ",".join(env.topics[k] for k in ("usage", "billing", "support"))
+    from_kafka = load_native(Inputs(f"kafka:{topics}", None, POLICY, None,
+                                    settings=env.settings()))
+    try:
+        assert [e.model_dump() for e in from_kafka.events()] == \
+            [e.model_dump() for e in replayed]
+        from_file = NativeHistory().add_jsonl(jsonl)
+        assert from_kafka.subscriptions().periods == from_file.subscriptions().periods
+        assert set(from_kafka.subscriptions().periods) == {"same-1"}
+        from_file.close()
+    finally:
+        from_kafka.close()
+    hour_later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()  # "+00:00" kept as is
+    later = load_native(Inputs(f"kafka:{topics}?from={hour_later}", None, POLICY, None,
+                               settings=env.settings()))
+    assert later.spool.count == 0  # records are selected by their Kafka timestamp
+    later.close()
     out = apply_batch(None, "same-1", [(None, 0, e) for e in merge_by_time(replayed)], now,
                       POLICY)
     assert out.state.seq == live[0]["events"] == len(s.messages)

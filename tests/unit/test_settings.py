@@ -67,3 +67,18 @@ def test_secrets_can_come_from_files(monkeypatch: pytest.MonkeyPatch, tmp_path) 
     monkeypatch.setenv("CHURNSIGNAL_KAFKA__SASL_PASSWORD_FILE", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="CHURNSIGNAL_KAFKA__SASL_PASSWORD_FILE"):
         load_settings()
+
+
+def test_a_kafka_topic_range_is_parsed_with_its_time_bounds() -> None:
+    from churnsignal.history import HistoryError
+    from churnsignal.history_kafka import KafkaRange
+
+    r = KafkaRange.parse("kafka:usage.events,billing.events?from=2026-01-01&to=2026-02-01T12:00+01:00")
+    assert r.topics == ("usage.events", "billing.events")
+    assert r.start == 1_767_225_600.0  # 2026-01-01 00:00 UTC
+    assert r.end == 1_769_943_600.0  # 2026-02-01 11:00 UTC
+    assert KafkaRange.parse("kafka://usage").topics == ("usage",)
+    for bad in ("kafka:", "kafka:usage?since=2026-01-01", "kafka:u?from=2026-02-01&to=2026-01-01",
+                "kafka:u?from=yesterday"):
+        with pytest.raises(HistoryError):
+            KafkaRange.parse(bad)
