@@ -1,17 +1,29 @@
-"""`churnsignal calibrate`: fit the policy's signal weights and band thresholds from history.
+"""`churnsignal calibrate`: fit the policy's signal weights, key events and band thresholds
+from history.
 
-Features are the policy's own signals at each daily checkpoint (their strengths, 0-1, as the
-score uses them), computed by replaying history through the worker's core. A regularised
-logistic regression learns which of them precede churn within the horizon; its positive
-coefficients become the weights (scaled so that all signals at full strength make 100), and
-band thresholds are chosen for a target share of account-days flagged. Only what was known
-before ``--until`` is used, labels included; the last part of that period validates.
+History is replayed through the worker's core. At each daily checkpoint two groups of
+candidate features are taken: the policy's own signals (their strengths, 0-1, as the score
+uses them) and, for each of the most frequent event types, its trend versus its baseline,
+its active days and its volume. Two regularised logistic regressions follow, both trained on
+earlier checkpoints and judged on later ones (never on the future):
+
+1. on all candidates (standardised): which event types' declines precede churn. Strongest
+   first, each is kept as one of the policy's ``usage.key_events`` (scored together by the
+   ``key_event_decline`` signal) only if it improves a held-out later part of the training
+   period;
+2. on the policy's signals, key_event_decline included: its positive coefficients become
+   the weights (scaled so that all signals at full strength make 100).
+
+Band thresholds are then chosen for a target share of account-days flagged. Only what was
+known before ``--until`` is used, labels included; the last part of that period validates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +32,18 @@ import yaml
 from churnsignal.backtest import Inputs, merge_by_time, replay
 from churnsignal.errors import ChurnsignalError
 from churnsignal.history import DAY
+from churnsignal.schemas.events import family_of
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.scoring import signals, strength
+from churnsignal.stream.state import day_of
 
 # The terminal state is not a predictor: a cancelled account has churned already.
 FEATURES = tuple(name for name in Policy().signals.__class__.model_fields if name != "canceled")
+KEY = FEATURES.index("key_event_decline")
 MIN_CHURNERS = 10
+CANDIDATE_TYPES = 12  # most frequent event types tried as key events
+TYPE_MIN_BASELINE = 0.25  # per day: below it an event type's trend is noise
+MIN_GAIN = 0.002  # held-out ROC AUC a key event type must add to be kept
 
 
 class TooLittleData(ChurnsignalError):
@@ -36,6 +54,70 @@ def feature_row(state: Any, t: float, policy: Policy) -> list[float]:
     values = signals(state, t, policy)
     return [strength(getattr(policy.signals, name), values[name][0]) if name in values else 0.0
             for name in FEATURES]
+
+
+class TypeCounts:
+    """Daily counts of the candidate event types per account, fed as the replay reads."""
+
+    def __init__(self, types: list[str], policy: Policy) -> None:
+        self.types = types
+        self.index = {t.lower(): i for i, t in enumerate(types)}
+        self.days: dict[str, dict[int, list[int]]] = defaultdict(dict)
+        w = policy.windows
+        self.short, self.baseline = w.short_days, w.baseline_days
+        self.keep = w.short_days + w.baseline_days
+
+    def feed(self, events: Iterable[Any]) -> Iterator[Any]:
+        for event in events:
+            yield event
+            # Counted only once the replay asks for the next event: the checkpoints this
+            # event closed were taken without it, as the worker would have scored them.
+            if family_of(event.type) != "usage":
+                continue
+            i = self.index.get((event.data.name or event.data.feature or "").lower())
+            if i is not None:
+                day = day_of(event.occurred_at.timestamp())
+                counts = self.days[event.account_id].setdefault(day, [0] * len(self.types))
+                counts[i] += event.data.count
+
+    def windows(self, account: str, t: float) -> tuple[list[float], list[float], list[int]]:
+        """Per type: recent total, baseline total, and active days in the recent window
+        (the same windows as the score's usage_decline)."""
+        today = day_of(t)
+        short_first = today - self.short + 1
+        base_first = short_first - self.baseline
+        n = len(self.types)
+        recent, base, active = [0.0] * n, [0.0] * n, [0] * n
+        days = self.days.get(account, {})
+        for day in [d for d in days if d < base_first]:  # bounded: the windows only
+            del days[day]
+        for day, counts in days.items():
+            if day >= short_first:
+                for i, c in enumerate(counts):
+                    recent[i] += c
+                    active[i] += c > 0
+            elif day >= base_first:
+                for i, c in enumerate(counts):
+                    base[i] += c
+        return recent, base, active
+
+
+def _decline(recent: float, base: float, short: int, baseline: int, min_per_day: float) -> float:
+    base_rate = base / baseline
+    if base_rate < min_per_day:
+        return 0.0
+    return max(0.0, 1 - (recent / short) / base_rate)
+
+
+@dataclass
+class Row:
+    t: float
+    signals: list[float]
+    label: int
+    score: float
+    recent: list[float]
+    base: list[float]
+    active: list[int]
 
 
 @dataclass
@@ -49,74 +131,140 @@ class Calibration:
     pr_auc_before: float
     pr_auc_after: float
     weights: dict[str, float]
+    key_events: list[str] = field(default_factory=list)
+    # standardised coefficient of each candidate type's decline (positive: precedes churn)
+    type_decline_coefficients: dict[str, float] = field(default_factory=dict)
 
 
 def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
               validation_share: float = 0.3,
               progress: Callable[[float], None] | None = None) -> Calibration:
     import numpy as np
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     from churnsignal import history
 
     base = inputs.policy
+    w = base.windows
     horizon = inputs.horizon_days * DAY
     engine = history.Engine()
     try:
         if inputs.subscriptions is None:
             raise history.HistoryError("--subscriptions is needed to know who churned")
+        events_path = Path(inputs.events)
         subs = history.read_subscriptions(engine, inputs.subscriptions)
         # Nothing after --until: neither events, nor the subscriptions' ends (the labels).
         for account, periods in subs.periods.items():
             subs.periods[account] = [(s, e if e is not None and e <= until else None, m, p)
                                      for s, e, m, p in periods if s <= until]
         churn = subs.churn_dates(inputs.renewal_gap_days)
+        counts = TypeCounts(history.top_event_types(engine, events_path, until,
+                                                    CANDIDATE_TYPES), base)
         stream = merge_by_time(
-            (e for e in history.warehouse_events(engine, inputs.events)
-             if e.occurred_at.timestamp() <= until),
+            counts.feed(e for e in history.warehouse_events(engine, events_path)
+                        if e.occurred_at.timestamp() <= until),
             history.subscription_events(subs))
-        rows: list[tuple[float, list[float], int, float]] = []
+        rows: list[Row] = []
         churners: dict[float, set[str]] = {}
         for cp in replay(stream, subs, base, end=until, progress=progress):
             if cp.as_of + horizon > until or cp.account_id not in subs.periods:
                 continue
             label = int(any(cp.as_of < d <= cp.as_of + horizon
                             for d in churn.get(cp.account_id, ())))
-            rows.append((cp.as_of, feature_row(cp.state, cp.as_of, base), label, cp.score))
+            rows.append(Row(cp.as_of, feature_row(cp.state, cp.as_of, base), label, cp.score,
+                            *counts.windows(cp.account_id, cp.as_of)))
             if label:
                 churners.setdefault(cp.as_of, set()).add(cp.account_id)
     finally:
         engine.close()
     if not rows:
         raise TooLittleData("no checkpoint before --until has a complete horizon")
-    times = sorted({t for t, *_ in rows})
+    times = sorted({r.t for r in rows})
     split = times[int(len(times) * (1 - validation_share))]
-    train = [r for r in rows if r[0] < split]
-    valid = [r for r in rows if r[0] >= split]
+    train = [r for r in rows if r.t < split]
+    valid = [r for r in rows if r.t >= split]
     train_churners = len({a for t, accts in churners.items() if t < split for a in accts})
-    valid_pos = sum(r[2] for r in valid)
+    valid_pos = sum(r.label for r in valid)
     if train_churners < MIN_CHURNERS or valid_pos == 0 or valid_pos == len(valid):
         raise TooLittleData(
             f"only {train_churners} accounts churned in the training period (need "
             f"{MIN_CHURNERS}) or the validation period has no churn to check against; "
             "no policy written: fitting weights on so few would describe those accounts, "
             "not churn. Use a longer history or a later --until.")
-    x_train = np.array([r[1] for r in train])
-    y_train = np.array([r[2] for r in train])
-    model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000)
-    model.fit(x_train, y_train)
-    raw = {name: max(0.0, float(c)) for name, c in zip(FEATURES, model.coef_[0], strict=True)}
-    total = sum(raw.values())
-    if total <= 0:
+    y_train = np.array([r.label for r in train])
+
+    # 1. Which event types' declines precede churn, next to everything else we know.
+    types = counts.types
+    key_signal = base.signals.key_event_decline
+
+    def type_features(r: Row) -> list[float]:
+        declines = [strength(key_signal, _decline(r.recent[i], r.base[i], w.short_days,
+                                                  w.baseline_days, TYPE_MIN_BASELINE))
+                    for i in range(len(types))]
+        return [*r.signals, *declines, *(a / w.short_days for a in r.active),
+                *(math.log1p(x / w.short_days) for x in r.recent)]
+
+    coefficients: dict[str, float] = {}
+    if types:
+        x1 = np.array([type_features(r) for r in train])
+        coef = _fit(x1, y_train, standardise=True)
+        first = len(FEATURES)
+        coefficients = {t: round(float(coef[first + i]), 3) for i, t in enumerate(types)}
+
+    # 2. The policy's signals, key_event_decline over a set of key types included.
+    def policy_features(r: Row, key_index: list[int]) -> list[float]:
+        row = list(r.signals)
+        if key_index:
+            row[KEY] = strength(key_signal, _decline(
+                sum(r.recent[i] for i in key_index), sum(r.base[i] for i in key_index),
+                w.short_days, w.baseline_days, base.limits.min_baseline_per_day))
+        return row
+
+    def fit_weights(data: list[Row], key_index: list[int]) -> dict[str, float] | None:
+        y = np.array([r.label for r in data])
+        if y.min() == y.max():
+            return None
+        coef = _fit(np.array([policy_features(r, key_index) for r in data]), y,
+                    standardise=False)
+        raw = {name: max(0.0, float(c)) for name, c in zip(FEATURES, coef, strict=True)}
+        total = sum(raw.values())
+        if total <= 0:
+            return None
+        return {name: round(min(100.0, 100.0 * c / total), 2) for name, c in raw.items()}
+
+    def scores_with(ws: dict[str, float], data: list[Row], key_index: list[int]) -> Any:
+        vector = np.array([ws[name] for name in FEATURES])
+        return np.minimum(100.0, np.array([policy_features(r, key_index) for r in data])
+                          @ vector)
+
+    # Key types, greedily, strongest decline coefficient first: a type is kept only if the
+    # policy it makes ranks a held-out later part of the training period better.
+    inner_split = times[int(len(times) * (1 - validation_share) ** 2)]
+    inner_train = [r for r in train if r.t < inner_split]
+    inner_valid = [r for r in train if r.t >= inner_split]
+
+    def inner_auc(key_index: list[int]) -> float:
+        ws = fit_weights(inner_train, key_index)
+        labels = [r.label for r in inner_valid]
+        if ws is None or min(labels) == max(labels):
+            return 0.0
+        return float(roc_auc_score(labels, scores_with(ws, inner_valid, key_index)))
+
+    key_index: list[int] = []
+    best = inner_auc(key_index)
+    for name, c in sorted(coefficients.items(), key=lambda kv: -kv[1]):
+        if c <= 0:
+            break
+        trial = inner_auc([*key_index, types.index(name)])
+        if trial > best + MIN_GAIN:
+            key_index, best = [*key_index, types.index(name)], trial
+    key_events = sorted(types[i] for i in key_index)
+
+    weights = fit_weights(train, key_index)
+    if weights is None:
         raise TooLittleData("no signal predicts churn in this history; no policy written")
-    weights = {name: round(min(100.0, 100.0 * c / total), 2) for name, c in raw.items()}
 
-    def scores_with(ws: dict[str, float], data: list[Any]) -> Any:
-        w = np.array([ws[name] for name in FEATURES])
-        return np.minimum(100.0, np.array([r[1] for r in data]) @ w)
-
-    train_scores = scores_with(weights, train)
+    train_scores = scores_with(weights, train, key_index)
     high = float(np.quantile(train_scores, 1 - target_high_share))
     critical = float(np.quantile(train_scores, 1 - target_high_share / 3))
     medium = float(np.quantile(train_scores, 1 - target_high_share * 3))
@@ -126,17 +274,33 @@ def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
     policy = base.model_copy(update={
         "version": f"calibrated-{len(train)}-{len(valid)}",
         "signals": base.signals.model_copy(update=signals_update),
+        "usage": base.usage.model_validate({"key_events": key_events}),
         "thresholds": base.thresholds.model_copy(update={
             "medium": medium, "high": high, "critical": critical}),
     })
-    y_valid = np.array([r[2] for r in valid])
-    before = np.array([r[3] for r in valid])
-    after = scores_with(weights, valid)
+    y_valid = np.array([r.label for r in valid])
+    before = np.array([r.score for r in valid])
+    after = scores_with(weights, valid, key_index)
     return Calibration(policy, len(train), len(valid), train_churners,
                        float(roc_auc_score(y_valid, before)),
                        float(roc_auc_score(y_valid, after)),
                        float(average_precision_score(y_valid, before)),
-                       float(average_precision_score(y_valid, after)), weights)
+                       float(average_precision_score(y_valid, after)), weights, key_events,
+                       coefficients)
+
+
+def _fit(x: Any, y: Any, *, standardise: bool) -> Any:
+    """L2-regularised logistic regression coefficients (per unit of the standardised
+    feature when ``standardise``, so that they compare across features)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    if standardise:
+        spread = x.std(axis=0)
+        x = (x - x.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000)
+    model.fit(x, y)
+    return model.coef_[0]
 
 
 def _ordered(medium: float, high: float, critical: float) -> tuple[float, float, float]:

@@ -7,6 +7,8 @@ DIR/subscriptions.csv (account_id, start_date, end_date, mrr, plan). Three kinds
 healthy ones use the product steadily; decliners' usage decays over the weeks before they
 cancel; narrowing churners keep their volume but fall back to one feature in the weeks
 before they leave (a pattern the default policy weighs lightly and calibration can learn);
+key-event droppers keep their volume and breadth but stop the product's core action
+(``Report Exported``) six weeks before they leave (only a per-event-type signal sees it);
 abrupt churners cancel without warning in usage. Event names are product-specific
 (``Report Exported``, ``Dashboard Viewed``...), as a real export has them.
 """
@@ -16,12 +18,13 @@ from __future__ import annotations
 import argparse
 import csv
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 EVENT_NAMES = ("Dashboard Viewed", "Report Exported", "Alert Created", "Integration Synced",
                "Comment Added", "Invite Sent")
+NAME_WEIGHTS = (3, 3, 1, 1, 1, 1)  # viewing and exporting are what most use is
 START = datetime(2025, 1, 1, tzinfo=UTC)
 
 
@@ -31,6 +34,7 @@ class Truth:
     decliners: set[str]
     narrowing: set[str]
     abrupt: set[str]
+    key_droppers: set[str] = field(default_factory=set)
 
 
 def generate(directory: Path, accounts: int = 500, days: int = 365, seed: int = 7,
@@ -54,10 +58,11 @@ def generate(directory: Path, accounts: int = 500, days: int = 365, seed: int = 
             kind = "healthy"
             if rng.random() < churn_share:
                 end = start + timedelta(days=rng.randrange(70, max(71, days - (start - START).days)))
-                kind = rng.choices(("decline", "narrow", "abrupt"), (0.45, 0.35, 0.2))[0]
+                kind = rng.choices(("decline", "narrow", "key", "abrupt"),
+                                   (0.35, 0.25, 0.25, 0.15))[0]
                 truth.churned[account] = end
                 {"decline": truth.decliners, "narrow": truth.narrowing,
-                 "abrupt": truth.abrupt}[kind].add(account)
+                 "key": truth.key_droppers, "abrupt": truth.abrupt}[kind].add(account)
             last = min(end or START + timedelta(days=days), START + timedelta(days=days))
             day = start
             while day < last:
@@ -65,11 +70,15 @@ def generate(directory: Path, accounts: int = 500, days: int = 365, seed: int = 
                 if kind == "decline" and end is not None:
                     weeks_left = (end - day).days / 7
                     rate = per_day * min(1.0, max(0.0, (weeks_left - 0.5) / 5))
-                narrowed = kind == "narrow" and end is not None and (end - day).days < 42
+                late = end is not None and (end - day).days < 42
+                narrowed = kind == "narrow" and late
                 names = EVENT_NAMES[:1] if narrowed else EVENT_NAMES[: 3 + users % 4]
+                weights = list(NAME_WEIGHTS[: len(names)])
+                if kind == "key" and late:
+                    weights[1] = 0  # no more reports; the same volume elsewhere
                 for _ in range(_poisson(rng, rate * (0.8 if narrowed else 1.0))):
                     at = day + timedelta(seconds=rng.randrange(8 * 3600, 20 * 3600))
-                    rows.append((at, account, rng.choice(names),
+                    rows.append((at, account, rng.choices(names, weights)[0],
                                  f"{account}-u{rng.randrange(users)}"))
                 day += timedelta(days=1)
             mrr = round(users * rng.choice((29, 49, 99)), 2)

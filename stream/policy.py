@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from churnsignal.errors import ConfigError
 
@@ -34,6 +34,8 @@ class Signal(_Frozen):
 
 class Signals(_Frozen):
     usage_decline: Signal = Signal(weight=55, start=0.3, full=0.9)  # 1 - recent/baseline rate
+    # the same, for the policy's key events only (weight 0 until key_events are named)
+    key_event_decline: Signal = Signal(weight=0, start=0.3, full=0.9)
     inactivity: Signal = Signal(weight=35, start=3, full=14)  # days since last usage
     seat_underuse: Signal = Signal(weight=10, start=0.5, full=0.9)  # 1 - active users / seats
     low_feature_breadth: Signal = Signal(weight=5, start=0, full=1)  # 1 - features / min
@@ -58,6 +60,24 @@ class Onboarding(_Frozen):
     )
     min_active_days: int = Field(3, ge=1, description="Generic activation: active days...")
     min_active_users: int = Field(1, ge=1, description="...and distinct active users.")
+
+    @field_validator("activation_events")
+    @classmethod
+    def _lower(cls, names: list[str]) -> list[str]:
+        return [n.lower() for n in names]  # matched case-insensitively
+
+
+class Usage(_Frozen):
+    key_events: list[str] = Field(
+        default_factory=list, max_length=100,
+        description="Usage event names (or features) whose own decline is a signal, "
+        "key_event_decline: the ones that matter to this product, e.g. 'Report Exported'. "
+        "`churnsignal calibrate` picks them from history. Case-insensitive.")
+
+    @field_validator("key_events")
+    @classmethod
+    def _lower(cls, names: list[str]) -> list[str]:
+        return sorted({n.lower() for n in names})
 
 
 class Thresholds(_Frozen):
@@ -99,6 +119,7 @@ class Policy(_Frozen):
     windows: Windows = Windows()
     signals: Signals = Signals()
     onboarding: Onboarding = Onboarding()
+    usage: Usage = Usage()
     thresholds: Thresholds = Thresholds()
     alerting: Alerting = Alerting()
     limits: Limits = Limits()

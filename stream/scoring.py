@@ -5,12 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from churnsignal.stream.policy import Policy, Signal
-from churnsignal.stream.state import DAY, USAGE, USERS, AccountState, day_of, generic_activation
+from churnsignal.stream.state import (
+    DAY,
+    KEY,
+    USAGE,
+    USERS,
+    AccountState,
+    day_of,
+    generic_activation,
+)
 
 # Each reason: whether it is voluntary (the customer disengages or decides) or involuntary
 # (billing mechanics), and the play a customer-success team should run.
 REASONS: dict[str, tuple[str, str]] = {
     "usage_decline": ("voluntary", "csm_check_in"),
+    "key_event_decline": ("voluntary", "csm_check_in"),
     "inactivity": ("voluntary", "csm_check_in"),
     "seat_underuse": ("voluntary", "plan_review"),
     "low_feature_breadth": ("voluntary", "training"),
@@ -75,6 +84,13 @@ def signals(state: AccountState, now: float, policy: Policy) -> dict[str, tuple[
         decline = max(0.0, 1 - recent / baseline)
         out["usage_decline"] = (decline, f"{recent:.1f}/day in {w.short_days}d vs "
                                          f"{baseline:.1f}/day in the prior {w.baseline_days}d")
+    if not paused and policy.usage.key_events:
+        key_recent = state.window_sum(KEY, short_first, today) / w.short_days
+        key_base = state.window_sum(KEY, base_first, short_first - 1) / w.baseline_days
+        if key_base >= lim.min_baseline_per_day:
+            drop = max(0.0, 1 - key_recent / key_base)
+            out["key_event_decline"] = (drop, f"key events {key_recent:.1f}/day in "
+                                              f"{w.short_days}d vs {key_base:.1f}/day before")
     if not paused and state.last_active:
         idle = max(0.0, (now - state.last_active) / DAY)
         out["inactivity"] = (idle, f"{idle:.0f} days since last activity")

@@ -21,8 +21,8 @@ STATE_VERSION = 1
 _PRIORITY_LEVEL = {"low": 0, "normal": 0, "high": 1, "urgent": 1}
 
 # Bucket columns: one list per day, indexed by these positions.
-EVENTS, USAGE, SESSIONS, USERS, BILLING, SUPPORT = range(6)
-_BUCKET_WIDTH = 6
+EVENTS, USAGE, SESSIONS, USERS, BILLING, SUPPORT, KEY = range(7)
+_BUCKET_WIDTH = 7  # older states have 6 columns: from_bytes pads them (KEY counts from then)
 
 
 def _trim(bucket: list[int]) -> list[int]:
@@ -208,6 +208,10 @@ def _apply_usage(state: AccountState, event: Any, ts: float, day: int, today: in
     if feature:
         if feature in state.features or len(state.features) < policy.limits.features:
             state.features[feature] = max(day, state.features.get(feature, day))
+    key_events = policy.usage.key_events
+    if key_events and ((event.data.name or "").lower() in key_events
+                       or (feature or "").lower() in key_events):
+        bucket[KEY] += event.data.count
     names = policy.onboarding.activation_events
     if state.activated_at is None and (
         event.type == "activation" or (names and (event.data.name or "").lower() in names)

@@ -127,3 +127,50 @@ def test_out_of_order_events_are_applied_to_their_day_and_counted_late() -> None
     assert shuffled.late == len(items) - 1  # each is older than the newest before it
     assert shuffled.state.days == in_order.state.days  # same windows either way
     assert shuffled.scored.score == in_order.scored.score
+
+
+def test_endpoint_reads_never_become_the_agents_working_copy() -> None:
+    # A read while the table recovers (a rebalance) must not pin a stale state: the agent
+    # would fold new events into it and write it back over the recovered one.
+    from churnsignal.stream.agents import StateStore
+
+    stale = apply_batch(None, "acme", history({3: 2}), NOW, POLICY).state
+    fresh = apply_batch(None, "acme", history({3: 2, 2: 2}), NOW, POLICY).state
+
+    class Table(dict):  # the Faust table's read side: get() by raw key
+        pass
+
+    table = Table({b"acme": stale.to_bytes()})
+    store = StateStore(table)
+    peeked = store.peek("acme")
+    assert peeked is not None and peeked.seq == stale.seq
+    table[b"acme"] = fresh.to_bytes()  # recovery goes on
+    got = store.get("acme")
+    assert got is not None and got.seq == fresh.seq == stale.seq + 2
+
+
+def test_a_key_event_declining_is_its_own_reason_while_total_usage_holds() -> None:
+    # 4/day for four weeks, then the key event stops while other use doubles: usage_decline
+    # sees no drop, key_event_decline sees all of it.
+    policy = POLICY.model_copy(update={
+        "usage": POLICY.usage.model_validate({"key_events": ["Report Exported"]}),
+        "signals": POLICY.signals.model_copy(update={
+            "key_event_decline": POLICY.signals.key_event_decline.model_copy(
+                update={"weight": 40})})})
+    items, n = [], 0
+    for age in range(34, 0, -1):
+        names = ["report exported", "Dashboard"] * 2 if age > 7 else ["Dashboard"] * 4
+        for i, name in enumerate(names):
+            n += 1
+            event = EVENT_ADAPTER.validate_python({
+                "event_id": f"k{n}", "account_id": "acme", "type": "track", "user_id": "u1",
+                "occurred_at": datetime.fromtimestamp(NOW - age * DAY + i * 60,
+                                                      tz=UTC).isoformat(),
+                "data": {"name": name}})
+            items.append(("usage/0", n, event))
+    state = apply_batch(None, "acme", items, NOW, policy).state
+    reasons = {r.code: r for r in rescore(state, NOW, policy).scored.reasons}
+    assert "usage_decline" not in reasons
+    assert reasons["key_event_decline"].value == 1.0
+    assert reasons["key_event_decline"].contribution == 40
+    assert state.from_bytes(state.to_bytes()) == state
