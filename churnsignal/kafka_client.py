@@ -58,8 +58,15 @@ def faust_credentials(settings: Settings) -> Any:
 def topic_plan(settings: Settings) -> dict[str, int]:
     """Every topic churnsignal reads or writes, with its partition count."""
     t = settings.topics
-    names = [*t.sources(), t.alerts, t.dlq, settings.ingested_topic]
+    names = [*t.sources(), t.alerts, t.dlq, settings.ingested_topic, settings.state_topic]
     return dict.fromkeys(names, settings.partitions)
+
+
+def topic_configs(settings: Settings, name: str, configs: dict[str, str]) -> dict[str, str]:
+    """The state topic keeps the newest state per account: compacted, never expired."""
+    if name == settings.state_topic:
+        return {**configs, "cleanup.policy": "compact", "retention.ms": "-1"}
+    return configs
 
 
 async def ensure_topics(settings: Settings, configs: dict[str, str] | None = None) -> None:
@@ -80,7 +87,7 @@ async def ensure_topics(settings: Settings, configs: dict[str, str] | None = Non
         existing = set(await admin.list_topics())
         missing = [NewTopic(name, num_partitions=n,
                             replication_factor=settings.kafka.replication_factor,
-                            topic_configs=configs or {})
+                            topic_configs=topic_configs(settings, name, configs or {}))
                    for name, n in topic_plan(settings).items() if name not in existing]
         if missing:
             try:

@@ -187,6 +187,12 @@ class Settings(BaseSettings):
         return self.ingest.group_id or f"{self.app_id}-ingest"
 
     @property
+    def state_topic(self) -> str:
+        """Internal compacted topic: each account's state, written at every checkpoint
+        (the name Faust gave the table's changelog, so existing deployments keep theirs)."""
+        return f"{self.app_id}-accounts-changelog"
+
+    @property
     def ingested_topic(self) -> str:
         """Internal topic: decoded events repartitioned by account, one pack per batch."""
         return f"{self.app_id}-ingested"

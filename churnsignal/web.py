@@ -29,7 +29,8 @@ def register_views(rt: Runtime) -> None:
     @app.page("/readyz")
     async def readyz(self: Any, request: Any) -> Any:
         checks = {
-            "tables_recovered": not app.rebalancing and app.tables.recovery.completed.is_set(),
+            "states_loaded": not app.rebalancing and bool(rt.store.loads.assigned)
+            and rt.store.loads.all_loaded(),
             "ingest_assigned": rt.ingestor.assigned,
             "sink_writable": rt.sink.writable,
         }
@@ -44,7 +45,7 @@ def register_views(rt: Runtime) -> None:
 
         if account_id.startswith("~") or len(account_id) > 200:
             return self.json({"error": "not an account id"}, status=400)
-        state = rt.store.get(account_id)
+        state = rt.store.peek(account_id)
         if state is None:
             return self.json({"error": "unknown account", "account_id": account_id},
                              status=404)
@@ -77,8 +78,8 @@ def register_views(rt: Runtime) -> None:
         events = await rt.sink.aquery("SELECT sum(events) FROM account_daily")
         by_reason = await rt.sink.aquery(
             "SELECT reasons[1] AS reason, count() FROM alerts GROUP BY reason ORDER BY 2 DESC")
-        sizes = [len(v) for k, v in list(rt.table.items())
-                 if v is not None and not bytes(k).startswith(b"~")]  # not identities
+        sizes = [len(v) for k, v in list(rt.store.data.items())
+                 if not k.startswith(b"~")]  # not identities
         stats = dict(rt.stats)
         stats["accounts"] = len(sizes)
         stats["state_bytes_per_account"] = sum(sizes) / len(sizes) if sizes else 0

@@ -32,6 +32,7 @@ from typing import Any
 import faust
 import mode
 import orjson
+from faust.types import TP
 
 from churnsignal.kafka_client import faust_credentials
 from churnsignal.metrics import Metrics
@@ -48,6 +49,7 @@ from churnsignal.stream.ingest import Ingestor
 from churnsignal.stream.policy import Policy, load_policy
 from churnsignal.stream.rows import alert_row, daily_rows, fact_rows, score_row
 from churnsignal.stream.state import AccountState
+from churnsignal.stream.statelog import PartitionLoads, read_partitions
 from churnsignal.webhook import WebhookNotifier
 
 log = logging.getLogger("churnsignal")
@@ -63,7 +65,6 @@ class Runtime:
     metrics: Metrics
     sink: ClickHouseSink
     ingestor: Ingestor
-    table: Any
     store: StateStore
     stats: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     clocks: dict[int, PartitionClock] = field(default_factory=lambda: defaultdict(PartitionClock))
@@ -72,24 +73,37 @@ class Runtime:
 
 
 class StateStore:
-    """Working copies of account states; the changelogged table is written at each flush.
+    """Account and identity states of this worker's partitions, and working copies.
 
-    Changed states are written once per account per flush (a checkpoint), not per pack,
-    in the partition Kafka's default partitioner gives the key, as the packs use.
+    ``data`` holds each key's stored bytes, read back from the state topic when its partition
+    is assigned (``statelog``); ``cache`` the decoded working copies the agent folds events
+    into. Changed states are written once per key per flush (a checkpoint), not per pack, in
+    the partition Kafka's default partitioner gives the key, as the packs use.
     """
 
-    def __init__(self, table: Any, max_cached: int = 200_000) -> None:
-        self.table = table
+    def __init__(self, partitions: int, max_cached: int = 200_000) -> None:
+        self.partitions = partitions
+        self.data: dict[bytes, bytes] = {}
         self.cache: dict[str, AccountState | IdentityState] = {}
         self.dirty: set[str] = set()
         self.max_cached = max_cached
+        self.loads = PartitionLoads()
 
     def get(self, account_id: str) -> AccountState | None:
         state = self.cache.get(account_id)
         if state is None:
-            raw = self.table.get(account_id.encode())
+            raw = self.data.get(account_id.encode())
             if raw is not None:
                 state = self.cache[account_id] = AccountState.from_bytes(raw)
+        return state  # type: ignore[return-value]
+
+    def peek(self, account_id: str) -> AccountState | None:
+        """Read-only view for endpoints: never caches, so a read while a partition is
+        loading cannot become the agent's working copy."""
+        state = self.cache.get(account_id)
+        if state is None:
+            raw = self.data.get(account_id.encode())
+            return AccountState.from_bytes(raw) if raw is not None else None
         return state  # type: ignore[return-value]
 
     def put(self, state: AccountState) -> None:
@@ -97,10 +111,10 @@ class StateStore:
         self.dirty.add(state.account_id)
 
     def identity(self, key: str) -> IdentityState:
-        """An identity's state (same table, keys starting with ``~``), new if unknown."""
+        """An identity's state (same topic, keys starting with ``~``), new if unknown."""
         state = self.cache.get(key)
         if state is None:
-            raw = self.table.get(key.encode())
+            raw = self.data.get(key.encode())
             state = IdentityState.from_bytes(raw) if raw is not None else IdentityState(key)
             self.cache[key] = state
         return state  # type: ignore[return-value]
@@ -109,51 +123,51 @@ class StateStore:
         self.cache[state.key] = state
         self.dirty.add(state.key)
 
-    def keys_in(self, partition: int, partitions: int) -> list[str]:
-        """Accounts and identities of one partition (the table also holds standbys)."""
-        keys = {k.decode() if isinstance(k, bytes) else str(k) for k in list(self.table.keys())}
+    def keys_in(self, partition: int) -> list[str]:
+        """Accounts and identities of one partition."""
+        keys = {k.decode() for k in self.data}
         keys.update(self.cache)
-        return [k for k in keys if packs.partition_for(k, partitions) == partition]
+        return [k for k in keys if packs.partition_for(k, self.partitions) == partition]
 
-    async def write_dirty(self, producer: Any, partitions: int) -> int:
-        """Store every changed state: changelog records produced in one batch, then the table.
+    def drop_partitions(self, partitions: set[int]) -> None:
+        """Forget the stored states of partitions this worker no longer holds."""
+        if not partitions:
+            return
+        for key in [k for k in self.data
+                    if packs.partition_for(k.decode(), self.partitions) in partitions]:
+            del self.data[key]
 
-        Faust's own table writes go through its producer buffer one record at a time; at
-        thousands of accounts per flush that dominated the worker. The records are exactly
-        what Faust writes (raw key, raw value, the key's partition), so recovery reads them.
+    async def write_dirty(self, producer: Any, topic: str) -> int:
+        """Store every changed state: one batch of records per partition, then ``data``.
+
+        Faust's own table writes went through its producer buffer one record at a time; at
+        thousands of accounts per flush that dominated the worker.
         """
-        topic = self.table.changelog_topic.get_topic_name()
         # Snapshot before the first await: the agent keeps changing states meanwhile.
         dirty, self.dirty = self.dirty, set()
         values = {a.encode(): self.cache[a].to_bytes() for a in dirty}
         by_partition: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
         for key, value in values.items():
-            by_partition[packs.partition_for(key.decode(), partitions)].append((key, value))
-        # Each partition's last record goes alone, after the rest are acked: Tansu 0.6
-        # reports a partition's end offset as its last batch's base offset + 1, and Faust's
-        # recovery reads only up to that end, so a multi-record tail batch would be lost.
+            by_partition[packs.partition_for(key.decode(), self.partitions)].append((key, value))
         try:
-            for wave in ({p: kvs[:-1] for p, kvs in by_partition.items() if len(kvs) > 1},
-                         {p: kvs[-1:] for p, kvs in by_partition.items()}):
-                futures = []
-                for partition, records in wave.items():
-                    futures += await send_batches(producer, topic, partition, records)
-                if futures:
-                    await asyncio.gather(*futures)
+            futures = []
+            for partition, records in by_partition.items():
+                futures += await send_batches(producer, topic, partition, records)
+            if futures:
+                await asyncio.gather(*futures)
         except BaseException:
             self.dirty |= dirty  # written again by the next flush
             raise
-        for key, value in values.items():
-            self.table.data[key] = value  # the local store, without a second changelog write
-        written = len(values)
+        self.data.update(values)
         if len(self.cache) > self.max_cached:  # bounded memory: drop clean copies
             for account_id in list(self.cache)[: len(self.cache) - self.max_cached]:
-                del self.cache[account_id]
-        return written
+                if account_id not in self.dirty:
+                    del self.cache[account_id]
+        return len(values)
 
     def forget(self) -> None:
-        """After a rebalance the table is the truth again; unflushed changes are dropped
-        (their packs were not acked, so the new owner applies them again)."""
+        """After a rebalance the stored states are the truth again; unflushed changes are
+        dropped (their packs were not acked, so the new owner applies them again)."""
         self.cache.clear()
         self.dirty.clear()
 
@@ -273,7 +287,7 @@ def process_pack(store: StateStore, pack: dict[str, Any], partition: int, policy
     result = PackResult(wall=wall)
     outcomes = result.outcomes
     if pack.get("tick"):
-        keys = store.keys_in(partition, partitions)
+        keys = store.keys_in(partition)
         for key in keys:
             if is_identity(key):
                 identity_state = store.identity(key)
@@ -348,18 +362,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     ingested = app.topic(s.ingested_topic, value_serializer="raw", key_serializer="raw",
                          partitions=s.partitions, internal=False)
     alerts_topic = app.topic(s.topics.alerts, value_serializer="raw", key_serializer="raw")
-    table = app.Table(
-        "accounts",
-        default=None,
-        partitions=s.partitions,
-        # key_type/value_type pick the changelog serializers used on recovery: raw bytes.
-        key_type=bytes,
-        value_type=bytes,
-        schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
-                            value_serializer="raw"),
-        help="Per-account engagement state (compact JSON), changelogged.",
-    )
-    store = StateStore(table)
+    store = StateStore(s.partitions)
     sink = ClickHouseSink(s.effective_clickhouse_dsn(), retry_max_s=s.sink.retry_max_s,
                           metrics=metrics, ttl_days=s.sink.ttl_days)
     options = DecodeOptions(
@@ -370,7 +373,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     )
     ingestor = Ingestor(s, metrics, options)
     notifier = WebhookNotifier(s.webhook, metrics) if s.webhook.url is not None else None
-    runtime = Runtime(app, s, policy, metrics, sink, ingestor, table, store)
+    runtime = Runtime(app, s, policy, metrics, sink, ingestor, store)
 
     @app.task
     async def start_sink() -> None:
@@ -400,7 +403,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 # alerts again (same ids); only one between publish and store repeats one.
                 await _publish(alerts)
                 alerts = []
-                await store.write_dirty(app.producer, s.partitions)
+                await store.write_dirty(app.producer, s.state_topic)
             except BaseException:
                 pending.restore(rows, events, alerts)  # nothing acked: the next flush retries
                 raise
@@ -438,6 +441,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 # partition applies it once. (Packs of partitions revoked by a rebalance are
                 # dropped by Faust itself, which clears the agents' buffers on revoke; skipping
                 # by assignment here raced with rebalances and stalled owned partitions.)
+                continue
+            # Its partition's states must be read back before anything is folded into them;
+            # a partition that went to another worker meanwhile is that worker's to apply.
+            if not await store.loads.ready(event.message.partition, _owned):
                 continue
             # Under the flush lock: a revoke-time flush waits for the pack being folded.
             async with flush_lock:
@@ -561,6 +568,43 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
 
     app.service(IngestService(ingestor, on_drained=drain_for_shutdown))
 
+    def _owned(partition: int) -> bool:
+        return TP(s.ingested_topic, partition) in app.consumer.assignment()
+
+    @app.on_partitions_assigned.connect
+    async def load_states(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        # Read back the states of newly assigned partitions (in the background: the agent
+        # waits per partition); drop those of partitions that went elsewhere.
+        parts = {tp.partition for tp in assigned if tp.topic == s.ingested_topic}
+        task = store.loads.task
+        if task is not None and not task.done():
+            task.cancel()
+        drop, load = store.loads.plan(parts, app.consumer_generation_id)
+        store.drop_partitions(drop)
+        await store.loads.touch()  # wakes packs of partitions that are no longer ours
+        if load:
+            store.loads.task = asyncio.ensure_future(_load(load))
+
+    async def _load(partitions: set[int]) -> None:
+        started, delay = time.monotonic(), 0.5
+        while True:
+            try:
+                got = await read_partitions(s, partitions)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the broker is back soon; retried with backoff
+                log.warning("reading states of partitions %s failed (%s); retrying",
+                            sorted(partitions), exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        for records in got.values():
+            store.data.update(records)
+        await store.loads.mark_loaded(partitions)
+        log.info("states loaded", extra={
+            "partitions": sorted(partitions), "keys": sum(len(r) for r in got.values()),
+            "seconds": round(time.monotonic() - started, 3)})
+
     @app.on_partitions_revoked.connect
     async def flush_before_revoke(sender: Any, revoked: Any, **kwargs: Any) -> None:
         # Rebalance or shutdown: make buffered rows and states durable, ack their packs.
@@ -570,6 +614,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             log.warning("flush before revoke failed", exc_info=True)
             pending.take()
         store.forget()
+        await store.loads.touch()  # packs waiting on revoked partitions let go
 
     @app.timer(s.rescore_interval_s, on_leader=True)
     async def rescore_tick() -> None:

@@ -68,42 +68,50 @@ def _check_exact(env_topics: dict[str, str], broker: str, dsn: str,
           f"(records {len(published)}), lost 0, doubled 0")
 
 
-def test_two_workers_share_the_work_and_one_leaves_mid_stream(broker: str,
-                                                             tmp_path: Path) -> None:
-    # A worker that joins mid-stream and then leaves again can leave the survivor stuck in
-    # table recovery on Apache Kafka ("No event received for active tp"); see the notes of
-    # issue #9. This test covers the leave, which is what a deploy or a crash does.
+def _wait_until_exact(worker: Worker, truth: dict[str, int]) -> None:
+    """Every account's state, as this worker holds it, equals the truth (within 2 min)."""
+    deadline = time.monotonic() + 120
+    while True:
+        states = {acct: worker.account(acct) for acct in truth}
+        if all(s["events"] == truth[acct] for acct, s in states.items()):
+            break
+        assert time.monotonic() < deadline, {k: (v["events"], truth[k], v["owned_here"])
+                                             for k, v in states.items()
+                                             if v["events"] != truth[k]}
+        time.sleep(1)
+    assert all(s["owned_here"] for s in states.values())
+    time.sleep(2)  # the last flush
+
+
+@pytest.mark.parametrize("joins_mid_stream", [False, True], ids=["from_start", "joins_later"])
+def test_a_second_worker_shares_the_work_and_leaves_mid_stream(
+        broker: str, tmp_path: Path, joins_mid_stream: bool) -> None:
     env = new_env(broker, tmp_path)
     chunks = _stream(time.time())
     truth = accepted_per_account([m for chunk in chunks for m in chunk])
+    early, shared, late = (chunks[:2], chunks[2:4], chunks[4:]) if joins_mid_stream else (
+        [], chunks[:3], chunks[3:])
     a = Worker(env, state_dir=tmp_path / "worker-a")
-    b: Worker | None = Worker(env, state_dir=tmp_path / "worker-b")
+    b: Worker | None = None if joins_mid_stream else Worker(env,
+                                                            state_dir=tmp_path / "worker-b")
     try:
         a.wait_ready()
-        assert b is not None
+        for chunk in early:
+            _send(broker, env.topics, chunk)
+        if b is None:  # joins while events flow: A hands partitions over
+            b = Worker(env, state_dir=tmp_path / "worker-b")
         b.wait_ready()
-        for chunk in chunks[:3]:
+        for chunk in shared:
             _send(broker, env.topics, chunk)
             time.sleep(1)
-        assert b.stop() == 0, b.log()[-3000:]  # mid-stream: A takes B's partitions over
-        for chunk in chunks[3:]:
+        assert b.stop() == 0, b.log()[-3000:]  # mid-stream: A takes B's partitions (back)
+        for chunk in late:
             _send(broker, env.topics, chunk)
-        deadline = time.monotonic() + 120
-        while True:  # every account's state, as the survivor holds it, equals the truth
-            states = {acct: a.account(acct) for acct in truth}
-            if all(s["events"] == truth[acct] for acct, s in states.items()):
-                break
-            assert time.monotonic() < deadline, {k: (v["events"], truth[k], v["owned_here"])
-                                                 for k, v in states.items()
-                                                 if v["events"] != truth[k]}
-            time.sleep(1)
-        assert all(s["owned_here"] for s in states.values())
-        time.sleep(2)  # the last flush
+        _wait_until_exact(a, truth)
     finally:
         for w in (a, b):
             if w is not None:
                 assert w.stop() == 0, w.log()[-3000:]
-    assert b is not None
     merged = f"chdb://{tmp_path / 'merged'}"
     merge_clickhouse([a.dsn(), b.dsn()], merged, tmp_path)
     _check_exact(env.topics, broker, merged, truth)
@@ -129,14 +137,7 @@ def test_a_killed_worker_restarts_with_nothing_lost_or_doubled(broker: str,
                 killed += 1
                 worker = Worker(env)
                 worker.wait_ready()
-        deadline = time.monotonic() + 120
-        while True:
-            states = {acct: worker.account(acct) for acct in truth}
-            if all(s["events"] == truth[acct] for acct, s in states.items()):
-                break
-            assert time.monotonic() < deadline
-            time.sleep(1)
-        time.sleep(2)
+        _wait_until_exact(worker, truth)
     finally:
         assert worker.stop() == 0, worker.log()[-3000:]
     figures(f"SIGKILLed {killed} times")

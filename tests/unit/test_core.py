@@ -137,14 +137,11 @@ def test_endpoint_reads_never_become_the_agents_working_copy() -> None:
     stale = apply_batch(None, "acme", history({3: 2}), NOW, POLICY).state
     fresh = apply_batch(None, "acme", history({3: 2, 2: 2}), NOW, POLICY).state
 
-    class Table(dict):  # the Faust table's read side: get() by raw key
-        pass
-
-    table = Table({b"acme": stale.to_bytes()})
-    store = StateStore(table)
+    store = StateStore(partitions=4)
+    store.data[b"acme"] = stale.to_bytes()
     peeked = store.peek("acme")
     assert peeked is not None and peeked.seq == stale.seq
-    table[b"acme"] = fresh.to_bytes()  # recovery goes on
+    store.data[b"acme"] = fresh.to_bytes()  # the partition's states are still being read
     got = store.get("acme")
     assert got is not None and got.seq == fresh.seq == stale.seq + 2
 
@@ -174,3 +171,19 @@ def test_a_key_event_declining_is_its_own_reason_while_total_usage_holds() -> No
     assert reasons["key_event_decline"].value == 1.0
     assert reasons["key_event_decline"].contribution == 40
     assert state.from_bytes(state.to_bytes()) == state
+
+
+def test_partition_loads_keep_what_stays_and_reload_after_a_missed_generation() -> None:
+    from churnsignal.stream.statelog import PartitionLoads
+
+    loads = PartitionLoads()
+    assert loads.plan({0, 1, 2, 3}, generation=1) == (set(), {0, 1, 2, 3})
+    loads.loaded = {0, 1, 2, 3}
+    # a second worker joins: 2 and 3 go, 0 and 1 stay loaded
+    assert loads.plan({0, 1}, generation=2) == ({2, 3}, set())
+    # it leaves: 2 and 3 come back, written by the other worker meanwhile: read again
+    assert loads.plan({0, 1, 2, 3}, generation=3) == (set(), {2, 3})
+    loads.loaded = {0, 1, 2, 3}
+    # a generation this worker never saw: nothing it holds can be trusted
+    assert loads.plan({0, 1}, generation=5) == ({0, 1, 2, 3}, {0, 1})
+    assert not loads.all_loaded()
