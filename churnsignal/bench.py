@@ -276,6 +276,7 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     finally:
         if worker is not None:
             stop_process(worker)
+    load_s, loaded = _time_state_load(settings, bootstrap, facts)
     results = {
         "ceiling_eps": median.get("ceiling"),
         "faust_count_eps": median.get("faust"),
@@ -287,6 +288,8 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
         "state_bytes_per_account": facts.get("state_bytes_per_account"),
         "peak_rss_mb": facts.get("peak_rss_mb"),
         "accounts_tracked": facts.get("accounts"),
+        "state_load_s": load_s,  # reading every partition's states back (a takeover)
+        "state_keys_loaded": loaded,
         "runs": {name: v for name, v in eps.items()},
         "events": events,
         "accounts": accounts,
@@ -316,5 +319,19 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     console.print(f"peak RSS {results['peak_rss_mb']:.0f} MB; state "
                   f"{results['state_bytes_per_account']:.0f} bytes per account "
                   f"({results['accounts_tracked']:,} accounts)")
+    console.print(f"reading all state back (what a worker taking every partition over "
+                  f"does): {load_s:.2f}s for {loaded:,} keys")
     console.print(f"written: {out_dir / 'results.json'}")
     return results
+
+
+def _time_state_load(settings: Settings, bootstrap: str, facts: dict[str, Any]
+                     ) -> tuple[float, int]:
+    """Seconds to read every partition of the last run's state topic back."""
+    from churnsignal.stream.statelog import read_partitions
+
+    app_settings = settings.model_copy(update={
+        "kafka_bootstrap_servers": bootstrap, "app_id": facts["topics"]["CHURNSIGNAL_APP_ID"]})
+    started = time.monotonic()
+    got = asyncio.run(read_partitions(app_settings, range(settings.partitions)))
+    return time.monotonic() - started, sum(len(r) for r in got.values())

@@ -201,22 +201,43 @@ async def send_batches(producer: Any, topic: str, partition: int,
     return futures
 
 
+DAILY = "account_daily_data"
+
+
 class PendingFlush:
-    """Rows and alerts waiting for the next flush, and the packs to ack once it is durable."""
+    """Rows and alerts waiting for the next flush, and the packs to ack once it is durable.
+
+    Daily rows are whole-day totals keyed by (account, day) with a growing version: an
+    account touched by several packs of one flush needs only its newest row per day.
+    """
 
     def __init__(self) -> None:
         self.rows: dict[str, list[Any]] = defaultdict(list)
+        self.daily: dict[tuple[Any, Any], tuple[Any, ...]] = {}
         self.events: list[Any] = []
         self.alerts: list[PendingAlert] = []
         self.count = 0
         self.since = 0.0
         self.alerts_since = 0.0
 
+    def _add_daily(self, data: list[Any]) -> None:
+        daily = self.daily
+        for row in data:
+            key = (row[0], row[1])
+            held = daily.get(key)
+            if held is None:
+                self.count += 1
+            if held is None or held[-1] <= row[-1]:  # the version is the last column
+                daily[key] = row
+
     def add(self, rows: dict[str, list[Any]], event: Any,
             alerts: list[PendingAlert] | None = None) -> None:
         if not self.events:
             self.since = time.monotonic()
         for table, data in rows.items():
+            if table == DAILY:
+                self._add_daily(data)
+                continue
             self.rows[table].extend(data)
             self.count += len(data)
         self.events.append(event)
@@ -234,6 +255,9 @@ class PendingFlush:
     def restore(self, rows: dict[str, list[Any]], events: list[Any],
                 alerts: list[PendingAlert]) -> None:
         for table, data in rows.items():
+            if table == DAILY:
+                self._add_daily(data)  # versions decide, not order
+                continue
             self.rows[table][:0] = data
             self.count += len(data)
         self.events[:0] = events
@@ -243,7 +267,10 @@ class PendingFlush:
 
     def take(self) -> tuple[dict[str, list[Any]], list[Any], list[PendingAlert]]:
         rows, events, alerts = dict(self.rows), self.events, self.alerts
+        if self.daily:
+            rows[DAILY] = list(self.daily.values())
         self.rows, self.events, self.alerts, self.count = defaultdict(list), [], [], 0
+        self.daily = {}
         return rows, events, alerts
 
 
@@ -523,13 +550,13 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             await _forward(result.identities, wall, message)
         if newest:
             metrics.event_to_score.observe(max(0.0, time.time() - newest))
-        rows: dict[str, list[Any]] = {"account_daily_data": [], "account_scores_data": [],
+        rows: dict[str, list[Any]] = {DAILY: [], "account_scores_data": [],
                                       "alerts_data": [], "billing_events_data": [],
                                       "support_events_data": []}
         for out in outcomes:
             # Duplicates (a redelivered pack) re-derive their rows from the state: if the
             # worker died after storing the state but before the flush, this restores them.
-            rows["account_daily_data"].extend(daily_rows(out.state, out.days))
+            rows[DAILY].extend(daily_rows(out.state, out.days))
             if out.score_changed or out.applied or out.duplicates:
                 rows["account_scores_data"].append(score_row(out))
             if out.facts:

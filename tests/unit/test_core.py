@@ -187,3 +187,20 @@ def test_partition_loads_keep_what_stays_and_reload_after_a_missed_generation() 
     # a generation this worker never saw: nothing it holds can be trusted
     assert loads.plan({0, 1}, generation=5) == ({0, 1, 2, 3}, {0, 1})
     assert not loads.all_loaded()
+
+
+def test_a_flush_keeps_one_daily_row_per_account_and_day_the_newest() -> None:
+    from churnsignal.stream.agents import DAILY, PendingFlush
+
+    pending = PendingFlush()
+    pending.add({DAILY: [("a", 1, 5, 2), ("a", 2, 1, 2)]}, "pack-1")
+    pending.add({DAILY: [("a", 1, 9, 4)], "alerts_data": [("x",)]}, "pack-2")
+    rows, events, _ = pending.take()
+    assert sorted(rows[DAILY]) == [("a", 1, 9, 4), ("a", 2, 1, 2)]
+    assert events == ["pack-1", "pack-2"]
+    # a failed flush puts its rows back under newer ones: versions decide, not order
+    pending.add({DAILY: [("a", 1, 12, 6)]}, "pack-3")
+    pending.restore(rows, events, [])
+    rows, events, _ = pending.take()
+    assert sorted(rows[DAILY]) == [("a", 1, 12, 6), ("a", 2, 1, 2)]
+    assert events == ["pack-1", "pack-2", "pack-3"]
