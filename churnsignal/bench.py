@@ -180,8 +180,9 @@ async def measure_latency(bootstrap: str, data: Dataset, alerts_topic: str, rate
                           seconds: float) -> list[float]:
     """Produce at ``rate`` with a cancellation for a fresh account every 0.2 s; time to alert."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    # A short fetch wait, as the worker's: Tansu holds a fetch for its whole wait.
     consumer = AIOKafkaConsumer(alerts_topic, bootstrap_servers=bootstrap, group_id=None,
-                                auto_offset_reset="latest")
+                                auto_offset_reset="latest", fetch_max_wait_ms=100)
     await producer.start()
     await consumer.start()
     await consumer.seek_to_end()

@@ -51,6 +51,10 @@ class KafkaSettings(BaseModel):
     connect_timeout_s: float = Field(
         60.0, gt=0, description="Give up with an error when the broker does not answer this long."
     )
+    fetch_max_wait_ms: int = Field(
+        100, ge=10, le=5000, description="How long a fetch may wait for records. Apache Kafka "
+        "answers as soon as records arrive; some brokers (Tansu) hold the fetch this long, "
+        "which then adds to event-to-alert latency at every hop.")
 
 
 class SinkSettings(BaseModel):

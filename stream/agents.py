@@ -173,6 +173,8 @@ class StateStore:
 
 
 ALERT_FLUSH_S = 0.1  # a waiting alert brings the flush forward, at most this often
+PACKS_PER_STEP = 16  # packs the agent takes at once (when that many are waiting)
+PACKS_WAIT_S = 0.01  # ...or what has come within this
 
 
 @dataclass
@@ -207,39 +209,37 @@ DAILY = "account_daily_data"
 class PendingFlush:
     """Rows and alerts waiting for the next flush, and the packs to ack once it is durable.
 
-    Daily rows are whole-day totals keyed by (account, day) with a growing version: an
-    account touched by several packs of one flush needs only its newest row per day.
+    Daily rows are whole-day totals keyed by (account, day) with a growing version, so only
+    the days a flush touched are kept here; their rows are built once, at the flush, from
+    the states as they stand then (every pack of the flush applied, nothing later).
     """
 
     def __init__(self) -> None:
         self.rows: dict[str, list[Any]] = defaultdict(list)
-        self.daily: dict[tuple[Any, Any], tuple[Any, ...]] = {}
+        self.touched: dict[str, set[int]] = {}
         self.events: list[Any] = []
         self.alerts: list[PendingAlert] = []
         self.count = 0
         self.since = 0.0
         self.alerts_since = 0.0
 
-    def _add_daily(self, data: list[Any]) -> None:
-        daily = self.daily
-        for row in data:
-            key = (row[0], row[1])
-            held = daily.get(key)
-            if held is None:
-                self.count += 1
-            if held is None or held[-1] <= row[-1]:  # the version is the last column
-                daily[key] = row
+    def _touch(self, touched: dict[str, set[int]]) -> None:
+        for account, days in touched.items():
+            held = self.touched.setdefault(account, set())
+            before = len(held)
+            held |= days
+            self.count += len(held) - before
 
     def add(self, rows: dict[str, list[Any]], event: Any,
-            alerts: list[PendingAlert] | None = None) -> None:
+            alerts: list[PendingAlert] | None = None,
+            touched: dict[str, set[int]] | None = None) -> None:
         if not self.events:
             self.since = time.monotonic()
         for table, data in rows.items():
-            if table == DAILY:
-                self._add_daily(data)
-                continue
             self.rows[table].extend(data)
             self.count += len(data)
+        if touched:
+            self._touch(touched)
         self.events.append(event)
         if alerts:
             if not self.alerts:
@@ -253,25 +253,23 @@ class PendingFlush:
             or (bool(self.alerts) and now - self.alerts_since >= ALERT_FLUSH_S))
 
     def restore(self, rows: dict[str, list[Any]], events: list[Any],
-                alerts: list[PendingAlert]) -> None:
+                alerts: list[PendingAlert], touched: dict[str, set[int]]) -> None:
         for table, data in rows.items():
-            if table == DAILY:
-                self._add_daily(data)  # versions decide, not order
-                continue
-            self.rows[table][:0] = data
-            self.count += len(data)
+            if table != DAILY:  # rebuilt from the states at the next flush
+                self.rows[table][:0] = data
+                self.count += len(data)
+        self._touch(touched)
         self.events[:0] = events
         self.alerts[:0] = alerts
         self.since = min(self.since, time.monotonic()) if self.events else time.monotonic()
         self.alerts_since = time.monotonic()
 
-    def take(self) -> tuple[dict[str, list[Any]], list[Any], list[PendingAlert]]:
-        rows, events, alerts = dict(self.rows), self.events, self.alerts
-        if self.daily:
-            rows[DAILY] = list(self.daily.values())
+    def take(self) -> tuple[dict[str, list[Any]], list[Any], list[PendingAlert],
+                            dict[str, set[int]]]:
+        taken = dict(self.rows), self.events, self.alerts, self.touched
         self.rows, self.events, self.alerts, self.count = defaultdict(list), [], [], 0
-        self.daily = {}
-        return rows, events, alerts
+        self.touched = {}
+        return taken
 
 
 class IngestService(mode.Service):
@@ -296,6 +294,25 @@ class IngestService(mode.Service):
         await self.ingestor.close()
         if self.on_drained is not None:
             await self.on_drained()
+
+
+def _steps(batch: list[Any]) -> list[list[Any]]:
+    """Packs grouped for folding: per partition, in order; a tick stays on its own (it
+    re-scores at its own time), so it splits the packs around it."""
+    groups: list[list[Any]] = []
+    open_group: dict[int, list[Any]] = {}
+    for event in batch:
+        partition = event.message.partition
+        if packs.is_tick(event.value):
+            open_group.pop(partition, None)
+            groups.append([event])
+            continue
+        group = open_group.get(partition)
+        if group is None:
+            group = open_group[partition] = []
+            groups.append(group)
+        group.append(event)
+    return groups
 
 
 @dataclass
@@ -356,6 +373,27 @@ def process_pack(store: StateStore, pack: dict[str, Any], partition: int, policy
     return result
 
 
+def _use_fetch_wait(app: faust.App, ms: int) -> None:
+    """Faust builds its consumer with fetch_max_wait_ms=1500 and no setting for it; on a
+    broker that holds fetches that long (Tansu), every pack would wait up to 1.5 s."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    app._churnsignal_fetch_wait_ms = ms  # type: ignore[attr-defined]
+    create = AIOKafkaConsumerThread._create_worker_consumer
+    if getattr(create, "patched_by_churnsignal", False):
+        return
+
+    def create_worker_consumer(self: Any, transport: Any) -> Any:
+        consumer = create(self, transport)
+        wait = getattr(self.app, "_churnsignal_fetch_wait_ms", None)
+        if wait is not None:
+            consumer._fetch_max_wait_ms = wait  # read by aiokafka when it starts
+        return consumer
+
+    create_worker_consumer.patched_by_churnsignal = True  # type: ignore[attr-defined]
+    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
     """Build the Faust app, its topics, table, agent, timer, web views and ingest service."""
     policy = load_policy(settings.policy_file)
@@ -386,6 +424,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         autodiscover=False,
         web_in_thread=False,
     )
+    _use_fetch_wait(app, s.kafka.fetch_max_wait_ms)
     ingested = app.topic(s.ingested_topic, value_serializer="raw", key_serializer="raw",
                          partitions=s.partitions, internal=False)
     alerts_topic = app.topic(s.topics.alerts, value_serializer="raw", key_serializer="raw")
@@ -422,7 +461,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         async with flush_lock:
             if not pending.events:
                 return
-            rows, events, alerts = pending.take()
+            rows, events, alerts, touched = pending.take()
+            rows[DAILY] = [row for account, days in touched.items()
+                           if (state := store.get(account)) is not None
+                           for row in daily_rows(state, days)]
             try:
                 await sink.write(rows)
                 # Alerts after their rows and before the states that record them: a crash
@@ -432,7 +474,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 alerts = []
                 await store.write_dirty(app.producer, s.state_topic)
             except BaseException:
-                pending.restore(rows, events, alerts)  # nothing acked: the next flush retries
+                pending.restore(rows, events, alerts, touched)  # the next flush retries
                 raise
             for event in events:
                 await stream.ack(event)
@@ -462,28 +504,36 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     async def account_state(stream: Any) -> None:
         manual = stream.noack()
         runtime.stream = manual
-        async for event in manual.events():
+        # Several packs at a time: consecutive packs of one partition are folded as one, so
+        # an account's per-batch work (prune, score, rows) is paid once for all of them.
+        async for batch in manual.take_events(PACKS_PER_STEP, within=PACKS_WAIT_S):
             if runtime.closing:
-                # Shutting down: leave the pack unacked and unapplied; the next owner of the
-                # partition applies it once. (Packs of partitions revoked by a rebalance are
-                # dropped by Faust itself, which clears the agents' buffers on revoke; skipping
-                # by assignment here raced with rebalances and stalled owned partitions.)
+                # Shutting down: leave the packs unacked and unapplied; the next owner of
+                # the partition applies them once. (Packs of partitions revoked by a
+                # rebalance are dropped by Faust itself, which clears the agents' buffers
+                # on revoke; skipping by assignment here raced with rebalances and stalled
+                # owned partitions.)
                 continue
-            # Its partition's states must be read back before anything is folded into them;
-            # a partition that went to another worker meanwhile is that worker's to apply.
-            if not await store.loads.ready(event.message.partition, _owned):
-                continue
-            # Under the flush lock: a revoke-time flush waits for the pack being folded.
-            async with flush_lock:
-                alerts: list[PendingAlert] = []
-                try:
-                    rows = await _handle(event, alerts)
-                except Exception as exc:  # a bug must not stop the worker: park the pack
-                    rows, alerts = {}, []
-                    await _park(event, exc)
-                pending.add(rows, event, alerts)
-            if pending.count >= s.sink.batch_max_rows:  # bounded memory: flush now
-                await flush(manual)
+            for group in _steps(batch):
+                # A partition's states must be read back before anything is folded into
+                # them; a partition that went to another worker meanwhile is its to apply.
+                if not await store.loads.ready(group[0].message.partition, _owned):
+                    continue
+                # Under the flush lock: a revoke-time flush waits for the packs being folded.
+                async with flush_lock:
+                    alerts: list[PendingAlert] = []
+                    touched: dict[str, set[int]] = {}
+                    try:
+                        rows = await _handle(group, alerts, touched)
+                    except Exception as exc:  # a bug must not stop the worker: park them
+                        rows, alerts, touched = {}, [], {}
+                        for event in group:
+                            await _park(event, exc)
+                    pending.add(rows, group[0], alerts, touched)
+                    for event in group[1:]:
+                        pending.add({}, event)
+                if pending.count >= s.sink.batch_max_rows:  # bounded memory: flush now
+                    await flush(manual)
 
     @app.timer(min(ALERT_FLUSH_S, s.sink.flush_interval_s / 2))
     async def flush_when_due() -> None:
@@ -538,9 +588,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         if futures:
             await asyncio.gather(*futures)
 
-    async def _handle(event: Any, alerts: list[PendingAlert]) -> dict[str, list[Any]]:
-        message = event.message
-        pack = packs.decode(event.value)
+    async def _handle(group: list[Any], alerts: list[PendingAlert],
+                      touched: dict[str, set[int]]) -> dict[str, list[Any]]:
+        message = group[-1].message
+        pack = packs.merge([packs.decode(event.value) for event in group])
         wall = float(pack["now"])
         result = process_pack(store, pack, message.partition, policy, s.partitions,
                               runtime.clocks[message.partition], s.ingest.max_parked_per_identity,
@@ -550,13 +601,14 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             await _forward(result.identities, wall, message)
         if newest:
             metrics.event_to_score.observe(max(0.0, time.time() - newest))
-        rows: dict[str, list[Any]] = {DAILY: [], "account_scores_data": [],
+        rows: dict[str, list[Any]] = {"account_scores_data": [],
                                       "alerts_data": [], "billing_events_data": [],
                                       "support_events_data": []}
         for out in outcomes:
             # Duplicates (a redelivered pack) re-derive their rows from the state: if the
             # worker died after storing the state but before the flush, this restores them.
-            rows[DAILY].extend(daily_rows(out.state, out.days))
+            if out.days:
+                touched.setdefault(out.state.account_id, set()).update(out.days)
             if out.score_changed or out.applied or out.duplicates:
                 rows["account_scores_data"].append(score_row(out))
             if out.facts:

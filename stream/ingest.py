@@ -62,6 +62,7 @@ class Ingestor:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_wait_ms=s.kafka.fetch_max_wait_ms,
             fetch_max_bytes=16 * 1024 * 1024,
             session_timeout_ms=int(s.kafka.session_timeout_s * 1000),
             rebalance_timeout_ms=int(s.kafka.rebalance_timeout_s * 1000),

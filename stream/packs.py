@@ -40,6 +40,20 @@ def decode(raw: bytes) -> dict[str, Any]:
     return pack
 
 
+def is_tick(raw: bytes) -> bool:
+    return raw.endswith(b'"tick":true}')  # encode_tick's bytes; orjson keeps key order
+
+
+def merge(decoded: list[dict[str, Any]]) -> dict[str, Any]:
+    """Consecutive packs of one partition as one (items in order, the newest wall clock)."""
+    if len(decoded) == 1:
+        return decoded[0]
+    items: list[Any] = []
+    for pack in decoded:
+        items.extend(pack["items"])
+    return {"now": decoded[-1]["now"], "items": items}
+
+
 def chunks(items: list[list[Any]], size: int = MAX_PACK_ITEMS) -> Iterator[list[list[Any]]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]

@@ -297,19 +297,30 @@ def generic_activation(state: AccountState, policy: Policy) -> bool:
 def prune(state: AccountState, now: float, policy: Policy) -> None:
     """Forget what fell out of the horizon, so state stays bounded; note a generic
     activation once reached (scoring then need not recount it every time)."""
+    # Cheap tests first: this runs for every account of every pack, and most accounts
+    # have nothing to prune (min() runs in C; the comprehensions only when needed).
     if (state.activated_at is None and not policy.onboarding.activation_events
+            and len(state.days) >= policy.onboarding.min_active_days
             and generic_activation(state, policy)):
         state.activated_at = now
     today = day_of(now)
     oldest = today - policy.windows.horizon_days
-    for d in [d for d in state.days if d < oldest]:
-        del state.days[d]
-    for d in [d for d in state.day_users if d < today - policy.windows.grace_days]:
-        del state.day_users[d]
+    if state.days and min(state.days) < oldest:
+        for d in [d for d in state.days if d < oldest]:
+            del state.days[d]
+    grace = today - policy.windows.grace_days
+    if state.day_users and min(state.day_users) < grace:
+        for d in [d for d in state.day_users if d < grace]:
+            del state.day_users[d]
     month_ago = now - 30 * DAY
-    state.failed_payments = [t for t in state.failed_payments if t >= month_ago]
-    state.reopened = [t for t in state.reopened if t >= month_ago]
-    state.slow_resolutions = [t for t in state.slow_resolutions if t >= month_ago]
-    state.mrr_peak = [p for p in state.mrr_peak if p[0] >= oldest]
-    for name in [n for n, d in state.features.items() if d < oldest]:
-        del state.features[name]
+    if state.failed_payments and min(state.failed_payments) < month_ago:
+        state.failed_payments = [t for t in state.failed_payments if t >= month_ago]
+    if state.reopened:
+        state.reopened = [t for t in state.reopened if t >= month_ago]
+    if state.slow_resolutions:
+        state.slow_resolutions = [t for t in state.slow_resolutions if t >= month_ago]
+    if state.mrr_peak:
+        state.mrr_peak = [p for p in state.mrr_peak if p[0] >= oldest]
+    if state.features and min(state.features.values()) < oldest:
+        for name in [n for n, d in state.features.items() if d < oldest]:
+            del state.features[name]

@@ -189,18 +189,19 @@ def test_partition_loads_keep_what_stays_and_reload_after_a_missed_generation() 
     assert not loads.all_loaded()
 
 
-def test_a_flush_keeps_one_daily_row_per_account_and_day_the_newest() -> None:
-    from churnsignal.stream.agents import DAILY, PendingFlush
+def test_a_flush_remembers_the_days_it_touched_and_puts_them_back_on_failure() -> None:
+    from churnsignal.stream.agents import PendingFlush
 
     pending = PendingFlush()
-    pending.add({DAILY: [("a", 1, 5, 2), ("a", 2, 1, 2)]}, "pack-1")
-    pending.add({DAILY: [("a", 1, 9, 4)], "alerts_data": [("x",)]}, "pack-2")
-    rows, events, _ = pending.take()
-    assert sorted(rows[DAILY]) == [("a", 1, 9, 4), ("a", 2, 1, 2)]
-    assert events == ["pack-1", "pack-2"]
-    # a failed flush puts its rows back under newer ones: versions decide, not order
-    pending.add({DAILY: [("a", 1, 12, 6)]}, "pack-3")
-    pending.restore(rows, events, [])
-    rows, events, _ = pending.take()
-    assert sorted(rows[DAILY]) == [("a", 1, 12, 6), ("a", 2, 1, 2)]
+    pending.add({"alerts_data": [("x",)]}, "pack-1", touched={"a": {1, 2}})
+    pending.add({}, "pack-2", touched={"a": {2}, "b": {5}})
+    assert pending.count == 4  # one alert row and three account-days
+    rows, events, _, touched = pending.take()
+    assert touched == {"a": {1, 2}, "b": {5}} and events == ["pack-1", "pack-2"]
+    assert rows == {"alerts_data": [("x",)]}
+    # a failed flush goes back in front of what came since
+    pending.add({}, "pack-3", touched={"b": {6}})
+    pending.restore(rows, events, [], touched)
+    rows, events, _, touched = pending.take()
+    assert touched == {"a": {1, 2}, "b": {5, 6}}
     assert events == ["pack-1", "pack-2", "pack-3"]
