@@ -506,7 +506,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         runtime.stream = manual
         # Several packs at a time: consecutive packs of one partition are folded as one, so
         # an account's per-batch work (prune, score, rows) is paid once for all of them.
-        async for batch in manual.take_events(PACKS_PER_STEP, within=PACKS_WAIT_S):
+        # noack_take, not take_events: take_events acks each batch as soon as the loop body
+        # returns, before the flush has made its effects durable.
+        async for batch in manual.noack_take(PACKS_PER_STEP, within=PACKS_WAIT_S):
             if runtime.closing:
                 # Shutting down: leave the packs unacked and unapplied; the next owner of
                 # the partition applies them once. (Packs of partitions revoked by a

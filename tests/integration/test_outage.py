@@ -34,7 +34,8 @@ def _history(s: Scenario, accounts: range) -> None:
             s.subscription(account, 0.001, cancel=True, kind="customer.subscription.updated")
 
 
-def test_clickhouse_outage_loses_and_doubles_nothing(broker: str, tmp_path: Path) -> None:
+def test_clickhouse_outage_and_a_crash_during_it_lose_and_double_nothing(
+        broker: str, tmp_path: Path) -> None:
     env = new_env(broker, tmp_path)
     down = tmp_path / "clickhouse-down"
     down.touch()  # ClickHouse rejects every insert from the start
@@ -68,9 +69,15 @@ def test_clickhouse_outage_loses_and_doubles_nothing(broker: str, tmp_path: Path
         assert metric(metrics, "churnsignal_clickhouse_rows_total") == 0
         errors_during = metric(metrics, "churnsignal_clickhouse_errors_total")
         figures(f"outage: {len(before)} events before, {len(during)} during, "
-              f"{errors_during:.0f} failed writes")
+                f"{errors_during:.0f} failed writes, then the worker is SIGKILLed")
 
+        # The worker dies while ClickHouse is still down: nothing it folded was durable, so
+        # nothing may have been acknowledged; its successor must apply every event again.
+        worker.kill()
         down.unlink()  # ClickHouse is back
+        worker = Worker(env, module="tests.integration.faulty_worker",
+                        extra={"CHURNSIGNAL_TEST_CLICKHOUSE_DOWN": str(down)})
+        worker.wait_ready()
         summary = worker.wait_applied(total)
         metrics = worker.metrics()
     finally:
