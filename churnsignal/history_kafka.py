@@ -86,13 +86,8 @@ async def _read(spec: KafkaRange, settings: Settings, on_record: Callable[[bytes
         await consumer.stop()
         raise HistoryError(f"Kafka at {settings.kafka_bootstrap_servers}: {exc!r}") from None
     try:
-        tps = []
-        await consumer.topics()  # fetches the cluster's metadata
-        for topic in spec.topics:
-            ids = consumer.partitions_for_topic(topic)
-            if not ids:
-                raise HistoryError(f"Kafka topic {topic!r} does not exist")
-            tps += [TopicPartition(topic, p) for p in sorted(ids)]
+        tps = [TopicPartition(topic, p) for topic, ids in
+               (await _partitions(settings, spec.topics)).items() for p in ids]
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         if spec.end is not None:
@@ -132,3 +127,24 @@ async def _read(spec: KafkaRange, settings: Settings, on_record: Callable[[bytes
         return read
     finally:
         await consumer.stop()
+
+
+async def _partitions(settings: Settings, topics: tuple[str, ...]) -> dict[str, list[int]]:
+    """Each topic's partition ids, from the cluster's metadata."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from churnsignal.kafka_client import connection_options
+
+    admin = AIOKafkaAdminClient(**connection_options(settings))
+    await admin.start()
+    try:
+        described = {t["topic"]: t for t in await admin.describe_topics(list(topics))}
+    finally:
+        await admin.close()
+    out = {}
+    for topic in topics:
+        found = described.get(topic)
+        if found is None or found["error_code"] or not found["partitions"]:
+            raise HistoryError(f"Kafka topic {topic!r} does not exist")
+        out[topic] = sorted(p["partition"] for p in found["partitions"])
+    return out
