@@ -142,6 +142,7 @@ def run_churnsignal(settings: Settings, bootstrap: str, data: Dataset, timeout: 
     worker = start_worker(settings, bootstrap, state, port, extra_env=env)
     peak_rss = 0
     first = last = 0.0
+    idle_at = 0.0  # the last poll that saw nothing applied yet
     applied = 0.0
     deadline = time.monotonic() + timeout
     try:
@@ -152,14 +153,23 @@ def run_churnsignal(settings: Settings, bootstrap: str, data: Dataset, timeout: 
             text = _metrics(port)
             applied = _metric(text, "churnsignal_events_applied_total")
             now = time.time()
-            if applied and not first:
-                first = now
+            if not applied:
+                idle_at = now
+            elif not first:
+                # Work began after the last idle poll: counting from there keeps a small
+                # data set, applied between two polls, from dividing by almost nothing.
+                first = idle_at or now
             peak_rss = max(peak_rss, proc.memory_info().rss)
             if applied >= data.events:
                 last = now
                 break
             time.sleep(0.1)
-        summary = http_json(port, "/api/summary")
+        # States are stored by the flush after the last pack: wait for it (at most 10 s).
+        for _ in range(100):
+            summary = http_json(port, "/api/summary")
+            if summary["stats"].get("accounts"):
+                break
+            time.sleep(0.1)
     except BaseException:
         stop_process(worker)
         raise

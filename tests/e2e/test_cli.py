@@ -72,3 +72,20 @@ def test_unreachable_broker_fails_fast_with_a_clear_error() -> None:
     assert "did not answer" in out and "Traceback" not in out
     assert took < 60
 
+
+
+def test_bench_runs_end_to_end_on_a_small_data_set(tmp_path: Path) -> None:
+    # The full benchmark is a command, not a test (docs/benchmark.md); this checks that the
+    # command works from a fresh state and writes every figure it promises.
+    import json
+
+    out_dir = tmp_path / "bench"
+    code, out, _ = run(["bench", "--events", "3000", "--accounts", "300", "--runs", "1",
+                        "--peers", "ceiling", "--out", str(out_dir)], timeout=600)
+    assert code == 0, out[-3000:]
+    results = json.loads((out_dir / "results.json").read_text())
+    for key in ("ceiling_eps", "churnsignal_eps", "latency_p50_s", "latency_p99_s",
+                "state_bytes_per_account", "state_load_s"):
+        assert results[key] is not None and results[key] > 0, (key, results)
+    assert results["state_keys_loaded"] >= results["accounts_tracked"] > 0
+    assert "written:" in out and "reading all state back" in out
