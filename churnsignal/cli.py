@@ -84,6 +84,9 @@ def run_worker(settings: Settings) -> None:
 @cli.command()
 def worker() -> None:
     """Run the stream processor against KAFKA_BOOTSTRAP_SERVERS (or an embedded broker)."""
+    from churnsignal.embedded import follow_parent
+
+    follow_parent()
     try:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)

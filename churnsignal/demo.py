@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from churnsignal.cli import EMBEDDED_REBALANCE_S
-from churnsignal.embedded import EmbeddedBroker, free_port, wait_for_port
+from churnsignal.embedded import PARENT_PID_ENV, EmbeddedBroker, free_port, wait_for_port
 from churnsignal.kafka_client import ensure_topics
 from churnsignal.settings import Settings
 from churnsignal.synthetic import Generator
@@ -47,6 +47,7 @@ def start_worker(settings: Settings, bootstrap: str, state_dir: Path, port: int,
         "CHURNSIGNAL_KAFKA__REBALANCE_TIMEOUT_S": str(EMBEDDED_REBALANCE_S),
         "CHURNSIGNAL_KAFKA__SESSION_TIMEOUT_S": str(EMBEDDED_REBALANCE_S),
         "CHURNSIGNAL_LOG_FORMAT": "json",
+        PARENT_PID_ENV: str(os.getpid()),
         **(extra_env or {}),
     }
     log = open(state_dir / "worker.log", "ab")  # noqa: SIM115 - lives as long as the child

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -16,10 +17,25 @@ from churnsignal.errors import BrokerUnavailable
 log = logging.getLogger(__name__)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel stops the broker if churnsignal itself is killed (SIGKILL included)."""
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Linux: the kernel signals this process when its parent dies (SIGKILL included)."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
+PARENT_PID_ENV = "_CHURNSIGNAL_PARENT_PID"  # set by start_worker; not a user setting
+
+
+def follow_parent() -> None:
+    """A worker started by the demo, the bench or the tests dies with the process that
+    started it: a killed parent must not leave it retrying a broker that is gone. SIGKILL,
+    because its shutdown would wait on that broker; its state is durable at every flush."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent:
+        return
+    _die_with_parent(signal.SIGKILL)
+    if os.getppid() != int(parent):  # the parent died before we asked to follow it
+        os._exit(1)
 
 
 def free_port() -> int:

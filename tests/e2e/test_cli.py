@@ -89,3 +89,30 @@ def test_bench_runs_end_to_end_on_a_small_data_set(tmp_path: Path) -> None:
         assert results[key] is not None and results[key] > 0, (key, results)
     assert results["state_keys_loaded"] >= results["accounts_tracked"] > 0
     assert "written:" in out and "reading all state back" in out
+
+
+def test_a_killed_demo_takes_its_worker_and_broker_with_it(tmp_path: Path) -> None:
+    state_dir = tmp_path / "demo"
+    output = tmp_path / "demo.out"
+    with output.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "churnsignal.cli", "demo", "--duration", "60",
+             "--accounts", "50", "--state-dir", str(state_dir)], stdout=out, stderr=out,
+            env={k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"})
+    try:
+        deadline = time.monotonic() + 120
+        while not list(state_dir.rglob("worker.log")):
+            assert time.monotonic() < deadline, output.read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(3)
+        broker = re.search(r"embedded broker at (127\.0\.0\.1:\d+)", output.read_text())
+        assert broker is not None, output.read_text()[-3000:]
+        assert _running(str(state_dir)) and _running(f"tcp://{broker.group(1)}")
+    finally:
+        proc.kill()  # SIGKILL: none of the demo's own cleanup runs
+        proc.wait(30)
+    deadline = time.monotonic() + 15
+    while _running(str(state_dir)) or _running(f"tcp://{broker.group(1)}"):
+        assert time.monotonic() < deadline, (_running(str(state_dir)),
+                                             _running(f"tcp://{broker.group(1)}"))
+        time.sleep(0.5)
