@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from churnsignal.history import DAY, Subscriptions
+from churnsignal.settings import Settings
 from churnsignal.stream.engine import apply_batch, rescore
 from churnsignal.stream.policy import BANDS, Policy
 from churnsignal.stream.state import AccountState
@@ -137,6 +138,8 @@ class Report:
     alerts_per_100_accounts_per_week: float | None
     churn_caught_by_reason: dict[str, float]
     curves: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    # native payloads not replayed, by reason (not decodable, unused type, no account)
+    payloads_skipped: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -265,7 +268,7 @@ class Inputs:
     horizon_days: int = 30
     renewal_gap_days: float = 30.0
     account_key: str = "account_id"
-    settings: Any = None  # churnsignal.settings.Settings, for a Kafka topic range
+    settings: Settings | None = None  # for a Kafka topic range (default: the environment's)
 
 
 NATIVE_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -332,7 +335,10 @@ def run_backtest(inputs: Inputs, scores_out: Path | None = None,
                 writer.add(cp)
         finally:
             writer.close()
-        return evaluator.report(alerts, inputs.since)
+        report = evaluator.report(alerts, inputs.since)
+        if native is not None:
+            report.payloads_skipped = dict(native.skipped.most_common())
+        return report
     finally:
         if native is not None:
             native.close()

@@ -34,7 +34,7 @@ from churnsignal.errors import ChurnsignalError
 from churnsignal.history import DAY
 from churnsignal.schemas.events import family_of
 from churnsignal.stream.policy import Policy
-from churnsignal.stream.scoring import signals, strength
+from churnsignal.stream.scoring import decline, signals, strength
 from churnsignal.stream.state import day_of
 
 # The terminal state is not a predictor: a cancelled account has churned already.
@@ -103,10 +103,8 @@ class TypeCounts:
 
 
 def _decline(recent: float, base: float, short: int, baseline: int, min_per_day: float) -> float:
-    base_rate = base / baseline
-    if base_rate < min_per_day:
-        return 0.0
-    return max(0.0, 1 - (recent / short) / base_rate)
+    """The score's decline on window totals (0 where the score would not judge it)."""
+    return decline(recent / short, base / baseline, min_per_day) or 0.0
 
 
 @dataclass

@@ -393,6 +393,8 @@ def _print_backtest(report: Report) -> None:
         table.add_row(f"{b.band}+: precision / recall", f"{_pct(b.precision)} / {_pct(b.recall)}")
     for reason, share in d["churn_caught_by_reason"].items():
         table.add_row(f"churn caught first by {reason}", _pct(share))
+    for reason, n in d["payloads_skipped"].items():
+        table.add_row(f"payloads not replayed: {reason}", f"{n:,}")
     Console().print(table)
 
 

@@ -75,7 +75,7 @@ async def _read(spec: KafkaRange, settings: Settings, on_record: Callable[[bytes
                 progress: Callable[[int], None] | None) -> int:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from churnsignal.kafka_client import connection_options
+    from churnsignal.kafka_client import connection_options, read_to_end
 
     consumer = AIOKafkaConsumer(enable_auto_commit=False, group_id=None,
                                 max_partition_fetch_bytes=4 * 1024 * 1024,
@@ -107,21 +107,19 @@ async def _read(spec: KafkaRange, settings: Settings, on_record: Callable[[bytes
         high = spec.end * 1000 if spec.end is not None else time.time() * 1000
         todo = set(tps)
         read = 0
-        while todo:
-            batch = await consumer.getmany(*todo, timeout_ms=500, max_records=10_000)
-            for tp in list(todo):
-                records = batch.get(tp, [])
-                for rec in records:
-                    # Offsets found by time are a bound; timestamps need not be monotonic.
-                    if rec.offset >= ends[tp] and rec.timestamp >= high:
-                        todo.discard(tp)  # past the range
-                        break
-                    if rec.value is not None and (low is None or rec.timestamp >= low) and \
-                            rec.timestamp < high:
-                        on_record(rec.value, pinned[tp.topic])
-                        read += 1
-            if not batch:  # nothing more from any partition within the wait: caught up
-                todo -= {tp for tp in todo if await consumer.position(tp) >= ends[tp]}
+        async for tp, records in read_to_end(consumer, ends, todo=todo, idle_ms=500,
+                                             max_records=10_000):
+            if tp not in todo:
+                continue  # already past the range
+            for rec in records:
+                # Offsets found by time are a bound; timestamps need not be monotonic.
+                if rec.offset >= ends[tp] and rec.timestamp >= high:
+                    todo.discard(tp)  # past the range
+                    break
+                if rec.value is not None and (low is None or rec.timestamp >= low) and \
+                        rec.timestamp < high:
+                    on_record(rec.value, pinned[tp.topic])
+                    read += 1
             if progress is not None:
                 progress(read)
         return read

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -53,6 +54,23 @@ def faust_credentials(settings: Settings) -> Any:
     if context is not None:
         return faust.SSLCredentials(context)
     return None
+
+
+async def read_to_end(consumer: Any, ends: dict[Any, int], *, todo: set[Any] | None = None,
+                      idle_ms: int = 300, max_records: int = 50_000
+                      ) -> AsyncIterator[tuple[Any, list[Any]]]:
+    """Yield ``(partition, records)`` from the consumer's positions until every partition in
+    ``todo`` (default: all of ``ends``) has reached its end offset *and* a fetch of
+    ``idle_ms`` brings nothing: Tansu 0.6 reports a partition's end as its last batch's first
+    offset + 1, so the end offset alone would stop short of that batch's tail. A caller may
+    remove a partition from ``todo`` to stop reading it early."""
+    todo = set(ends) if todo is None else todo
+    while todo:
+        batch = await consumer.getmany(*todo, timeout_ms=idle_ms, max_records=max_records)
+        for tp, records in batch.items():
+            yield tp, records
+        if not batch:  # nothing more from any partition within the wait: caught up
+            todo -= {tp for tp in todo if await consumer.position(tp) >= ends[tp]}
 
 
 def topic_plan(settings: Settings) -> dict[str, int]:

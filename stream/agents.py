@@ -33,6 +33,7 @@ import faust
 import mode
 import orjson
 from faust.types import TP
+from tenacity import AsyncRetrying, wait_exponential_jitter
 
 from churnsignal.kafka_client import faust_credentials
 from churnsignal.metrics import Metrics
@@ -667,18 +668,15 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             store.loads.task = asyncio.ensure_future(_load(load))
 
     async def _load(partitions: set[int]) -> None:
-        started, delay = time.monotonic(), 0.5
-        while True:
-            try:
+        started = time.monotonic()
+        # Until it works: the broker comes back; a cancel (a newer assignment) is not retried.
+        async for attempt in AsyncRetrying(
+                wait=wait_exponential_jitter(multiplier=0.5, max=10.0), reraise=True,
+                before_sleep=lambda state: log.warning(
+                    "reading states of partitions %s failed (%s); retrying", sorted(partitions),
+                    state.outcome.exception() if state.outcome else None)):
+            with attempt:
                 got = await read_partitions(s, partitions)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the broker is back soon; retried with backoff
-                log.warning("reading states of partitions %s failed (%s); retrying",
-                            sorted(partitions), exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
         for records in got.values():
             store.data.update(records)
         await store.loads.mark_loaded(partitions)

@@ -65,6 +65,11 @@ def strength(signal: Signal, value: float) -> float:
     return min(1.0, max(0.0, (value - signal.start) / (signal.full - signal.start)))
 
 
+def decline(recent: float, baseline: float, min_baseline: float) -> float | None:
+    """1 - recent / baseline daily rate; None while the baseline is too thin to judge."""
+    return None if baseline < min_baseline else max(0.0, 1 - recent / baseline)
+
+
 def signals(state: AccountState, now: float, policy: Policy) -> dict[str, tuple[float, str]]:
     """Raw signal values with a short human detail; only signals that apply are present."""
     out: dict[str, tuple[float, str]] = {}
@@ -78,19 +83,16 @@ def signals(state: AccountState, now: float, policy: Policy) -> dict[str, tuple[
     paused = status == "paused"
     short_first = today - w.short_days + 1
     base_first = short_first - w.baseline_days
-    recent = state.window_sum(USAGE, short_first, today) / w.short_days
-    baseline = state.window_sum(USAGE, base_first, short_first - 1) / w.baseline_days
-    if not paused and baseline >= lim.min_baseline_per_day:
-        decline = max(0.0, 1 - recent / baseline)
-        out["usage_decline"] = (decline, f"{recent:.1f}/day in {w.short_days}d vs "
-                                         f"{baseline:.1f}/day in the prior {w.baseline_days}d")
-    if not paused and policy.usage.key_events:
-        key_recent = state.window_sum(KEY, short_first, today) / w.short_days
-        key_base = state.window_sum(KEY, base_first, short_first - 1) / w.baseline_days
-        if key_base >= lim.min_baseline_per_day:
-            drop = max(0.0, 1 - key_recent / key_base)
-            out["key_event_decline"] = (drop, f"key events {key_recent:.1f}/day in "
-                                              f"{w.short_days}d vs {key_base:.1f}/day before")
+    declines = [("usage_decline", USAGE, "")]
+    if policy.usage.key_events:
+        declines.append(("key_event_decline", KEY, "key events "))
+    for code, column, what in declines if not paused else ():
+        recent = state.window_sum(column, short_first, today) / w.short_days
+        baseline = state.window_sum(column, base_first, short_first - 1) / w.baseline_days
+        value = decline(recent, baseline, lim.min_baseline_per_day)
+        if value is not None:
+            out[code] = (value, f"{what}{recent:.1f}/day in {w.short_days}d vs "
+                                f"{baseline:.1f}/day in the prior {w.baseline_days}d")
     if not paused and state.last_active:
         idle = max(0.0, (now - state.last_active) / DAY)
         out["inactivity"] = (idle, f"{idle:.0f} days since last activity")

@@ -3,9 +3,7 @@
 The worker writes it at each flush (one batch per partition) and reads a partition back when
 the partition is assigned to it: no standby copies and no Faust table recovery, whose
 rebalance handling left a survivor waiting forever on partitions it had taken over. A
-partition is read to its end as seen after the assignment: up to the broker's end offset
-and then until a fetch returns nothing, because some brokers (Tansu 0.6) report the end of a
-partition as its last batch's first offset + 1.
+partition is read to its end as seen after the assignment (``kafka_client.read_to_end``).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ async def read_partitions(settings: Settings, partitions: Iterable[int],
     """Every key's newest value in these changelog partitions (deletes applied)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from churnsignal.kafka_client import connection_options
+    from churnsignal.kafka_client import connection_options, read_to_end
 
     topic = settings.state_topic
     tps = [TopicPartition(topic, p) for p in sorted(set(partitions))]
@@ -44,17 +42,14 @@ async def read_partitions(settings: Settings, partitions: Iterable[int],
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         await consumer.seek_to_beginning(*tps)
-        while True:
-            batch = await consumer.getmany(timeout_ms=idle_ms, max_records=50_000)
-            for tp, records in batch.items():
-                data = out[tp.partition]
-                for rec in records:
-                    if rec.value is None:
-                        data.pop(rec.key, None)
-                    else:
-                        data[rec.key] = rec.value
-            if not batch and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
-                return out
+        async for tp, records in read_to_end(consumer, ends, idle_ms=idle_ms):
+            data = out[tp.partition]
+            for rec in records:
+                if rec.value is None:
+                    data.pop(rec.key, None)
+                else:
+                    data[rec.key] = rec.value
+        return out
     finally:
         await consumer.stop()
 

@@ -19,7 +19,7 @@ from aiokafka.structs import TopicPartition
 
 from churnsignal.demo import http_json, start_worker, stop_process
 from churnsignal.embedded import free_port
-from churnsignal.kafka_client import ensure_topics
+from churnsignal.kafka_client import ensure_topics, read_to_end
 from churnsignal.settings import Settings
 
 
@@ -216,15 +216,12 @@ async def consume_all(broker: str, topic: str, idle_s: float = 3.0) -> list[Any]
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         out: list[Any] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000))
-            for records in batch.values():
+
+        async def collect() -> None:
+            async for _, records in read_to_end(consumer, ends, idle_ms=int(idle_s * 1000)):
                 out.extend(records)
-            positions = {tp: await consumer.position(tp) for tp in tps}
-            # Both: Tansu 0.6 under-reports end offsets after multi-record batches.
-            if not batch and all(positions[tp] >= ends[tp] for tp in tps):
-                break
+
+        await asyncio.wait_for(collect(), timeout=60)  # a topic that never goes quiet fails
         return out
     finally:
         await consumer.stop()

@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import pytest
 
 from churnsignal.backtest import Inputs, load_native, merge_by_time, run_backtest
@@ -191,6 +192,13 @@ def test_worker_and_replay_give_the_same_scores(broker: str, tmp_path: Path) -> 
                                settings=env.settings()))
     assert later.spool.count == 0  # records are selected by their Kafka timestamp
     later.close()
+    # What cannot be replayed is reported, not silently left out.
+    noisy = tmp_path / "noisy.jsonl"
+    noisy.write_bytes(jsonl.read_bytes() + b"not json\n" + orjson.dumps(
+        {"type": "track", "event": "Report Exported", "userId": "nobody-links-me",
+         "messageId": "m-1", "timestamp": "2026-01-01T00:00:00Z"}) + b"\n")
+    report = run_backtest(Inputs(noisy, None, POLICY, None))
+    assert report.payloads_skipped == {"not_json": 1, "unattributed": 1}
     out = apply_batch(None, "same-1", [(None, 0, e) for e in merge_by_time(replayed)], now,
                       POLICY)
     assert out.state.seq == live[0]["events"] == len(s.messages)
