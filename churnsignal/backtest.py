@@ -1,9 +1,11 @@
 """`churnsignal backtest`: replay history through the worker's own core and measure how well
 the score predicted churn.
 
-The replay folds each day's events per account with ``engine.apply_batch`` and re-scores every
-active account at each daily checkpoint with ``engine.rescore`` — the two functions the worker
-calls for packs and for its re-score timer — so live and replayed histories score alike.
+The replay folds each day's events per account with ``engine.fold`` and scores every active
+account once at each daily checkpoint with ``engine.rescore`` — the fold and the re-score the
+worker runs on packs and on its timer — so live and replayed histories score alike. Warehouse
+exports arrive counted per account and day (``history.warehouse_days``), which folds to the
+same state as their events one by one at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from typing import Any
 
 from churnsignal.history import DAY, Subscriptions
 from churnsignal.settings import Settings
-from churnsignal.stream.engine import apply_batch, rescore
+from churnsignal.stream.engine import fold, rescore
 from churnsignal.stream.policy import BANDS, Policy
-from churnsignal.stream.state import AccountState
+from churnsignal.stream.state import AccountState, prune
 
 RANK = {band: i for i, band in enumerate(BANDS)}
 
@@ -67,17 +69,18 @@ def replay(events: Iterable[Any], subs: Subscriptions, policy: Policy, *,
     horizon = policy.windows.horizon_days * DAY
 
     def close(t: float) -> Iterator[Checkpoint]:
+        folded = set(pending)
         for account, items in pending.items():
-            out = apply_batch(states.get(account), account, items, t, policy)
-            states[account] = out.state
-            _seen(out.alert, alerts)
+            states[account] = fold(states.get(account), account, items, t, policy).state
         pending.clear()
         for account, state in states.items():
             covered = account in subs.periods
-            if covered and not subs.active(account, t - 1e-6):
+            if (covered and not subs.active(account, t - 1e-6)) or (
+                    not covered and t - state.last_event > horizon):
+                if account in folded:
+                    prune(state, t, policy)  # not scored, but kept bounded
                 continue
-            if not covered and t - state.last_event > horizon:
-                continue
+            # One score per account and day, events or not: the worker's re-score.
             out = rescore(state, t, policy)
             _seen(out.alert, alerts)
             if since is None or t >= since:
@@ -320,7 +323,7 @@ def run_backtest(inputs: Inputs, scores_out: Path | None = None,
                 raise history.HistoryError("--subscriptions is needed with a warehouse export")
             events = Path(inputs.events)
             subs = history.read_subscriptions(engine, inputs.subscriptions)
-            stream = merge_by_time(history.warehouse_events(engine, events),
+            stream = merge_by_time(history.warehouse_days(engine, events, inputs.policy),
                                    history.subscription_events(subs))
             last = history.last_event_time(engine, events)
         end = _data_end(subs, last)

@@ -32,10 +32,9 @@ import yaml
 from churnsignal.backtest import Inputs, merge_by_time, replay
 from churnsignal.errors import ChurnsignalError
 from churnsignal.history import DAY
-from churnsignal.schemas.events import family_of
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.scoring import decline, signals, strength
-from churnsignal.stream.state import day_of
+from churnsignal.stream.state import DayUsage, day_of
 
 # The terminal state is not a predictor: a cancelled account has churned already.
 FEATURES = tuple(name for name in Policy().signals.__class__.model_fields if name != "canceled")
@@ -67,18 +66,19 @@ class TypeCounts:
         self.short, self.baseline = w.short_days, w.baseline_days
         self.keep = w.short_days + w.baseline_days
 
-    def feed(self, events: Iterable[Any]) -> Iterator[Any]:
-        for event in events:
-            yield event
-            # Counted only once the replay asks for the next event: the checkpoints this
-            # event closed were taken without it, as the worker would have scored them.
-            if family_of(event.type) != "usage":
-                continue
-            i = self.index.get((event.data.name or event.data.feature or "").lower())
-            if i is not None:
-                day = day_of(event.occurred_at.timestamp())
-                counts = self.days[event.account_id].setdefault(day, [0] * len(self.types))
-                counts[i] += event.data.count
+    def feed(self, days: Iterable[DayUsage]) -> Iterator[DayUsage]:
+        for usage in days:
+            yield usage
+            # Counted only once the replay asks for the next item: the checkpoints this
+            # day closed were taken without it, as the worker would have scored them.
+            counts: list[int] | None = None
+            for name, count, _, _ in usage.kinds:
+                i = self.index.get(name.lower())
+                if i is not None:
+                    if counts is None:
+                        counts = self.days[usage.account_id].setdefault(
+                            day_of(usage.occurred_at.timestamp()), [0] * len(self.types))
+                    counts[i] += count
 
     def windows(self, account: str, t: float) -> tuple[list[float], list[float], list[int]]:
         """Per type: recent total, baseline total, and active days in the recent window
@@ -159,8 +159,7 @@ def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
         counts = TypeCounts(history.top_event_types(engine, events_path, until,
                                                     CANDIDATE_TYPES), base)
         stream = merge_by_time(
-            counts.feed(e for e in history.warehouse_events(engine, events_path)
-                        if e.occurred_at.timestamp() <= until),
+            counts.feed(history.warehouse_days(engine, events_path, base, until)),
             history.subscription_events(subs))
         rows: list[Row] = []
         churners: dict[float, set[str]] = {}

@@ -16,7 +16,14 @@ from churnsignal.stream.alerts import decide
 from churnsignal.stream.clock import is_live, scoring_time
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.scoring import Score, score
-from churnsignal.stream.state import AccountState, apply_event, day_of, prune
+from churnsignal.stream.state import (
+    AccountState,
+    DayUsage,
+    apply_event,
+    day_of,
+    fold_day,
+    prune,
+)
 
 # One item of a batch: (source "topic/partition" or None, offset, canonical event).
 Item = tuple[str | None, int, Any]
@@ -35,6 +42,7 @@ class Outcome:
     # Billing and support events applied, for their own tables:
     # (event, MRR before it, involuntary end after it, state seq after it).
     facts: list[tuple[Any, int, bool, int]] = field(default_factory=list)
+    newest: Any = None  # the newest event applied: what an alert names as its trigger
 
 
 def _finish(out: Outcome, now: float, trigger: str | None, triggered_at: float,
@@ -48,16 +56,18 @@ def _finish(out: Outcome, now: float, trigger: str | None, triggered_at: float,
     return out
 
 
-def apply_batch(state: AccountState | None, account_id: str, items: Iterable[Item], wall: float,
-                policy: Policy) -> Outcome:
-    """Fold a batch of one account's events (in arrival order), then score once.
+def fold(state: AccountState | None, account_id: str, items: Iterable[Item], wall: float,
+         policy: Policy) -> Outcome:
+    """Fold a batch of one account's events (in arrival order) into its state, unscored.
 
-    The account is scored at its newest event time (capped by ``wall``); it alerts only when
-    that is recent, so a back-fill of history updates state without paging anyone.
+    An item's event may also be a ``DayUsage``: a day of warehouse usage, counted.
     """
     out = Outcome(state or AccountState(account_id))
-    last_event: Any = None
     for source, offset, event in items:
+        if type(event) is DayUsage:
+            out.applied += event.events
+            out.days.add(fold_day(out.state, event, wall, policy))
+            continue
         mrr_before = out.state.mrr_cents
         newest_before = out.state.last_event
         day = apply_event(out.state, event, source, offset, policy, wall)
@@ -71,13 +81,26 @@ def apply_batch(state: AccountState | None, account_id: str, items: Iterable[Ite
             out.late += 1  # still applied to its own day: windows are by event time
         if not isinstance(event, UsageEvent):
             out.facts.append((event, mrr_before, out.state.involuntary_end, out.state.seq))
-        if last_event is None or event.occurred_at >= last_event.occurred_at:
-            last_event = event
+        if out.newest is None or event.occurred_at >= out.newest.occurred_at:
+            out.newest = event
+    return out
+
+
+def apply_batch(state: AccountState | None, account_id: str, items: Iterable[Item], wall: float,
+                policy: Policy) -> Outcome:
+    """Fold a batch of one account's events (in arrival order), then score once.
+
+    The account is scored at its newest event time (capped by ``wall``); it alerts only when
+    that is recent, so a back-fill of history updates state without paging anyone.
+    """
+    out = fold(state, account_id, items, wall, policy)
     now = scoring_time(wall, out.state.last_event)
     prune(out.state, now, policy)
     if not out.applied:
         return out
-    return _finish(out, now, last_event.event_id, last_event.occurred_at.timestamp(), policy,
+    trigger = out.newest
+    return _finish(out, now, trigger.event_id if trigger else None,
+                   trigger.occurred_at.timestamp() if trigger else now, policy,
                    live=is_live(wall, now, policy.alerting.catch_up_lag_hours * 3600))
 
 

@@ -70,84 +70,112 @@ def decline(recent: float, baseline: float, min_baseline: float) -> float | None
     return None if baseline < min_baseline else max(0.0, 1 - recent / baseline)
 
 
-def signals(state: AccountState, now: float, policy: Policy) -> dict[str, tuple[float, str]]:
+# A signal's raw value and a detail template with its arguments: formatted only for the
+# reasons that count (most accounts most of the time have several signals at zero points).
+Raw = tuple[float, str, tuple[object, ...]]
+
+
+def usage_windows(state: AccountState, short_first: int, base_first: int,
+                  today: int) -> tuple[int, int, int, int, int]:
+    """Usage and key-event totals in the recent and baseline windows, and the most distinct
+    users of a recent day: one pass over the newest days, those the windows cover."""
+    recent = base = recent_key = base_key = users = 0
+    for d, b in reversed(state.days.items()):  # days are in order: newest last
+        if d > today:
+            continue  # ahead of the scoring time (a producer's clock running fast)
+        if d >= short_first:
+            recent += b[USAGE]
+            recent_key += b[KEY]
+            if b[USERS] > users:
+                users = b[USERS]
+        elif d >= base_first:
+            base += b[USAGE]
+            base_key += b[KEY]
+        else:
+            break
+    return recent, base, recent_key, base_key, users
+
+
+def signals(state: AccountState, now: float, policy: Policy) -> dict[str, Raw]:
     """Raw signal values with a short human detail; only signals that apply are present."""
-    out: dict[str, tuple[float, str]] = {}
+    out: dict[str, Raw] = {}
     w, lim = policy.windows, policy.limits
     today = day_of(now)
     status = state.sub_status
     if status == "canceled":
         why = "after failed payments" if state.involuntary_end else "customer cancelled"
-        out["canceled"] = (1.0, f"subscription canceled ({why})")
+        out["canceled"] = (1.0, "subscription canceled ({})", (why,))
         return out
     paused = status == "paused"
     short_first = today - w.short_days + 1
     base_first = short_first - w.baseline_days
-    declines = [("usage_decline", USAGE, "")]
-    if policy.usage.key_events:
-        declines.append(("key_event_decline", KEY, "key events "))
-    for code, column, what in declines if not paused else ():
-        recent = state.window_sum(column, short_first, today) / w.short_days
-        baseline = state.window_sum(column, base_first, short_first - 1) / w.baseline_days
-        value = decline(recent, baseline, lim.min_baseline_per_day)
-        if value is not None:
-            out[code] = (value, f"{what}{recent:.1f}/day in {w.short_days}d vs "
-                                f"{baseline:.1f}/day in the prior {w.baseline_days}d")
+    recent_total, base_total, recent_key, base_key, recent_users = usage_windows(
+        state, short_first, base_first, today)
+    if not paused:
+        declines = [("usage_decline", recent_total, base_total, "")]
+        if policy.usage.key_events:
+            declines.append(("key_event_decline", recent_key, base_key, "key events "))
+        for code, recent_sum, base_sum, what in declines:
+            recent, baseline = recent_sum / w.short_days, base_sum / w.baseline_days
+            value = decline(recent, baseline, lim.min_baseline_per_day)
+            if value is not None:
+                out[code] = (value, "{}{:.1f}/day in {}d vs {:.1f}/day in the prior {}d",
+                             (what, recent, w.short_days, baseline, w.baseline_days))
     if not paused and state.last_active:
         idle = max(0.0, (now - state.last_active) / DAY)
-        out["inactivity"] = (idle, f"{idle:.0f} days since last activity")
+        out["inactivity"] = (idle, "{:.0f} days since last activity", (idle,))
     if state.seats and state.seats >= 3 and not paused:
-        recent_users = _max_users(state, short_first, today)
         out["seat_underuse"] = (1 - min(1.0, recent_users / state.seats),
-                                f"{recent_users} of {state.seats} seats active")
+                                "{} of {} seats active", (recent_users, state.seats))
     if state.last_active and not paused:
-        used = sum(1 for d in state.features.values() if d >= today - w.baseline_days)
-        if state.features or state.window_sum(USAGE, base_first, today) >= lim.min_features * 5:
+        if state.features or recent_total + base_total >= lim.min_features * 5:
+            since = today - w.baseline_days
+            used = sum(1 for d in state.features.values() if d >= since)
             out["low_feature_breadth"] = (1 - min(1.0, used / lim.min_features),
-                                          f"{used} features used in {w.baseline_days}d")
+                                          "{} features used in {}d", (used, w.baseline_days))
     age_days = (now - state.first_seen) / DAY if state.first_seen else 0.0
     ob = policy.onboarding
     if ob.stalled_after_days <= age_days <= ob.watch_until_days and not _activated(state, policy):
-        out["onboarding_stalled"] = (1.0, f"not activated after {age_days:.0f} days")
+        out["onboarding_stalled"] = (1.0, "not activated after {:.0f} days", (age_days,))
     failures = len(state.failed_payments)
     if failures or status in ("past_due", "unpaid"):
         if status == "unpaid" or (failures and not state.retry_pending):
-            out["payment_failed_final"] = (float(failures), f"{failures} failed payment(s), "
-                                                            "retries exhausted")
+            out["payment_failed_final"] = (float(failures), "{} failed payment(s), retries "
+                                                            "exhausted", (failures,))
         else:
-            out["payment_failed"] = (float(failures), f"{failures} failed payment(s), "
-                                                      "provider still retrying")
+            out["payment_failed"] = (float(failures), "{} failed payment(s), provider still "
+                                                      "retrying", (failures,))
     if state.card_expires_at is not None:
         renew = state.period_end or now + 30 * DAY
         if state.card_expires_at < max(renew, now + 30 * DAY) and not failures:
             days = (state.card_expires_at - now) / DAY
-            out["card_expiring"] = (1.0, f"card expires in {days:.0f} days, before renewal")
-    peak = max((p[1] for p in state.mrr_peak), default=0.0)
-    if peak > 0 and state.mrr_cents < peak:
-        drop = 1 - state.mrr_cents / peak
-        out["contraction"] = (drop, f"MRR down {drop:.0%} from its {w.horizon_days}-day peak")
+            out["card_expiring"] = (1.0, "card expires in {:.0f} days, before renewal", (days,))
+    if state.mrr_peak:
+        peak = max(p[1] for p in state.mrr_peak)
+        if peak > 0 and state.mrr_cents < peak:
+            drop = 1 - state.mrr_cents / peak
+            out["contraction"] = (drop, "MRR down {:.0%} from its {}-day peak",
+                                  (drop, w.horizon_days))
     if state.cancel_at_period_end:
-        out["cancellation_scheduled"] = (1.0, "cancels at the end of the billing period")
+        out["cancellation_scheduled"] = (1.0, "cancels at the end of the billing period", ())
     if paused:
-        detail = "subscription paused"
         if state.pause_resumes_at:
-            detail += f", resumes in {(state.pause_resumes_at - now) / DAY:.0f} days"
-        out["paused"] = (1.0, detail)
-    high = sum(state.open_tickets.values())
-    burden = len(state.open_tickets) + high + len(state.reopened) + len(state.slow_resolutions)
-    if burden:
-        out["support_burden"] = (float(burden), f"{len(state.open_tickets)} open ({high} high), "
-                                                f"{len(state.reopened)} reopened in 30d")
+            out["paused"] = (1.0, "subscription paused, resumes in {:.0f} days",
+                             ((state.pause_resumes_at - now) / DAY,))
+        else:
+            out["paused"] = (1.0, "subscription paused", ())
+    if state.open_tickets or state.reopened or state.slow_resolutions:
+        high = sum(state.open_tickets.values())
+        burden = len(state.open_tickets) + high + len(state.reopened) + len(
+            state.slow_resolutions)
+        out["support_burden"] = (float(burden), "{} open ({} high), {} reopened in 30d",
+                                 (len(state.open_tickets), high, len(state.reopened)))
     month_ago = now - 30 * DAY
     if state.bad_csat_at and state.bad_csat_at >= month_ago:
-        out["negative_feedback"] = (1.0, "bad CSAT in the last 30 days")
+        out["negative_feedback"] = (1.0, "bad CSAT in the last 30 days", ())
     elif state.nps is not None and state.nps <= 6 and (state.nps_at or 0) >= now - 90 * DAY:
-        out["negative_feedback"] = (1.0, f"NPS detractor ({state.nps})")
+        out["negative_feedback"] = (1.0, "NPS detractor ({})", (state.nps,))
     return out
-
-
-def _max_users(state: AccountState, first_day: int, last_day: int) -> int:
-    return max((b[USERS] for d, b in state.days.items() if first_day <= d <= last_day), default=0)
 
 
 def _activated(state: AccountState, policy: Policy) -> bool:
@@ -159,12 +187,12 @@ def _activated(state: AccountState, policy: Policy) -> bool:
 def score(state: AccountState, now: float, policy: Policy) -> Score:
     """The score, its natural band and its reasons, strongest first."""
     reasons = []
-    for code, (value, detail) in signals(state, now, policy).items():
+    for code, (value, template, args) in signals(state, now, policy).items():
         signal: Signal = getattr(policy.signals, code)
         points = signal.weight * strength(signal, value)
         if points > 0:
             kind, play = REASONS[code]
-            reasons.append(Reason(code, value, points, kind, play, detail))
+            reasons.append(Reason(code, value, points, kind, play, template.format(*args)))
     reasons.sort(key=lambda r: (-r.contribution, r.code))
     total = min(100.0, round(sum(r.contribution for r in reasons), 1))
     return Score(total, policy.band_of(total), tuple(reasons))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -52,7 +54,7 @@ class AccountState:
     first_seen: float = 0.0
     last_active: float = 0.0  # last usage event
     last_event: float = 0.0
-    days: dict[int, list[int]] = field(default_factory=dict)
+    days: dict[int, list[int]] = field(default_factory=dict)  # day -> bucket, in day order
     day_users: dict[int, list[int]] = field(default_factory=dict)  # recent days: user hashes
     features: dict[str, int] = field(default_factory=dict)  # feature -> last day used
     activated_at: float | None = None
@@ -105,30 +107,12 @@ class AccountState:
         data: dict[str, Any] = orjson.loads(raw)
         data.pop("v", None)
         base = data.pop("d0", 0)
-        data["days"] = {
-            row[0] + base: row[1:] + [0] * (_BUCKET_WIDTH - len(row) + 1) for row in data["days"]
+        data["days"] = {  # in day order, as _bucket keeps them
+            row[0] + base: row[1:] + [0] * (_BUCKET_WIDTH - len(row) + 1)
+            for row in sorted(data["days"], key=itemgetter(0))
         }
         data["day_users"] = {row[0]: row[1:] for row in data["day_users"]}
         return cls(**data)
-
-    # --- derived views -------------------------------------------------------------------
-
-    def window_sum(self, column: int, first_day: int, last_day: int) -> int:
-        days = self.days
-        if last_day - first_day < len(days):  # a short window: look its days up
-            total = 0
-            for d in range(first_day, last_day + 1):
-                b = days.get(d)
-                if b is not None:
-                    total += b[column]
-            return total
-        return sum(b[column] for d, b in days.items() if first_day <= d <= last_day)
-
-    def active_days(self, first_day: int, last_day: int) -> int:
-        return sum(1 for d, b in self.days.items() if first_day <= d <= last_day and b[USAGE])
-
-    def bucket_row(self, day: int) -> list[int]:
-        return self.days.get(day, [0] * _BUCKET_WIDTH)
 
 
 def is_duplicate(state: AccountState, source: str | None, offset: int, id_h: int) -> bool:
@@ -151,9 +135,14 @@ def _remember(state: AccountState, source: str | None, offset: int, id_h: int,
 
 
 def _bucket(state: AccountState, day: int) -> list[int]:
-    bucket = state.days.get(day)
+    days = state.days
+    bucket = days.get(day)
     if bucket is None:
-        bucket = state.days[day] = [0] * _BUCKET_WIDTH
+        bucket = [0] * _BUCKET_WIDTH
+        late = bool(days) and day < next(reversed(days))
+        days[day] = bucket
+        if late:  # keep days in order: windows read the newest, prune drops the oldest
+            state.days = dict(sorted(days.items()))
     return bucket
 
 
@@ -199,24 +188,66 @@ def apply_event(state: AccountState, event: Any, source: str | None, offset: int
 
 def _apply_usage(state: AccountState, event: Any, ts: float, day: int, today: int,
                  bucket: list[int], policy: Policy) -> None:
-    bucket[USAGE] += event.data.count
+    d = event.data
     if event.type == "session":
         bucket[SESSIONS] += 1
-    state.last_active = max(state.last_active, ts)
+    _use(state, bucket, day, d.name, d.feature, d.count, ts, ts, event.type == "activation",
+         policy)
     _count_user(state, day, event.user_id, today, policy)
-    feature = event.data.feature
+
+
+def _use(state: AccountState, bucket: list[int], day: int, name: str | None,
+         feature: str | None, count: int, first_ts: float, last_ts: float, activation: bool,
+         policy: Policy) -> None:
+    """Usage of one name on one day: a single event, or all of a day's events of that name
+    folded at once (``fold_day``); both give the same state."""
+    bucket[USAGE] += count
+    if last_ts > state.last_active:
+        state.last_active = last_ts
     if feature:
         if feature in state.features or len(state.features) < policy.limits.features:
             state.features[feature] = max(day, state.features.get(feature, day))
     key_events = policy.usage.key_events
-    if key_events and ((event.data.name or "").lower() in key_events
+    if key_events and ((name or "").lower() in key_events
                        or (feature or "").lower() in key_events):
-        bucket[KEY] += event.data.count
+        bucket[KEY] += count
     names = policy.onboarding.activation_events
     if state.activated_at is None and (
-        event.type == "activation" or (names and (event.data.name or "").lower() in names)
+        activation or (names and (name or "").lower() in names)
     ):
-        state.activated_at = ts
+        state.activated_at = first_ts
+
+
+@dataclass(slots=True)
+class DayUsage:
+    """One account's usage events of one day, already counted (a warehouse export read by
+    ``history.warehouse_days``): folding it equals folding its events one by one, in time
+    order, apart from the dedup ring (warehouse rows have no identity to dedup by)."""
+
+    account_id: str
+    occurred_at: datetime  # its first event: where it sorts among other events
+    last_ts: float
+    events: int
+    kinds: list[tuple[str, int, float, float]]  # (name, count, first ts, last ts), by first ts
+    users: list[str]  # distinct user ids of the day (at most policy.limits.day_users)
+
+
+def fold_day(state: AccountState, usage: DayUsage, now: float, policy: Policy) -> int:
+    """Fold a day's counted usage into ``state``; returns the day."""
+    first_ts = usage.occurred_at.timestamp()
+    day = day_of(first_ts)
+    state.seq += usage.events
+    if not state.first_seen or first_ts < state.first_seen:
+        state.first_seen = first_ts
+    state.last_event = max(state.last_event, usage.last_ts)
+    bucket = _bucket(state, day)
+    bucket[EVENTS] += usage.events
+    for name, count, kind_first, kind_last in usage.kinds:
+        _use(state, bucket, day, name, name, count, kind_first, kind_last, False, policy)
+    today = day_of(now)
+    for user in usage.users:
+        _count_user(state, day, user, today, policy)
+    return day
 
 
 def _apply_billing(state: AccountState, event: Any, ts: float) -> None:
@@ -305,9 +336,9 @@ def prune(state: AccountState, now: float, policy: Policy) -> None:
         state.activated_at = now
     today = day_of(now)
     oldest = today - policy.windows.horizon_days
-    if state.days and min(state.days) < oldest:
-        for d in [d for d in state.days if d < oldest]:
-            del state.days[d]
+    days = state.days
+    while days and (first := next(iter(days))) < oldest:  # days are in order: oldest first
+        del days[first]
     grace = today - policy.windows.grace_days
     if state.day_users and min(state.day_users) < grace:
         for d in [d for d in state.day_users if d < grace]:

@@ -126,6 +126,11 @@ def test_out_of_order_events_are_applied_to_their_day_and_counted_late() -> None
     assert in_order.late == 0
     assert shuffled.late == len(items) - 1  # each is older than the newest before it
     assert shuffled.state.days == in_order.state.days  # same windows either way
+    # days stay in day order (the windows read the newest, prune drops the oldest first)
+    assert list(shuffled.state.days) == sorted(shuffled.state.days)
+    shuffled.state.days = dict(reversed(shuffled.state.days.items()))  # as an old state had it
+    restored = AccountState.from_bytes(shuffled.state.to_bytes())
+    assert list(restored.days) == sorted(restored.days)
     assert shuffled.scored.score == in_order.scored.score
 
 
