@@ -26,6 +26,7 @@ from churnsignal.stream.policy import Policy
 from churnsignal.stream.state import DayUsage
 
 DAY = 86_400.0
+SPILL_BYTES = 500_000_000
 _FORMATS = {".csv": "CSVWithNames", ".tsv": "TSVWithNames", ".parquet": "Parquet"}
 
 
@@ -52,6 +53,10 @@ class Engine:
 
         self._dir = tempfile.TemporaryDirectory(prefix="churnsignal-history-")
         self.session = session.Session(self._dir.name)
+        # Group and sort in bounded memory: past this, the engine spills to its temp directory
+        # (a year of tens of thousands of accounts is gigabytes of rows).
+        self.session.query(f"SET max_bytes_before_external_group_by={SPILL_BYTES}, "
+                           f"max_bytes_before_external_sort={SPILL_BYTES}")
 
     def columns(self, path: Path) -> list[str]:
         if not path.is_file():
@@ -142,11 +147,21 @@ def warehouse_days(engine: Engine, path: Path, policy: Policy,
         f"  GROUP BY a, d, e) "
         f"GROUP BY a, d ORDER BY t0, a")
     for table in engine.tables(sql):
-        cols = [table.column(name).to_pylist() for name in
-                ("a", "t0", "t1", "n", "names", "counts", "firsts", "lasts", "users")]
-        for a, t0, t1, n, names, counts, firsts, lasts, users in zip(*cols, strict=True):
-            yield DayUsage(a, datetime.fromtimestamp(t0, tz=UTC), t1, n,
-                           list(zip(names, counts, firsts, lasts, strict=True)), users)
+        a, t0, t1, n = (table.column(c).to_pylist() for c in ("a", "t0", "t1", "n"))
+        # Lists flattened: one conversion per column, not one per row.
+        (names, at), (users, user_at) = _flat(table, "names"), _flat(table, "users")
+        counts, firsts, lasts = (_flat(table, c)[0] for c in ("counts", "firsts", "lasts"))
+        for i in range(len(a)):
+            k, end, u, u_end = at[i], at[i + 1], user_at[i], user_at[i + 1]
+            yield DayUsage(a[i], datetime.fromtimestamp(t0[i], tz=UTC), t1[i], n[i],
+                           list(zip(names[k:end], counts[k:end], firsts[k:end], lasts[k:end],
+                                    strict=True)), users[u:u_end])
+
+
+def _flat(table: Any, column: str) -> tuple[list[Any], list[int]]:
+    """A list column as its values and offsets (row i is values[offsets[i]:offsets[i+1]])."""
+    lists = table.column(column).combine_chunks()
+    return lists.values.to_pylist(), lists.offsets.to_pylist()  # offsets index .values
 
 
 def top_event_types(engine: Engine, path: Path, until: float, limit: int) -> list[str]:
