@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -19,19 +20,12 @@ from churnsignal.schemas.events import family_of
 from churnsignal.stream.policy import Policy
 
 DAY = 86_400.0
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: days as offsets + flat cells; 1 (still read): rows per day
 _PRIORITY_LEVEL = {"low": 0, "normal": 0, "high": 1, "urgent": 1}
 
 # Bucket columns: one list per day, indexed by these positions.
 EVENTS, USAGE, SESSIONS, USERS, BILLING, SUPPORT, KEY = range(7)
 _BUCKET_WIDTH = 7  # older states have 6 columns: from_bytes pads them (KEY counts from then)
-
-
-def _trim(bucket: list[int]) -> list[int]:
-    end = len(bucket)
-    while end and not bucket[end - 1]:
-        end -= 1
-    return bucket[:end]
 
 
 def day_of(ts: float) -> int:
@@ -95,22 +89,39 @@ class AccountState:
     def to_bytes(self) -> bytes:
         data = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
         data["v"] = STATE_VERSION
-        # Compact: days as offsets from the first one, buckets without trailing zeros.
-        base = min(self.days, default=0)
+        # Compact and cheap: the days as offsets from the first, their buckets as one flat
+        # list of cells (no per-bucket Python work: this runs for every state a flush writes).
+        days = self.days
+        base = next(iter(days), 0)  # days are in order
         data["d0"] = base
-        data["days"] = [[d - base, *_trim(b)] for d, b in self.days.items()]
+        data["days"] = [d - base for d in days]
+        cells = list(chain.from_iterable(days.values()))
+        width = _BUCKET_WIDTH
+        while width > 1 and not any(cells[width - 1::_BUCKET_WIDTH]):
+            width -= 1  # columns never used (billing, support, key events) are left out
+        if width < _BUCKET_WIDTH:
+            columns = [cells[c::_BUCKET_WIDTH] for c in range(width)]
+            cells = list(chain.from_iterable(zip(*columns, strict=True)))
+        data["w"] = width
+        data["cells"] = cells
         data["day_users"] = [[d, *u] for d, u in self.day_users.items()]
         return orjson.dumps(data)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> AccountState:
         data: dict[str, Any] = orjson.loads(raw)
-        data.pop("v", None)
+        version = data.pop("v", 1)
         base = data.pop("d0", 0)
-        data["days"] = {  # in day order, as _bucket keeps them
-            row[0] + base: row[1:] + [0] * (_BUCKET_WIDTH - len(row) + 1)
-            for row in sorted(data["days"], key=itemgetter(0))
-        }
+        if version >= 2:
+            width, cells = data.pop("w"), data.pop("cells")
+            pad = [0] * (_BUCKET_WIDTH - width)
+            data["days"] = {base + d: cells[i * width:(i + 1) * width] + pad
+                            for i, d in enumerate(data["days"])}
+        else:  # version 1: [[offset, *bucket without trailing zeros], ...], in any order
+            data["days"] = {
+                row[0] + base: row[1:] + [0] * (_BUCKET_WIDTH - len(row) + 1)
+                for row in sorted(data["days"], key=itemgetter(0))
+            }
         data["day_users"] = {row[0]: row[1:] for row in data["day_users"]}
         return cls(**data)
 

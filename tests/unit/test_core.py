@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import orjson
+
 from churnsignal.schemas.events import EVENT_ADAPTER
 from churnsignal.stream.engine import apply_batch, rescore
 from churnsignal.stream.policy import Policy
@@ -128,9 +130,16 @@ def test_out_of_order_events_are_applied_to_their_day_and_counted_late() -> None
     assert shuffled.state.days == in_order.state.days  # same windows either way
     # days stay in day order (the windows read the newest, prune drops the oldest first)
     assert list(shuffled.state.days) == sorted(shuffled.state.days)
-    shuffled.state.days = dict(reversed(shuffled.state.days.items()))  # as an old state had it
-    restored = AccountState.from_bytes(shuffled.state.to_bytes())
+    # States written by the previous version (1: a row per day, trailing zeros cut, in any
+    # order) still load, in day order, equal to what they held.
+    data = orjson.loads(shuffled.state.to_bytes())
+    width, cells = data.pop("w"), data.pop("cells")
+    rows = [[d, *cells[i * width:(i + 1) * width]] for i, d in enumerate(data["days"])]
+    data.update(v=1, days=[row[:5] for row in reversed(rows)])  # zero-tail cut (KEY, SUPPORT)
+    assert all(not any(row[5:]) for row in rows)
+    restored = AccountState.from_bytes(orjson.dumps(data))
     assert list(restored.days) == sorted(restored.days)
+    assert restored == shuffled.state
     assert shuffled.scored.score == in_order.scored.score
 
 
@@ -210,3 +219,39 @@ def test_a_flush_remembers_the_days_it_touched_and_puts_them_back_on_failure() -
     rows, events, _, touched = pending.take()
     assert touched == {"a": {1, 2}, "b": {5, 6}}
     assert events == ["pack-1", "pack-2", "pack-3"]
+
+
+def test_usage_events_read_back_from_packs_fold_like_their_models() -> None:
+    # The agent rebuilds usage events from packs without validating them again (the ingest
+    # did): the state must come out byte for byte as from the validated models.
+    from churnsignal.stream.packs import PackedUsage, event_of
+
+    models = [EVENT_ADAPTER.validate_python({
+        "event_id": f"e{i}", "account_id": "acme", "type": kind, "user_id": user,
+        "occurred_at": f"2026-11-2{i % 3}T1{i % 10}:00:00.25{i % 10}+0{i % 3}:00",
+        "data": data}) for i, (kind, user, data) in enumerate([
+            ("feature_used", "u1", {"name": "Report Exported", "feature": "reports"}),
+            ("session", None, {}),
+            ("track", "u2", {"name": "Dashboard Viewed", "count": 4}),
+            ("activation", "u1", {"name": "Project Created"}),
+            ("seat_activity", "u3", {"feature": "seats"})])]
+    billing = EVENT_ADAPTER.validate_python({
+        "event_id": "b1", "account_id": "acme", "type": "payment_failed",
+        "occurred_at": "2026-11-21T10:00:00Z", "data": {"next_attempt_at": None}})
+    dicts = [m.model_dump(mode="json") for m in [*models, billing]]
+    packed = [event_of(d) for d in dicts]
+    assert all(isinstance(p, PackedUsage) for p in packed[:-1])
+    assert type(packed[-1]) is type(billing)  # billing and support are validated again
+    for model, fast in zip(models, packed[:-1], strict=True):
+        assert (fast.event_id, fast.account_id, fast.type, fast.user_id, fast.occurred_at,
+                fast.data.name, fast.data.feature, fast.data.count) == (
+            model.event_id, model.account_id, model.type, model.user_id, model.occurred_at,
+            model.data.name, model.data.feature, model.data.count)
+    policy = Policy.model_validate({"usage": {"key_events": ["report exported"]},
+                                    "onboarding": {"activation_events": ["project created"]}})
+    wall = datetime(2026, 11, 25, tzinfo=UTC).timestamp()
+    slow = apply_batch(None, "acme", [("u/0", i, e) for i, e in enumerate([*models, billing])],
+                       wall, policy)
+    fast = apply_batch(None, "acme", [("u/0", i, e) for i, e in enumerate(packed)], wall, policy)
+    assert fast.state.to_bytes() == slow.state.to_bytes()
+    assert len(fast.facts) == len(slow.facts) == 1
