@@ -21,6 +21,7 @@ known before ``--until`` is used, labels included; the last part of that period 
 from __future__ import annotations
 
 import math
+from array import array
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -107,15 +108,18 @@ def _decline(recent: float, base: float, short: int, baseline: int, min_per_day:
     return decline(recent / short, base / baseline, min_per_day) or 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
+    """One checkpoint's features. Arrays, not lists: a year of tens of thousands of accounts
+    is millions of rows, and a list of floats costs four times the memory."""
+
     t: float
-    signals: list[float]
+    signals: array[float]
     label: int
     score: float
-    recent: list[float]
-    base: list[float]
-    active: list[int]
+    recent: array[float]
+    base: array[float]
+    active: array[int]
 
 
 @dataclass
@@ -168,8 +172,10 @@ def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
                 continue
             label = int(any(cp.as_of < d <= cp.as_of + horizon
                             for d in churn.get(cp.account_id, ())))
-            rows.append(Row(cp.as_of, feature_row(cp.state, cp.as_of, base), label, cp.score,
-                            *counts.windows(cp.account_id, cp.as_of)))
+            recent, base_counts, active = counts.windows(cp.account_id, cp.as_of)
+            rows.append(Row(cp.as_of, array("f", feature_row(cp.state, cp.as_of, base)), label,
+                            cp.score, array("f", recent), array("f", base_counts),
+                            array("H", active)))
             if label:
                 churners.setdefault(cp.as_of, set()).add(cp.account_id)
     finally:

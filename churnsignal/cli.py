@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from churnsignal import gc_tuning
 from churnsignal.errors import ChurnsignalError
 from churnsignal.logs import configure_logging
 from churnsignal.settings import Settings, load_settings
@@ -76,6 +77,7 @@ def run_worker(settings: Settings) -> None:
     level = {"debug": "debug", "info": "info", "warning": "warn", "error": "error"}
     worker = faust.Worker(runtime.app, loglevel=level[settings.log_level], quiet=True,
                           redirect_stdouts=False, override_logging=False)
+    gc_tuning.for_long_lived_state()
     with contextlib.suppress(SystemExit):
         worker.execute_from_commandline()
     runtime.sink.close()
@@ -291,6 +293,7 @@ def backtest(
 
                 bar.update(task, description=datetime.fromtimestamp(t, tz=UTC).date().isoformat())
 
+            gc_tuning.for_long_lived_state()
             report = run_backtest(inputs, scores_out, progress=step)
     except ChurnsignalError as exc:
         _fail(exc)
@@ -329,6 +332,7 @@ def calibrate(
 
     try:
         inputs = Inputs(events, subscriptions, load_policy(policy), None, horizon_days)
+        gc_tuning.for_long_lived_state()
         result = fit(inputs, history.iso_day(until), target_high_share=target_high_share)
     except ChurnsignalError as exc:
         typer.secho(f"churnsignal: {exc}", err=True, fg=typer.colors.RED)

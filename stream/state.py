@@ -331,9 +331,15 @@ def generic_activation(state: AccountState, policy: Policy) -> bool:
     """Activation by the generic rule: enough active days and distinct users, whatever the
     product's event names (used when the policy names no milestone events)."""
     ob = policy.onboarding
-    active = sum(1 for b in state.days.values() if b[USAGE] or b[SESSIONS])
-    users = max((b[USERS] for b in state.days.values()), default=0)
-    return active >= ob.min_active_days and users >= ob.min_active_users
+    active = users = 0
+    for b in state.days.values():  # stops once both are met (prune asks until they are)
+        if b[USAGE] or b[SESSIONS]:
+            active += 1
+        if b[USERS] > users:
+            users = b[USERS]
+        if active >= ob.min_active_days and users >= ob.min_active_users:
+            return True
+    return False
 
 
 def prune(state: AccountState, now: float, policy: Policy) -> None:
