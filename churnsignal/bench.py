@@ -41,7 +41,7 @@ from churnsignal.synthetic import (
     zendesk_ticket,
 )
 
-PEERS = ("ceiling", "faust", "quix")
+PEERS = ("ceiling", "faust-agent", "faust", "quix")
 
 
 @dataclass
@@ -290,6 +290,7 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     load_s, loaded = _time_state_load(settings, bootstrap, facts)
     results = {
         "ceiling_eps": median.get("ceiling"),
+        "faust_agent_eps": median.get("faust-agent"),
         "faust_count_eps": median.get("faust"),
         "quix_count_eps": median.get("quix"),
         "churnsignal_eps": median["churnsignal"],
@@ -317,7 +318,8 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     table.add_column("events/s (median)", justify="right")
     table.add_column("min - max", justify="right")
     table.add_column("churnsignal / system", justify="right")
-    labels = {"ceiling": "ceiling: aiokafka + orjson", "faust": "Faust windowed table count",
+    labels = {"ceiling": "ceiling: aiokafka + orjson", "faust-agent": "plain Faust agent (no table)",
+              "faust": "Faust windowed table count",
               "quix": "Quix Streams windowed count", "churnsignal": "churnsignal end to end"}
     for name, values in eps.items():
         table.add_row(labels[name], f"{median[name]:,.0f}",

@@ -1,6 +1,6 @@
 """The benchmark's peers, each run as its own process on the same pre-produced data.
 
-``python -m churnsignal.bench_peers {ceiling,faust,quix} BOOTSTRAP EXPECTED TOPIC...`` prints one
+``python -m churnsignal.bench_peers {ceiling,faust,faust-agent,quix} BOOTSTRAP EXPECTED TOPIC...`` prints one
 JSON line: {"events": n, "first": t, "last": t} (wall times of the first and last event seen).
 """
 
@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import defaultdict
 from typing import Any
 
 import orjson
@@ -64,8 +65,10 @@ async def ceiling(bootstrap: str, expected: int, topics: list[str]) -> None:
     _report(n, first, time.time())
 
 
-def faust_count(bootstrap: str, expected: int, topics: list[str]) -> None:
-    """The textbook Faust pipeline: an agent counting per account in a tumbling-window table."""
+def faust_count(bootstrap: str, expected: int, topics: list[str], *, table: bool = True) -> None:
+    """The textbook Faust pipeline: an agent counting per account in a tumbling-window table;
+    with ``table`` off, the plain agent: the same count in a dict (Faust's per-event cost
+    without any state machinery)."""
     import faust
 
     app = faust.App(f"bench-faust-{uuid.uuid4().hex[:8]}", broker=f"kafka://{bootstrap}",
@@ -74,7 +77,8 @@ def faust_count(bootstrap: str, expected: int, topics: list[str]) -> None:
                     broker_heartbeat_interval=2, datadir=tempfile.mkdtemp(prefix="bench-faust-"),
                     topic_partitions=int(os.environ.get("BENCH_PARTITIONS", "4")))
     source = app.topic(*topics, value_serializer="json", key_serializer="raw")
-    counts = app.Table("counts", default=int).tumbling(WINDOW_S, expires=86400)
+    counts: Any = app.Table("counts", default=int).tumbling(WINDOW_S, expires=86400) \
+        if table else defaultdict(int)
     progress = Progress(expected)
 
     @app.agent(source)
@@ -108,6 +112,8 @@ def main() -> None:
         asyncio.run(ceiling(bootstrap, int(expected), topics))
     elif kind == "faust":
         faust_count(bootstrap, int(expected), topics)
+    elif kind == "faust-agent":
+        faust_count(bootstrap, int(expected), topics, table=False)
     elif kind == "quix":
         quix_count(bootstrap, int(expected), topics)
     else:

@@ -126,20 +126,24 @@ def bench(
     events: Annotated[int, typer.Option(help="Events in the data set.")] = 200_000,
     accounts: Annotated[int, typer.Option(help="Accounts (activity is skewed).")] = 20_000,
     runs: Annotated[int, typer.Option(help="Runs of each system; medians are reported.")] = 3,
-    peers: Annotated[str, typer.Option(help="Comma-separated: ceiling,faust,quix.")]
-    = "ceiling,faust,quix",
+    peers: Annotated[str, typer.Option(help="Comma-separated: ceiling,faust-agent,faust,quix "
+                                       "(faust-agent: a plain Faust agent, no table).")]
+    = "ceiling,faust-agent,faust,quix",
     out: Annotated[Path, typer.Option(help="Where results.json goes.")] = Path(".bench"),
 ) -> None:
     """Throughput, latency and memory of churnsignal against the ceiling and the peers."""
-    from churnsignal.bench import run_bench
+    from churnsignal.bench import PEERS, run_bench
 
     try:
         settings = load_settings()
         configure_logging("warning", settings.log_format)
+        chosen = tuple(p for p in peers.split(",") if p)
+        unknown = set(chosen) - set(PEERS)
+        if unknown:
+            raise typer.BadParameter(f"unknown peer(s) {sorted(unknown)}; choose from {PEERS}")
         with broker_for(settings) as effective:
             run_bench(effective, effective.kafka_bootstrap_servers or "", events=events,
-                      accounts=accounts, runs=runs, out_dir=out,
-                      peers=tuple(p for p in peers.split(",") if p))
+                      accounts=accounts, runs=runs, out_dir=out, peers=chosen)
     except ChurnsignalError as exc:
         _fail(exc)
 
