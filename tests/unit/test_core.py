@@ -133,8 +133,8 @@ def test_out_of_order_events_are_applied_to_their_day_and_counted_late() -> None
     # States written by the previous version (1: a row per day, trailing zeros cut, in any
     # order) still load, in day order, equal to what they held.
     data = orjson.loads(shuffled.state.to_bytes())
-    width, cells = data.pop("w"), data.pop("cells")
-    rows = [[d, *cells[i * width:(i + 1) * width]] for i, d in enumerate(data["days"])]
+    buckets = zip(*data.pop("cols"), strict=True)
+    rows = [[d, *bucket] for d, bucket in zip(data["days"], buckets, strict=True)]
     data.update(v=1, days=[row[:5] for row in reversed(rows)])  # zero-tail cut (KEY, SUPPORT)
     assert all(not any(row[5:]) for row in rows)
     restored = AccountState.from_bytes(orjson.dumps(data))
