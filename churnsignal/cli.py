@@ -254,7 +254,7 @@ def report(
 @cli.command()
 def backtest(
     events: Annotated[str, typer.Option(help="Events: CSV/TSV/Parquet export (account_id, "
-                                        "event_time, event_type, user_id?, value?), JSONL of "
+                                        "event_time, event_type, user_id?; other columns ignored), JSONL of "
                                         "Stripe/Segment/Zendesk/canonical payloads, or a Kafka "
                                         "topic range kafka:TOPIC[,TOPIC...][?from=DATE&to=DATE] "
                                         "(KAFKA_BOOTSTRAP_SERVERS).")],

@@ -2,9 +2,10 @@
 
 A worker or a replay holds tens of thousands of account states: millions of small, long-lived
 lists and dicts. CPython's generational collector re-traverses all of them at every full
-collection, which at the default thresholds took about a third of the agent's CPU (measured
-on 20,000 accounts). The states hold no reference cycles, so reference counting frees them;
-cycles come from asyncio and Faust internals, which are young. So: freeze what start-up built,
+collection, which at the default thresholds took about a third of the agent's time in a
+micro-benchmark of 20,000 accounts (docs/benchmark.md). The states hold no reference
+cycles, so reference counting frees them; cycles come from asyncio and Faust internals,
+which are young. So: freeze what start-up built,
 and let the older generations be collected rarely.
 """
 

@@ -92,30 +92,46 @@ def _require(path: Path, columns: list[str], needed: tuple[str, ...]) -> None:
         raise HistoryError(f"{path}: missing column(s) {', '.join(missing)} (has {columns})")
 
 
+def _ms(expr: str) -> str:
+    """Any date/time column (text, DateTime, epoch) as Unix milliseconds (NULL if unreadable)."""
+    return f"toUnixTimestamp64Milli(parseDateTime64BestEffortOrNull(toString({expr}), 3, 'UTC'))"
+
+
 def _ts(expr: str) -> str:
-    """Any date/time column (text, DateTime, epoch) as Unix seconds."""
-    return (f"toFloat64(toUnixTimestamp64Milli(parseDateTime64BestEffortOrNull("
-            f"toString({expr}), 3, 'UTC'))) / 1000")
+    """Any date/time column as Unix seconds."""
+    return f"toFloat64({_ms(expr)}) / 1000"
+
+
+def _warehouse_rows(engine: Engine, path: Path, until: float | None = None) -> str:
+    """The rows of an events export as SQL (a, ms, e, u): what a row means, for both readers.
+    Names and ids are cut at 200 characters, a blank type is "event", a blank user none."""
+    columns = engine.columns(path)
+    _require(path, columns, ("account_id", "event_time", "event_type"))
+    user = "toString(user_id)" if "user_id" in columns else "''"
+    limit = f" AND ms <= {int(until * 1000)}" if until is not None else ""
+    # Only the file path comes from outside, quoted by _literal; the rest are our columns.
+    return (f"SELECT substringUTF8(toString(account_id), 1, 200) AS a, "  # noqa: S608
+            f"{_ms('event_time')} AS ms, "
+            f"if(ifNull(toString(event_type), '') = '', 'event', "
+            f"substringUTF8(toString(event_type), 1, 200)) AS e, "
+            f"substringUTF8(ifNull({user}, ''), 1, 200) AS u "
+            f"FROM file({_literal(path)}, '{_format(path)}') "
+            f"WHERE a != '' AND ms IS NOT NULL{limit}")
 
 
 def warehouse_events(engine: Engine, path: Path) -> Iterator[Any]:
     """Canonical usage events from an events export (account_id, event_time, event_type,
-    user_id?, value?), in event-time order. Event types are the product's own names."""
-    columns = engine.columns(path)
-    _require(path, columns, ("account_id", "event_time", "event_type"))
-    user = "toString(user_id)" if "user_id" in columns else "''"
-    # Only the file path comes from outside, quoted by _literal; the rest are our columns.
-    sql = (f"SELECT toString(account_id) AS a, {_ts('event_time')} AS t, "  # noqa: S608
-           f"toString(event_type) AS e, ifNull({user}, '') AS u "
-           f"FROM file({_literal(path)}, '{_format(path)}') "
-           f"WHERE a != '' AND t IS NOT NULL ORDER BY t")
+    user_id?; other columns are ignored), one per row, in event-time order. Event types are
+    the product's own names. The backtest reads ``warehouse_days`` instead, which must fold
+    to the same states (tested); this is the per-row reference."""
+    rows = _warehouse_rows(engine, path)
+    sql = f"SELECT a, ms / 1000 AS t, e, u FROM ({rows}) ORDER BY ms"  # noqa: S608
     for n, row in enumerate(engine.stream(sql)):
-        name = (row["e"] or "")[:200] or "event"
         yield EVENT_ADAPTER.validate_python({
-            "event_id": f"w{n}", "account_id": row["a"][:200], "type": "track",
-            "user_id": row["u"][:200] or None,
+            "event_id": f"w{n}", "account_id": row["a"], "type": "track",
+            "user_id": row["u"] or None,
             "occurred_at": datetime.fromtimestamp(row["t"], tz=UTC),
-            "data": {"name": name, "feature": name}})
+            "data": {"name": row["e"], "feature": row["e"]}})
 
 
 def warehouse_days(engine: Engine, path: Path, policy: Policy,
@@ -123,28 +139,16 @@ def warehouse_days(engine: Engine, path: Path, policy: Policy,
     """The same rows as ``warehouse_events``, counted per account and day by the engine (a
     ``DayUsage`` each, ordered by its first event): folding a day's counts costs what one
     event did, so a year of tens of thousands of accounts replays in minutes."""
-    columns = engine.columns(path)
-    _require(path, columns, ("account_id", "event_time", "event_type"))
-    user = "toString(user_id)" if "user_id" in columns else "''"
-    ms = "toUnixTimestamp64Milli(parseDateTime64BestEffortOrNull(toString(event_time), 3, 'UTC'))"
-    limit = f" AND ms <= {int(until * 1000)}" if until is not None else ""
+    rows = _warehouse_rows(engine, path, until)
     by_first = "arraySort((x, y) -> y, groupArray({}), groupArray(f))"
-    # The mapping of a row is warehouse_events' (names and ids cut at 200 characters).
-    # Only the quoted path comes from outside; the rest are our columns and numbers.
     sql = (
         f"SELECT a, min(f) AS t0, max(l) AS t1, toInt64(sum(c)) AS n, "  # noqa: S608
         f"{by_first.format('e')} AS names, {by_first.format('c')} AS counts, "
         f"{by_first.format('f')} AS firsts, {by_first.format('l')} AS lasts, "
         f"groupUniqArrayArray({int(policy.limits.day_users)})(us) AS users FROM ("
         f"  SELECT a, intDiv(ms, 86400000) AS d, e, toInt64(count()) AS c, "
-        f"  min(ms) / 1000 AS f, max(ms) / 1000 AS l, groupUniqArrayIf(u, u != '') AS us FROM ("
-        f"    SELECT substringUTF8(toString(account_id), 1, 200) AS a, {ms} AS ms, "
-        f"    if(ifNull(toString(event_type), '') = '', 'event', "
-        f"       substringUTF8(toString(event_type), 1, 200)) AS e, "
-        f"    substringUTF8(ifNull({user}, ''), 1, 200) AS u "
-        f"    FROM file({_literal(path)}, '{_format(path)}') "
-        f"    WHERE a != '' AND ms IS NOT NULL{limit}) "
-        f"  GROUP BY a, d, e) "
+        f"  min(ms) / 1000 AS f, max(ms) / 1000 AS l, groupUniqArrayIf(u, u != '') AS us "
+        f"  FROM ({rows}) GROUP BY a, d, e) "
         f"GROUP BY a, d ORDER BY t0, a")
     for table in engine.tables(sql):
         a, t0, t1, n = (table.column(c).to_pylist() for c in ("a", "t0", "t1", "n"))
@@ -165,20 +169,16 @@ def _flat(table: Any, column: str) -> tuple[list[Any], list[int]]:
 
 
 def top_event_types(engine: Engine, path: Path, until: float, limit: int) -> list[str]:
-    """The most frequent event types before ``until``: calibration's candidates."""
-    columns = engine.columns(path)
-    _require(path, columns, ("account_id", "event_time", "event_type"))
-    sql = (f"SELECT toString(event_type) AS e, count() AS n "  # noqa: S608 - quoted path only
-           f"FROM file({_literal(path)}, '{_format(path)}') "
-           f"WHERE {_ts('event_time')} <= {float(until)!r} AND e != '' "
+    """The most frequent event types before ``until``: calibration's candidates (named as
+    the replay names them)."""
+    sql = (f"SELECT e, count() AS n FROM ({_warehouse_rows(engine, path, until)}) "  # noqa: S608
            f"GROUP BY e ORDER BY n DESC, e LIMIT {int(limit)}")
-    return [row["e"][:200] for row in engine.rows(sql)]
+    return [row["e"] for row in engine.rows(sql)]
 
 
 def last_event_time(engine: Engine, path: Path) -> float | None:
-    sql = (f"SELECT max({_ts('event_time')}) AS t "  # noqa: S608 - quoted path only
-           f"FROM file({_literal(path)}, '{_format(path)}')")
-    rows = engine.rows(sql)
+    """The newest row the replay reads (None for an export without any)."""
+    rows = engine.rows(f"SELECT max(ms) / 1000 AS t FROM ({_warehouse_rows(engine, path)})")  # noqa: S608
     return rows[0]["t"] if rows else None
 
 

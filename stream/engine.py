@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from churnsignal.schemas.alerts import Alert
-from churnsignal.schemas.events import USAGE_TYPES
+from churnsignal.schemas.events import USAGE_TYPE_SET
 from churnsignal.stream.alerts import decide
 from churnsignal.stream.clock import is_live, scoring_time
 from churnsignal.stream.policy import Policy
@@ -24,8 +24,6 @@ from churnsignal.stream.state import (
     fold_day,
     prune,
 )
-
-_USAGE = frozenset(USAGE_TYPES)
 
 # One item of a batch: (source "topic/partition" or None, offset, canonical event).
 Item = tuple[str | None, int, Any]
@@ -81,7 +79,7 @@ def fold(state: AccountState | None, account_id: str, items: Iterable[Item], wal
         out.days.add(day)
         if event.occurred_at.timestamp() < newest_before:
             out.late += 1  # still applied to its own day: windows are by event time
-        if event.type not in _USAGE:
+        if event.type not in USAGE_TYPE_SET:
             out.facts.append((event, mrr_before, out.state.involuntary_end, out.state.seq))
         if out.newest is None or event.occurred_at >= out.newest.occurred_at:
             out.newest = event

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiokafka.partitioner import murmur2
 
-from churnsignal.schemas.events import EVENT_ADAPTER, SCHEMA_VERSION, USAGE_TYPES
+from churnsignal.schemas.events import EVENT_ADAPTER, SCHEMA_VERSION, USAGE_TYPE_SET
 
 MAX_PACK_ITEMS = 2000  # keeps a pack well under Kafka's default 1 MB message limit
 
@@ -82,8 +82,6 @@ class PackedUsage:
     data: PackedUsageData
 
 
-_USAGE = frozenset(USAGE_TYPES)
-
 
 def event_of(data: dict[str, Any]) -> Any:
     """A pack item's canonical event. The ingest validated every event before packing it and
@@ -91,7 +89,8 @@ def event_of(data: dict[str, Any]) -> Any:
     rebuilt without validating them again (a fifth of the cost of the agent's folding);
     billing and support events, few and read field by field into rows, are validated
     into their models."""
-    if data.get("type") in _USAGE and data.get("schema_version", SCHEMA_VERSION) == SCHEMA_VERSION:
+    if (data.get("type") in USAGE_TYPE_SET
+            and data.get("schema_version", SCHEMA_VERSION) == SCHEMA_VERSION):
         d = data.get("data") or {}
         return PackedUsage(data["event_id"], data["account_id"], data["type"],
                            data.get("user_id"), datetime.fromisoformat(data["occurred_at"]),

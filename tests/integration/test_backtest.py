@@ -158,7 +158,8 @@ def test_counted_days_replay_exactly_like_their_events(tmp_path: Path) -> None:
 
     generate(tmp_path, accounts=40, days=150, seed=11)
     events, subs_file = tmp_path / "events.csv", tmp_path / "subscriptions.csv"
-    with events.open("a") as fh:  # a row without user, a blank type, a late row, a long name
+    with events.open("a") as fh:  # a row without user, a blank type, a long name,
+        # and a row out of the file's time order
         fh.write("acct-0001,2025-03-01 10:00:00,,\n")
         fh.write(f"acct-0002,2025-02-27 23:59:59.999,{'x' * 250},u9\n")
         fh.write("acct-0002,2025-01-03 00:00:00,Report Exported,u1\n")

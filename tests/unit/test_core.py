@@ -133,10 +133,17 @@ def test_out_of_order_events_are_applied_to_their_day_and_counted_late() -> None
     # States written by the previous version (1: a row per day, trailing zeros cut, in any
     # order) still load, in day order, equal to what they held.
     data = orjson.loads(shuffled.state.to_bytes())
-    buckets = zip(*data.pop("cols"), strict=True)
-    rows = [[d, *bucket] for d, bucket in zip(data["days"], buckets, strict=True)]
-    data.update(v=1, days=[row[:5] for row in reversed(rows)])  # zero-tail cut (KEY, SUPPORT)
-    assert all(not any(row[5:]) for row in rows)
+    del data["cols"]
+
+    def cut(bucket: list[int]) -> list[int]:  # format 1 left out each bucket's zero tail
+        while bucket and not bucket[-1]:
+            bucket = bucket[:-1]
+        return bucket
+
+    rows = [[d - data["d0"], *cut(b)] for d, b in reversed(shuffled.state.days.items())]
+    assert all(len(row) < 1 + len(b) for row, b in zip(rows, shuffled.state.days.values(),
+                                                        strict=False))
+    data.update(v=1, days=rows)
     restored = AccountState.from_bytes(orjson.dumps(data))
     assert list(restored.days) == sorted(restored.days)
     assert restored == shuffled.state
@@ -255,3 +262,20 @@ def test_usage_events_read_back_from_packs_fold_like_their_models() -> None:
     fast = apply_batch(None, "acme", [("u/0", i, e) for i, e in enumerate(packed)], wall, policy)
     assert fast.state.to_bytes() == slow.state.to_bytes()
     assert len(fast.facts) == len(slow.facts) == 1
+
+
+def test_usage_windows_sum_the_recent_and_baseline_days_only() -> None:
+    # Days are read newest first and the scan stops below the baseline: a day ahead of the
+    # scoring time (a producer's clock running fast) and one before the baseline count for
+    # nothing; users are the most of a recent day.
+    from churnsignal.stream.scoring import usage_windows
+    from churnsignal.stream.state import KEY, USAGE, USERS
+
+    state = AccountState("acme")
+    for day, usage, key, users in [(70, 50, 5, 9), (80, 4, 1, 3), (95, 6, 2, 2), (99, 1, 0, 1),
+                                   (100, 2, 1, 5), (103, 70, 7, 8)]:
+        bucket = [0] * 7
+        bucket[USAGE], bucket[KEY], bucket[USERS] = usage, key, users
+        state.days[day] = bucket
+    # today 100, recent window 94..100, baseline 72..93
+    assert usage_windows(state, 94, 72, 100) == (6 + 1 + 2, 4, 2 + 0 + 1, 1, 5)
