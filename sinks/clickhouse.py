@@ -15,8 +15,8 @@ from typing import Any
 
 import clickhouse_connect
 
+from churnsignal.app.settings import mask_dsn
 from churnsignal.errors import SinkUnavailable
-from churnsignal.settings import mask_dsn
 from churnsignal.sinks import ddl
 from churnsignal.stream.rows import (
     ALERT_COLUMNS,

@@ -35,11 +35,12 @@ import orjson
 from faust.types import TP
 from tenacity import AsyncRetrying, wait_exponential_jitter
 
-from churnsignal.kafka_client import faust_credentials
-from churnsignal.metrics import Metrics
+from churnsignal.app.kafka_client import faust_credentials
+from churnsignal.app.metrics import Metrics
+from churnsignal.app.settings import Settings
+from churnsignal.app.webhook import WebhookNotifier
 from churnsignal.schemas.decode import DecodeOptions
 from churnsignal.schemas.identity import is_identity
-from churnsignal.settings import Settings
 from churnsignal.sinks.clickhouse import ClickHouseSink
 from churnsignal.stream import packs
 from churnsignal.stream.clock import PartitionClock
@@ -50,7 +51,6 @@ from churnsignal.stream.policy import Policy, load_policy
 from churnsignal.stream.rows import alert_row, daily_rows, fact_rows, score_row
 from churnsignal.stream.state import AccountState
 from churnsignal.stream.statelog import PartitionLoads, read_partitions
-from churnsignal.webhook import WebhookNotifier
 
 log = logging.getLogger("churnsignal")
 
@@ -699,7 +699,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         for partition in range(s.partitions):
             await ingested.send(value=now, partition=partition)
 
-    from churnsignal.web import register_views
+    from churnsignal.app.web import register_views
 
     register_views(runtime)
     return runtime

@@ -25,11 +25,11 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from churnsignal.kafka_client import connection_options
-from churnsignal.metrics import Metrics
+from churnsignal.app.kafka_client import connection_options
+from churnsignal.app.metrics import Metrics
+from churnsignal.app.settings import Settings
 from churnsignal.schemas.decode import DecodeOptions, decode
 from churnsignal.schemas.results import Accepted, Rejected
-from churnsignal.settings import Settings
 from churnsignal.stream import deadletter, packs
 from churnsignal.stream.identity import link_item
 

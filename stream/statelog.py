@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from churnsignal.settings import Settings
+from churnsignal.app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ async def read_partitions(settings: Settings, partitions: Iterable[int],
     """Every key's newest value in these changelog partitions (deletes applied)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from churnsignal.kafka_client import connection_options, read_to_end
+    from churnsignal.app.kafka_client import connection_options, read_to_end
 
     topic = settings.state_topic
     tps = [TopicPartition(topic, p) for p in sorted(set(partitions))]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from churnsignal.embedded import EmbeddedBroker
+from churnsignal.app.embedded import EmbeddedBroker
 
 
 def _docker_answers() -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from churnsignal.synthetic import (
+from churnsignal.tools.synthetic import (
     DAY,
     FEATURES,
     segment_track,

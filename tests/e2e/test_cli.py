@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow]
 def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> tuple[
         int, str, float]:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "churnsignal.cli", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "churnsignal", *args], capture_output=True,
                           text=True, timeout=timeout,
                           env={**{k: v for k, v in os.environ.items()
                                   if k != "KAFKA_BOOTSTRAP_SERVERS"}, **(env or {})})
@@ -96,7 +96,7 @@ def test_a_killed_demo_takes_its_worker_and_broker_with_it(tmp_path: Path) -> No
     output = tmp_path / "demo.out"
     with output.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "churnsignal.cli", "demo", "--duration", "60",
+            [sys.executable, "-m", "churnsignal", "demo", "--duration", "60",
              "--accounts", "50", "--state-dir", str(state_dir)], stdout=out, stderr=out,
             env={k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"})
     try:

@@ -26,6 +26,6 @@ def _failing_insert(self: Any, *args: Any, **kwargs: Any) -> Any:
 Client.insert = _failing_insert  # type: ignore[method-assign]
 
 if __name__ == "__main__":
-    from churnsignal.cli import main
+    from churnsignal.app.cli import main
 
     main()

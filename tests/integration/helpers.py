@@ -17,10 +17,10 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from churnsignal.demo import http_json, start_worker, stop_process
-from churnsignal.embedded import free_port
-from churnsignal.kafka_client import ensure_topics, read_to_end
-from churnsignal.settings import Settings
+from churnsignal.app.embedded import free_port
+from churnsignal.app.kafka_client import ensure_topics, read_to_end
+from churnsignal.app.settings import Settings
+from churnsignal.tools.demo import http_json, start_worker, stop_process
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Worker:
     """A real `churnsignal worker` process."""
 
     def __init__(self, env: Env, extra: dict[str, str] | None = None,
-                 module: str = "churnsignal.cli", state_dir: Path | None = None) -> None:
+                 module: str = "churnsignal", state_dir: Path | None = None) -> None:
         self.env = env
         self.port = free_port()
         self.state_dir = state_dir or env.state_dir

@@ -13,14 +13,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from churnsignal.backtest import Inputs, load_native, merge_by_time, run_backtest
-from churnsignal.calibrate import TooLittleData, calibrate
-from churnsignal.history import DAY
-from churnsignal.history_native import NativeHistory, native_events
+from churnsignal.offline.backtest import Inputs, load_native, merge_by_time, run_backtest
+from churnsignal.offline.calibrate import TooLittleData, calibrate
+from churnsignal.offline.history import DAY
+from churnsignal.offline.history_native import NativeHistory, native_events
+from churnsignal.offline.synthetic_history import generate
 from churnsignal.stream.engine import apply_batch
 from churnsignal.stream.policy import Policy, load_policy
 from churnsignal.stream.scoring import score
-from churnsignal.synthetic_history import generate
 from tests.integration.helpers import Worker, figures, new_env, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -131,7 +131,7 @@ def test_calibration_lifts_auc_out_of_time_and_refuses_tiny_data(tmp_path: Path)
     assert result.weights["key_event_decline"] > 0
     # the written policy loads in the worker unchanged
     out = tmp_path / "policy.yaml"
-    done = subprocess.run([sys.executable, "-m", "churnsignal.cli", "calibrate", "--events",
+    done = subprocess.run([sys.executable, "-m", "churnsignal", "calibrate", "--events",
                            str(inputs.events), "--subscriptions", str(inputs.subscriptions),
                            "--until", "2025-10-01", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
@@ -153,8 +153,8 @@ def test_counted_days_replay_exactly_like_their_events(tmp_path: Path) -> None:
     """The backtest reads warehouse exports counted per account and day; folding those counts
     must give what folding every row as its own event gives: the same checkpoints, scores,
     bands and states (key and activation events named, so every path of the fold is used)."""
-    from churnsignal import history
-    from churnsignal.backtest import replay
+    from churnsignal.offline import history
+    from churnsignal.offline.backtest import replay
 
     generate(tmp_path, accounts=40, days=150, seed=11)
     events, subs_file = tmp_path / "events.csv", tmp_path / "subscriptions.csv"

@@ -157,7 +157,7 @@ async def test_grafana_dashboard_queries_run_and_name_real_metrics(sink: ClickHo
     import json
     import re
 
-    from churnsignal.metrics import Metrics
+    from churnsignal.app.metrics import Metrics
 
     history = hundred_customers()
     with_late_cancellation(history)

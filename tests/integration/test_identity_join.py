@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from churnsignal.synthetic import stripe_event, stripe_subscription
+from churnsignal.tools.synthetic import stripe_event, stripe_subscription
 from tests.integration.helpers import Worker, clickhouse_query, metric, new_env, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

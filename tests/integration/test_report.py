@@ -41,7 +41,7 @@ def test_report_is_self_contained_and_its_charts_draw(tmp_path: Path) -> None:
     sink.close()
 
     out = tmp_path / "report.html"
-    done = subprocess.run([sys.executable, "-m", "churnsignal.cli", "report", "--out", str(out),
+    done = subprocess.run([sys.executable, "-m", "churnsignal", "report", "--out", str(out),
                            "--dsn", dsn], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     page = out.read_text()

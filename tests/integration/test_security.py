@@ -36,7 +36,7 @@ def test_wrong_password_is_one_clear_error_within_the_timeout(tmp_path: Path) ->
            "CHURNSIGNAL_STATE_DIR": str(tmp_path), "CHURNSIGNAL_KAFKA__CONNECT_TIMEOUT_S": "20",
            **_sasl_env("not-the-password")}
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "churnsignal.cli", "worker"], env=env,
+    done = subprocess.run([sys.executable, "-m", "churnsignal", "worker"], env=env,
                           capture_output=True, text=True, timeout=120)
     took = time.monotonic() - started
     out = done.stdout + done.stderr

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from churnsignal.schemas.decode import DecodeOptions, decode
 from churnsignal.schemas.results import Accepted, Rejected, Skipped
 from churnsignal.schemas.stripe import monthly_cents
-from churnsignal.synthetic import stripe_event, stripe_subscription, zendesk_ticket
+from churnsignal.tools.synthetic import stripe_event, stripe_subscription, zendesk_ticket
 
 NOW = 1_764_000_000.0
 OPTS = DecodeOptions()

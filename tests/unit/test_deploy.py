@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from churnsignal.settings import load_settings
+from churnsignal.app.settings import load_settings
 
 MANIFEST = Path(__file__).parents[2] / "deploy" / "k8s" / "churnsignal.yaml"
 

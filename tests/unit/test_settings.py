@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from churnsignal.app.settings import load_settings, mask_dsn
 from churnsignal.errors import ConfigError
-from churnsignal.settings import load_settings, mask_dsn
 from churnsignal.stream.packs import partition_for
 
 
@@ -70,8 +70,8 @@ def test_secrets_can_come_from_files(monkeypatch: pytest.MonkeyPatch, tmp_path) 
 
 
 def test_a_kafka_topic_range_is_parsed_with_its_time_bounds() -> None:
-    from churnsignal.history import HistoryError
-    from churnsignal.history_kafka import KafkaRange
+    from churnsignal.offline.history import HistoryError
+    from churnsignal.offline.history_kafka import KafkaRange
 
     r = KafkaRange.parse("kafka:usage.events,billing.events?from=2026-01-01&to=2026-02-01T12:00+01:00")
     assert r.topics == ("usage.events", "billing.events")

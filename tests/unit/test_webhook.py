@@ -10,10 +10,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from churnsignal.metrics import Metrics
+from churnsignal.app.metrics import Metrics
+from churnsignal.app.settings import WebhookSettings
+from churnsignal.app.webhook import WebhookNotifier, slack_payload
 from churnsignal.schemas.alerts import Alert, AlertReason
-from churnsignal.settings import WebhookSettings
-from churnsignal.webhook import WebhookNotifier, slack_payload
 
 
 def _alert(n: int = 1) -> Alert:
@@ -115,7 +115,7 @@ async def test_slack_format(server: tuple[Endpoint, str]) -> None:
 
 
 def test_webhook_url_is_a_secret() -> None:
-    from churnsignal.settings import Settings
+    from churnsignal.app.settings import Settings
 
     s = Settings(webhook={"url": "https://hooks.slack.com/services/T0/B0/SECRET"})
     assert "SECRET" not in str(s.masked())

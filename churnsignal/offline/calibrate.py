@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
-from churnsignal.backtest import Inputs, merge_by_time, replay
 from churnsignal.errors import ChurnsignalError
-from churnsignal.history import DAY
+from churnsignal.offline.backtest import Inputs, merge_by_time, replay
+from churnsignal.offline.history import DAY
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.scoring import decline, signals, strength
 from churnsignal.stream.state import DayUsage, day_of
@@ -144,7 +144,7 @@ def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
     import numpy as np
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from churnsignal import history
+    from churnsignal.offline import history
 
     base = inputs.policy
     w = base.windows

@@ -28,11 +28,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from churnsignal.demo import http_json, start_worker, stop_process
-from churnsignal.embedded import free_port, wait_for_port
-from churnsignal.kafka_client import ensure_topics
-from churnsignal.settings import Settings
-from churnsignal.synthetic import (
+from churnsignal.app.embedded import free_port, wait_for_port
+from churnsignal.app.kafka_client import ensure_topics
+from churnsignal.app.settings import Settings
+from churnsignal.tools.demo import http_json, start_worker, stop_process
+from churnsignal.tools.synthetic import (
     DAY,
     FEATURES,
     segment_track,
@@ -101,7 +101,7 @@ async def produce_dataset(bootstrap: str, data: Dataset, records: list[Any]) -> 
 
 def run_peer(kind: str, bootstrap: str, data: Dataset, timeout: float) -> float:
     env = {**os.environ, "BENCH_PARTITIONS": str(data.partitions)}
-    proc = subprocess.run([sys.executable, "-m", "churnsignal.bench_peers", kind, bootstrap,
+    proc = subprocess.run([sys.executable, "-m", "churnsignal.tools.bench_peers", kind, bootstrap,
                            str(data.events), *data.topics.values()], capture_output=True,
                           text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -10,9 +10,14 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from churnsignal.errors import BrokerUnavailable
+
+if TYPE_CHECKING:
+    from churnsignal.app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +109,26 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# Tansu lets a group form only after half the rebalance timeout: keep it short when embedded.
+EMBEDDED_REBALANCE_S = 6.0
+
+
+@contextlib.contextmanager
+def broker_for(settings: Settings) -> Iterator[Settings]:
+    """The configured broker, or an embedded Tansu for the duration of the block."""
+    if not settings.embedded_broker:
+        yield settings
+        return
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    broker = EmbeddedBroker(log_path=settings.state_dir / "tansu.log").start()
+    try:
+        kafka = settings.kafka.model_copy(update={
+            "rebalance_timeout_s": min(settings.kafka.rebalance_timeout_s, EMBEDDED_REBALANCE_S),
+            "session_timeout_s": min(settings.kafka.session_timeout_s, EMBEDDED_REBALANCE_S),
+        })
+        yield settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap,
+                                          "kafka": kafka})
+    finally:
+        broker.stop()

@@ -25,11 +25,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from churnsignal.cli import EMBEDDED_REBALANCE_S
-from churnsignal.embedded import PARENT_PID_ENV, EmbeddedBroker, free_port, wait_for_port
-from churnsignal.kafka_client import ensure_topics
-from churnsignal.settings import Settings
-from churnsignal.synthetic import Generator
+from churnsignal.app.embedded import (
+    EMBEDDED_REBALANCE_S,
+    PARENT_PID_ENV,
+    EmbeddedBroker,
+    free_port,
+    wait_for_port,
+)
+from churnsignal.app.kafka_client import ensure_topics
+from churnsignal.app.settings import Settings
+from churnsignal.tools.synthetic import Generator
 
 ANALYST_SQL = """SELECT band, count() AS accounts, round(sum(mrr_cents) / 100) AS mrr_usd
 FROM account_risk GROUP BY band ORDER BY accounts DESC"""
@@ -37,7 +42,7 @@ FROM account_risk GROUP BY band ORDER BY accounts DESC"""
 
 def start_worker(settings: Settings, bootstrap: str, state_dir: Path, port: int,
                  extra_env: dict[str, str] | None = None,
-                 module: str = "churnsignal.cli") -> subprocess.Popen[bytes]:
+                 module: str = "churnsignal") -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,

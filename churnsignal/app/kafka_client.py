@@ -11,8 +11,8 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from churnsignal.app.settings import Settings
 from churnsignal.errors import BrokerUnavailable
-from churnsignal.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from churnsignal.history import DAY, Subscriptions
-from churnsignal.settings import Settings
+from churnsignal.app.settings import Settings
+from churnsignal.offline.history import DAY, Subscriptions
 from churnsignal.stream.engine import fold, rescore
 from churnsignal.stream.policy import BANDS, Policy
 from churnsignal.stream.state import AccountState, prune
@@ -279,13 +279,13 @@ NATIVE_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 def load_native(inputs: Inputs, progress: Callable[[int], None] | None = None) -> Any:
     """Native payloads (JSONL file or Kafka range) decoded and sorted: a NativeHistory."""
-    from churnsignal.history_kafka import KafkaRange, is_kafka, read_range
-    from churnsignal.history_native import NativeHistory
+    from churnsignal.offline.history_kafka import KafkaRange, is_kafka, read_range
+    from churnsignal.offline.history_native import NativeHistory
 
     native = NativeHistory(inputs.account_key)
     try:
         if isinstance(inputs.events, str) and is_kafka(inputs.events):
-            from churnsignal.settings import load_settings
+            from churnsignal.app.settings import load_settings
 
             read_range(KafkaRange.parse(inputs.events), inputs.settings or load_settings(),
                        native.add, progress)
@@ -298,7 +298,7 @@ def load_native(inputs: Inputs, progress: Callable[[int], None] | None = None) -
 
 
 def is_native(events: Path | str) -> bool:
-    from churnsignal.history_kafka import is_kafka
+    from churnsignal.offline.history_kafka import is_kafka
 
     return is_kafka(str(events)) or Path(events).suffix.lower() in NATIVE_SUFFIXES
 
@@ -306,7 +306,7 @@ def is_native(events: Path | str) -> bool:
 def run_backtest(inputs: Inputs, scores_out: Path | None = None,
                  progress: Callable[[float], None] | None = None) -> Report:
     """Replay ``inputs`` and evaluate; streams events, keeps state per account."""
-    from churnsignal import history
+    from churnsignal.offline import history
 
     engine = history.Engine()
     native = None

@@ -7,16 +7,16 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from churnsignal import gc_tuning
+from churnsignal.app import gc_tuning
+from churnsignal.app.embedded import broker_for
+from churnsignal.app.logs import configure_logging
+from churnsignal.app.settings import Settings, load_settings
 from churnsignal.errors import ChurnsignalError
-from churnsignal.logs import configure_logging
-from churnsignal.settings import Settings, load_settings
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Churn-risk signals from usage, billing and support event streams.")
@@ -27,43 +27,18 @@ cli.add_typer(schemas_cli, name="schemas")
 log = logging.getLogger("churnsignal")
 
 if TYPE_CHECKING:
-    from churnsignal.backtest import Report
-
-# Tansu lets a group form only after half the rebalance timeout: keep it short when embedded.
-EMBEDDED_REBALANCE_S = 6.0
-
+    from churnsignal.offline.backtest import Report
 
 def _fail(exc: BaseException) -> None:
     typer.secho(f"churnsignal: {exc}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
 
 
-@contextlib.contextmanager
-def broker_for(settings: Settings) -> Iterator[Settings]:
-    """The configured broker, or an embedded Tansu for the duration of the block."""
-    if not settings.embedded_broker:
-        yield settings
-        return
-    from churnsignal.embedded import EmbeddedBroker
-
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    broker = EmbeddedBroker(log_path=settings.state_dir / "tansu.log").start()
-    try:
-        kafka = settings.kafka.model_copy(update={
-            "rebalance_timeout_s": min(settings.kafka.rebalance_timeout_s, EMBEDDED_REBALANCE_S),
-            "session_timeout_s": min(settings.kafka.session_timeout_s, EMBEDDED_REBALANCE_S),
-        })
-        yield settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap,
-                                          "kafka": kafka})
-    finally:
-        broker.stop()
-
-
 def run_worker(settings: Settings) -> None:
     """Run the Faust worker until SIGTERM/SIGINT; flushes and commits on the way out."""
     import faust
 
-    from churnsignal.kafka_client import ensure_topics
+    from churnsignal.app.kafka_client import ensure_topics
     from churnsignal.stream.agents import create_app
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +61,7 @@ def run_worker(settings: Settings) -> None:
 @cli.command()
 def worker() -> None:
     """Run the stream processor against KAFKA_BOOTSTRAP_SERVERS (or an embedded broker)."""
-    from churnsignal.embedded import follow_parent
+    from churnsignal.app.embedded import follow_parent
 
     follow_parent()
     try:
@@ -109,7 +84,7 @@ def demo(
     = None,
 ) -> None:
     """Everything embedded: broker, ClickHouse, worker and synthetic accounts, then a summary."""
-    from churnsignal.demo import run_demo
+    from churnsignal.tools.demo import run_demo
 
     try:
         settings = load_settings()
@@ -132,7 +107,7 @@ def bench(
     out: Annotated[Path, typer.Option(help="Where results.json goes.")] = Path(".bench"),
 ) -> None:
     """Throughput, latency and memory of churnsignal against the ceiling and the peers."""
-    from churnsignal.bench import PEERS, run_bench
+    from churnsignal.tools.bench import PEERS, run_bench
 
     try:
         settings = load_settings()
@@ -166,7 +141,7 @@ def migrate() -> None:
 
 def _clickhouse(dsn: str | None) -> tuple[object, str]:
     """A client for --dsn, else the configured DSN (the worker's embedded store by default)."""
-    from churnsignal.settings import mask_dsn
+    from churnsignal.app.settings import mask_dsn
     from churnsignal.sinks.clickhouse import connect
     from churnsignal.sinks.clickhouse import migrate as run_migrate
 
@@ -241,7 +216,7 @@ def report(
     dsn: DsnOption = None,
 ) -> None:
     """Write a self-contained HTML page (works offline) with the churn charts."""
-    from churnsignal.report import write_report
+    from churnsignal.app.report import write_report
 
     try:
         client, source = _clickhouse(dsn)
@@ -276,13 +251,13 @@ def backtest(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     _need_backtest_extra()
-    from churnsignal import history
-    from churnsignal.backtest import Inputs, run_backtest
+    from churnsignal.offline import history
+    from churnsignal.offline.backtest import Inputs, run_backtest
     from churnsignal.stream.policy import load_policy
 
     console = Console(stderr=True)
     try:
-        from churnsignal.history_kafka import is_kafka
+        from churnsignal.offline.history_kafka import is_kafka
 
         inputs = Inputs(events if is_kafka(events) else Path(events), subscriptions,
                         load_policy(policy), history.iso_day(since) if since else None,
@@ -305,7 +280,7 @@ def backtest(
     if json_out:
         json_out.write_bytes(history.dumps(report.as_dict()))
     if html:
-        from churnsignal.report import render_backtest
+        from churnsignal.app.report import render_backtest
 
         html.write_text(render_backtest(report), encoding="utf-8")
 
@@ -328,10 +303,10 @@ def calibrate(
     from rich.table import Table
 
     _need_backtest_extra()
-    from churnsignal import history
-    from churnsignal.backtest import Inputs
-    from churnsignal.calibrate import calibrate as fit
-    from churnsignal.calibrate import write_policy
+    from churnsignal.offline import history
+    from churnsignal.offline.backtest import Inputs
+    from churnsignal.offline.calibrate import calibrate as fit
+    from churnsignal.offline.calibrate import write_policy
     from churnsignal.stream.policy import load_policy
 
     try:
@@ -374,7 +349,7 @@ def _print_backtest(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from churnsignal.report import _pct
+    from churnsignal.app.report import _pct
 
     r = report
     table = Table(title=f"Backtest: churn within {r.horizon_days} days "

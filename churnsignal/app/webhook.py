@@ -21,11 +21,11 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from churnsignal.metrics import Metrics
+from churnsignal.app.metrics import Metrics
+from churnsignal.app.settings import WebhookSettings
 from churnsignal.schemas.alerts import Alert
-from churnsignal.settings import WebhookSettings
 
-log = logging.getLogger("churnsignal.webhook")
+log = logging.getLogger("churnsignal.app.webhook")
 
 _EMOJI = {"critical": ":rotating_light:", "high": ":warning:", "medium": ":large_yellow_circle:",
           "low": ":white_check_mark:"}

@@ -1,6 +1,7 @@
 """The benchmark's peers, each run as its own process on the same pre-produced data.
 
-``python -m churnsignal.bench_peers {ceiling,faust,faust-agent,quix} BOOTSTRAP EXPECTED TOPIC...`` prints one
+``python -m churnsignal.tools.bench_peers {ceiling,faust,faust-agent,quix} BOOTSTRAP EXPECTED
+TOPIC...`` prints one
 JSON line: {"events": n, "first": t, "last": t} (wall times of the first and last event seen).
 """
 

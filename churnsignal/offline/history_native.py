@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import orjson
 
-from churnsignal.history import HistoryError, Subscriptions, load_jsonl_subscriptions
+from churnsignal.offline.history import HistoryError, Subscriptions, load_jsonl_subscriptions
 from churnsignal.schemas.decode import DecodeOptions, decode
 from churnsignal.schemas.events import EVENT_ADAPTER
 from churnsignal.schemas.identity import fallback_account, is_identity

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import unquote, urlsplit
 
-from churnsignal.history import HistoryError
-from churnsignal.settings import Settings
+from churnsignal.app.settings import Settings
+from churnsignal.offline.history import HistoryError
 
 PREFIX = "kafka:"
 
@@ -75,7 +75,7 @@ async def _read(spec: KafkaRange, settings: Settings, on_record: Callable[[bytes
                 progress: Callable[[int], None] | None) -> int:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from churnsignal.kafka_client import connection_options, read_to_end
+    from churnsignal.app.kafka_client import connection_options, read_to_end
 
     consumer = AIOKafkaConsumer(enable_auto_commit=False, group_id=None,
                                 max_partition_fetch_bytes=4 * 1024 * 1024,
@@ -131,7 +131,7 @@ async def _partitions(settings: Settings, topics: tuple[str, ...]) -> dict[str, 
     """Each topic's partition ids, from the cluster's metadata."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from churnsignal.kafka_client import connection_options
+    from churnsignal.app.kafka_client import connection_options
 
     admin = AIOKafkaAdminClient(**connection_options(settings))
     await admin.start()

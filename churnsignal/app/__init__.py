@@ -1,0 +1,1 @@
+"""The app shell: command line, settings, web endpoints, metrics, logs, Kafka connections."""

@@ -1,0 +1,1 @@
+"""Offline replay and calibration: history readers, backtest, calibrate, synthetic histories."""

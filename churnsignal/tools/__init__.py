@@ -1,0 +1,1 @@
+"""Demo and benchmark tooling: synthetic live traffic, the demo run, the benchmark and its peers."""
