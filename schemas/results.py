@@ -24,6 +24,9 @@ class Skipped:
 
     reason: str
     links: tuple[tuple[str, str], ...] = ()  # a skipped call may still link identities
+    # A billing or support event older than the horizon (reason "too_old"): history, not
+    # state; its facts still reach billing_events / support_events.
+    event: Any = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -30,8 +30,13 @@ def partition_for(account_id: str, partitions: int) -> int:
     return (murmur2(account_id.encode()) & 0x7FFFFFFF) % partitions
 
 
+# A fourth element on an item marks history: a billing or support event older than the
+# horizon, whose facts are written as rows but which never changes an account's state.
+HISTORY = 1
+
+
 def encode(now: float, items: list[list[Any]]) -> bytes:
-    """items: [source "topic/partition", offset, canonical event dict]."""
+    """items: [source "topic/partition", offset, canonical event dict(, HISTORY)]."""
     return orjson.dumps({"now": now, "items": items})
 
 
