@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from typing import Any
 
 from churnsignal.schemas.alerts import Alert
 from churnsignal.stream.engine import Outcome
@@ -59,32 +60,54 @@ def alert_row(alert: Alert) -> tuple[object, ...]:
             _ts(alert.emitted_at), alert.policy_version)
 
 
+BILLING_TABLE = "billing_events_data"
+SUPPORT_TABLE = "support_events_data"
+_INVOLUNTARY_REASONS = ("payment_failed", "payment_disputed")
+
+
+def fact_row(account: str, event: Any, mrr_before: int, involuntary: bool,
+             seq: int) -> tuple[str, tuple[object, ...]]:
+    """(table, row) of one billing or support event, keyed by its event id."""
+    t, d, at = event.type, event.data, event.occurred_at
+    if t.startswith(("ticket_", "satisfaction", "nps")):
+        return SUPPORT_TABLE, (
+            account, event.event_id, at, t, getattr(d, "ticket_id", "") or "",
+            getattr(d, "status", "") or "", getattr(d, "priority", "") or "",
+            getattr(d, "channel", "") or "", getattr(d, "first_response_s", None),
+            getattr(d, "resolution_s", None), getattr(d, "csat", "") or "",
+            getattr(d, "score", None), seq)
+    status = getattr(d, "status", None) or _IMPLIED_STATUS.get(t, "")
+    subscription = t.startswith("subscription_") or t == "trial_will_end"
+    mrr = mrr_before
+    if subscription:
+        mrr = 0 if status == "canceled" else (d.mrr_cents if d.mrr_cents is not None
+                                              else mrr_before)
+    return BILLING_TABLE, (
+        account, event.event_id, at, t, status if subscription else "",
+        (getattr(d, "plan", None) or "") if subscription else "", mrr, mrr_before,
+        bool(getattr(d, "cancel_at_period_end", False)), getattr(d, "invoice_id", "") or "",
+        getattr(d, "amount_cents", None), getattr(d, "attempt_count", None),
+        t == "payment_failed" and d.next_attempt_at is None,
+        involuntary and status == "canceled", seq)
+
+
 def fact_rows(out: Outcome) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
     """One row per applied billing event and per applied support event (keyed by event id)."""
     billing: list[tuple[object, ...]] = []
     support: list[tuple[object, ...]] = []
     account = out.state.account_id
     for event, mrr_before, involuntary, seq in out.facts:
-        t, d, at = event.type, event.data, event.occurred_at
-        if t.startswith(("ticket_", "satisfaction", "nps")):
-            support.append((
-                account, event.event_id, at, t, getattr(d, "ticket_id", "") or "",
-                getattr(d, "status", "") or "", getattr(d, "priority", "") or "",
-                getattr(d, "channel", "") or "", getattr(d, "first_response_s", None),
-                getattr(d, "resolution_s", None), getattr(d, "csat", "") or "",
-                getattr(d, "score", None), seq))
-            continue
-        status = getattr(d, "status", None) or _IMPLIED_STATUS.get(t, "")
-        subscription = t.startswith("subscription_") or t == "trial_will_end"
-        mrr = mrr_before
-        if subscription:
-            mrr = 0 if status == "canceled" else (d.mrr_cents if d.mrr_cents is not None
-                                                  else mrr_before)
-        billing.append((
-            account, event.event_id, at, t, status if subscription else "",
-            (getattr(d, "plan", None) or "") if subscription else "", mrr, mrr_before,
-            bool(getattr(d, "cancel_at_period_end", False)), getattr(d, "invoice_id", "") or "",
-            getattr(d, "amount_cents", None), getattr(d, "attempt_count", None),
-            t == "payment_failed" and d.next_attempt_at is None,
-            involuntary and status == "canceled", seq))
+        table, row = fact_row(account, event, mrr_before, involuntary, seq)
+        (support if table == SUPPORT_TABLE else billing).append(row)
     return billing, support
+
+
+def history_row(account: str, event: Any) -> tuple[str, tuple[object, ...]]:
+    """The row of a billing or support event older than the horizon, from what the event
+    itself carries: it never reaches an account's state, so what only state knows is left
+    at its empty value (MRR before: the event's own ``previous_mrr_cents``, else 0; the
+    version: 0, below any row a live event writes)."""
+    d = event.data
+    mrr_before = getattr(d, "previous_mrr_cents", None) or 0
+    involuntary = getattr(d, "cancellation_reason", None) in _INVOLUNTARY_REASONS
+    return fact_row(account, event, mrr_before, involuntary, 0)

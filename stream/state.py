@@ -85,6 +85,22 @@ class AccountState:
     alerts: int = 0
     scored_at: float = 0.0
 
+    def clone(self) -> AccountState:
+        """An independent copy (to undo a fold that failed half way): ~10 us at 90 days,
+        a sixth of a to_bytes/from_bytes round trip."""
+        c = AccountState(*_values(self))
+        c.days = {d: b[:] for d, b in self.days.items()}
+        c.day_users = {d: u[:] for d, u in self.day_users.items()}
+        c.features = dict(self.features)
+        c.mrr_peak = [p[:] for p in self.mrr_peak]
+        c.failed_payments = self.failed_payments[:]
+        c.open_tickets = dict(self.open_tickets)
+        c.reopened = self.reopened[:]
+        c.slow_resolutions = self.slow_resolutions[:]
+        c.hw = dict(self.hw)
+        c.ids = self.ids[:]
+        return c
+
     def to_bytes(self) -> bytes:
         data = dict(zip(_SLOTS, _values(self), strict=True))
         data["v"] = STATE_VERSION

@@ -8,10 +8,8 @@ partition is read to its end as seen after the assignment (``kafka_client.read_t
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 from churnsignal.app.settings import Settings
 
@@ -52,55 +50,3 @@ async def read_partitions(settings: Settings, partitions: Iterable[int],
         return out
     finally:
         await consumer.stop()
-
-
-class PartitionLoads:
-    """Which state partitions this worker holds, loading, or not at all.
-
-    The agent waits on ``ready(partition)`` before folding a pack: a partition's states must
-    be fully read back before any event is applied to them.
-    """
-
-    def __init__(self) -> None:
-        self.loaded: set[int] = set()
-        self.assigned: set[int] = set()
-        self.generation = -1
-        self._changed = asyncio.Condition()
-        self.task: asyncio.Task[Any] | None = None
-
-    def plan(self, assigned: set[int], generation: int) -> tuple[set[int], set[int]]:
-        """(to drop, to load) for a new assignment. Partitions kept across consecutive
-        generations stay loaded: nobody else wrote them in between. After a gap (a missed
-        generation) everything is read again."""
-        if generation != self.generation + 1:
-            keep: set[int] = set()
-        else:
-            keep = self.loaded & assigned
-        drop = (self.loaded | self.assigned) - keep
-        self.assigned = set(assigned)
-        self.loaded = keep
-        self.generation = generation
-        return drop, assigned - keep
-
-    async def mark_loaded(self, partitions: set[int]) -> None:
-        async with self._changed:
-            self.loaded |= partitions & self.assigned
-            self._changed.notify_all()
-
-    async def touch(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def ready(self, partition: int, owned: Callable[[int], bool]) -> bool:
-        """True once the partition is loaded; False if the consumer no longer owns it.
-
-        ``owned`` asks the consumer itself: a pack may arrive before the assignment
-        callback has planned its partition's load, and must then wait, not be skipped
-        (an owned pack left unacked would hold back every later commit)."""
-        async with self._changed:
-            await self._changed.wait_for(
-                lambda: partition in self.loaded or not owned(partition))
-            return partition in self.loaded
-
-    def all_loaded(self) -> bool:
-        return self.assigned <= self.loaded

@@ -153,7 +153,7 @@ def test_out_of_order_events_are_applied_to_their_day_and_counted_late() -> None
 def test_endpoint_reads_never_become_the_agents_working_copy() -> None:
     # A read while the table recovers (a rebalance) must not pin a stale state: the agent
     # would fold new events into it and write it back over the recovered one.
-    from churnsignal.stream.agents import StateStore
+    from churnsignal.stream.store import MemoryStateStore as StateStore
 
     stale = apply_batch(None, "acme", history({3: 2}), NOW, POLICY).state
     fresh = apply_batch(None, "acme", history({3: 2, 2: 2}), NOW, POLICY).state
@@ -195,7 +195,7 @@ def test_a_key_event_declining_is_its_own_reason_while_total_usage_holds() -> No
 
 
 def test_partition_loads_keep_what_stays_and_reload_after_a_missed_generation() -> None:
-    from churnsignal.stream.statelog import PartitionLoads
+    from churnsignal.stream.store import PartitionLoads
 
     loads = PartitionLoads()
     assert loads.plan({0, 1, 2, 3}, generation=1) == (set(), {0, 1, 2, 3})
@@ -208,24 +208,6 @@ def test_partition_loads_keep_what_stays_and_reload_after_a_missed_generation() 
     # a generation this worker never saw: nothing it holds can be trusted
     assert loads.plan({0, 1}, generation=5) == ({0, 1, 2, 3}, {0, 1})
     assert not loads.all_loaded()
-
-
-def test_a_flush_remembers_the_days_it_touched_and_puts_them_back_on_failure() -> None:
-    from churnsignal.stream.agents import PendingFlush
-
-    pending = PendingFlush()
-    pending.add({"alerts_data": [("x",)]}, "pack-1", touched={"a": {1, 2}})
-    pending.add({}, "pack-2", touched={"a": {2}, "b": {5}})
-    assert pending.count == 4  # one alert row and three account-days
-    rows, events, _, touched = pending.take()
-    assert touched == {"a": {1, 2}, "b": {5}} and events == ["pack-1", "pack-2"]
-    assert rows == {"alerts_data": [("x",)]}
-    # a failed flush goes back in front of what came since
-    pending.add({}, "pack-3", touched={"b": {6}})
-    pending.restore(rows, events, [], touched)
-    rows, events, _, touched = pending.take()
-    assert touched == {"a": {1, 2}, "b": {5, 6}}
-    assert events == ["pack-1", "pack-2", "pack-3"]
 
 
 def test_usage_events_read_back_from_packs_fold_like_their_models() -> None:

@@ -1,0 +1,263 @@
+"""The checkpoint: what a flush makes durable, in which order, and why.
+
+Folded packs leave rows, alerts, dead letters and identity forwards waiting here. A flush
+(every ``sink.flush_interval_s``, at ``sink.batch_max_rows``, or soon after an alert):
+
+1. writes the rows, one insert per table (rows a table refuses come back, for the DLQ);
+2. sends the dead letters and the identity forwards, and awaits their acks;
+3. publishes the alerts and awaits their acks;
+4. stores each changed state once (and tombstones) and awaits the acks;
+5. acks the packs, so Faust commits their offsets.
+
+A crash before 3 redelivers the packs, which fold again on the stored states: the same rows
+(whole-day totals with a growing version; facts keyed by event id) and the same alerts
+(deterministic ``alert_id``), which were not published yet. Only a crash between 3 and 4
+(milliseconds) publishes an alert again, with the same id. After 4 but before 5, the packs'
+events are duplicates, and their days' rows and score snapshot are re-derived from the
+stored states. Forwards sent again carry the same (identity, sequence), which the receiving
+account skips.
+
+A failed step (Kafka or ClickHouse unavailable) is not a data error: nothing is
+dead-lettered for it; what was not done yet waits for the next flush, the packs stay unacked,
+and the lock is released (every step is bounded in time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from churnsignal.stream import packs
+from churnsignal.stream.deadletter import DeadLetter, source_of
+from churnsignal.stream.fold import DAILY, PendingAlert, StepResult
+from churnsignal.stream.identity import Resolution
+from churnsignal.stream.rows import daily_rows
+from churnsignal.stream.store import StateStore
+
+ALERT_FLUSH_S = 0.1  # a waiting alert brings the flush forward, at most this often
+
+Forwards = dict[int, list[list[Any]]]  # ingested partition -> pack items
+
+
+class Outputs(Protocol):
+    """Where a checkpoint writes; each call is bounded in time and raises when it fails."""
+
+    async def write_rows(self, rows: dict[str, list[Any]]) -> list[Any]: ...
+    async def dead_letter(self, letters: list[DeadLetter]) -> None: ...
+    async def forward(self, forwards: Forwards) -> None: ...
+    async def publish(self, alerts: list[PendingAlert]) -> None: ...
+    async def write_states(self, values: dict[bytes, bytes | None]) -> None: ...
+
+
+@dataclass
+class Taken:
+    rows: dict[str, list[Any]]
+    touched: dict[str, set[int]]
+    events: list[Any]
+    alerts: list[PendingAlert]
+    letters: list[DeadLetter]
+    forwards: Forwards
+
+
+@dataclass
+class Pending:
+    """What waits for the next flush. Daily rows are whole-day totals keyed by (account,
+    day) with a growing version, so only the days a flush touched are kept; their rows are
+    built once, at the flush, from the states as they stand then."""
+
+    rows: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    touched: dict[str, set[int]] = field(default_factory=dict)
+    events: list[Any] = field(default_factory=list)
+    alerts: list[PendingAlert] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
+    forwards: Forwards = field(default_factory=lambda: defaultdict(list))
+    count: int = 0  # rows and touched days waiting: the flush trigger and memory bound
+    since: float = 0.0
+    alerts_since: float = 0.0
+
+    def _touch(self, touched: dict[str, set[int]]) -> None:
+        for account, days in touched.items():
+            held = self.touched.setdefault(account, set())
+            before = len(held)
+            held |= days
+            self.count += len(held) - before
+
+    def take(self) -> Taken:
+        taken = Taken(dict(self.rows), self.touched, self.events, self.alerts, self.letters,
+                      dict(self.forwards))
+        self.rows, self.touched, self.events, self.alerts = defaultdict(list), {}, [], []
+        self.letters, self.forwards, self.count = [], defaultdict(list), 0
+        return taken
+
+    def restore(self, taken: Taken) -> None:
+        """Put back what a failed flush did not make durable, before what came since."""
+        for table, data in taken.rows.items():
+            if table != DAILY:  # rebuilt from the states at the next flush
+                self.rows[table][:0] = data
+                self.count += len(data)
+        self._touch(taken.touched)
+        self.events[:0] = taken.events
+        self.alerts[:0] = taken.alerts
+        self.letters[:0] = taken.letters
+        for partition, items in taken.forwards.items():
+            self.forwards[partition][:0] = items
+        now = time.monotonic()
+        self.since = min(self.since, now) if self.events else now
+        self.alerts_since = now
+
+
+class Checkpoint:
+    """Collects step results and flushes them in order (see the module docstring)."""
+
+    def __init__(self, store: StateStore, outputs: Outputs, ingested_topic: str,
+                 partitions: int, ack: Callable[[list[Any]], Awaitable[None]],
+                 step_timeout_s: float = 120.0) -> None:
+        self.store = store
+        self.outputs = outputs
+        self.ingested_topic = ingested_topic
+        self.partitions = partitions
+        self.ack = ack
+        self.step_timeout_s = step_timeout_s
+        self.pending = Pending()
+        self.lock = asyncio.Lock()
+        self.flushes = 0
+
+    # -- collecting --------------------------------------------------------------------
+
+    def add(self, result: StepResult, events: list[Any], pack_partition: int) -> None:
+        """A folded step and the packs it came from (acked after the flush)."""
+        p = self.pending
+        if not p.events:
+            p.since = time.monotonic()
+        for table, data in result.rows.items():
+            if data:
+                p.rows[table].extend(data)
+                p.count += len(data)
+        p._touch(result.touched)
+        p.events.extend(events)
+        if result.alerts:
+            if not p.alerts:
+                p.alerts_since = time.monotonic()
+            p.alerts.extend(result.alerts)
+        for failure in result.failures:
+            topic, partition = source_of(failure.source)
+            p.letters.append(DeadLetter(
+                failure.reason, failure.detail, "state", topic, partition, failure.offset,
+                None, str(failure.data.get("account_id", "")).encode(),
+                orjson.dumps(failure.data),
+                (("dlq_pack_topic", self.ingested_topic.encode()),
+                 ("dlq_pack_partition", str(pack_partition).encode()))))
+        self.add_resolutions(result.identities, pack_partition)
+
+    def add_unreadable(self, event: Any, exc: Exception) -> None:
+        """A pack that is not even JSON (not written by our ingest): dead-lettered whole,
+        acked with the next flush."""
+        message = event.message
+        self.pending.letters.append(DeadLetter(
+            "processing_error", f"unreadable pack: {type(exc).__name__}: {exc}", "state",
+            self.ingested_topic, message.partition, message.offset, None, None, event.value))
+        self.add_tick(event)
+
+    def add_resolutions(self, resolutions: list[Resolution], pack_partition: int) -> None:
+        p = self.pending
+        for res in resolutions:
+            for target, source, offset, data in res.forwards:
+                p.forwards[packs.partition_for(target, self.partitions)].append(
+                    [source, offset, data])
+            for reason, detail, data in _identity_letters(res):
+                p.letters.append(DeadLetter(
+                    reason, detail, "identity", self.ingested_topic, pack_partition, None,
+                    None, str(data.get("account_id", "")).encode(), orjson.dumps(data)))
+            if getattr(res, "tombstone", False):
+                key = getattr(res, "key", None)
+                if key:
+                    self.store.delete(key)
+
+    def add_tick(self, event: Any) -> None:
+        """A pack with nothing to write is still acked by the next flush."""
+        if not self.pending.events:
+            self.pending.since = time.monotonic()
+        self.pending.events.append(event)
+
+    def due(self, max_rows: int, max_wait_s: float) -> bool:
+        p = self.pending
+        now = time.monotonic()
+        return bool(p.events) and (
+            p.count >= max_rows or now - p.since >= max_wait_s
+            or (bool(p.alerts) and now - p.alerts_since >= ALERT_FLUSH_S))
+
+    # -- flushing ----------------------------------------------------------------------
+
+    async def _step(self, call: Awaitable[Any]) -> Any:
+        return await asyncio.wait_for(call, self.step_timeout_s)
+
+    async def flush(self) -> int:
+        """Make everything waiting durable, in order; returns the packs acked. Raises when
+        a step failed (what was not done waits for the next flush)."""
+        async with self.lock:
+            p = self.pending
+            if not p.events:
+                return 0
+            taken = p.take()
+            store = self.store
+            taken.rows[DAILY] = [row for account, days in taken.touched.items()
+                                 if (state := store.get(account)) is not None
+                                 for row in daily_rows(state, days)]
+            try:
+                refused = await self._step(self.outputs.write_rows(taken.rows))
+                taken.rows, taken.touched = {}, {}
+                taken.letters.extend(_refused_letters(refused or []))
+                if taken.letters:
+                    await self._step(self.outputs.dead_letter(taken.letters))
+                    taken.letters = []
+                if taken.forwards:
+                    await self._step(self.outputs.forward(taken.forwards))
+                    taken.forwards = {}
+                # Alerts after their rows and before the states that record them: a crash
+                # before the states are stored redelivers the packs, which decide the same
+                # alerts again (same ids); only one between publish and store repeats one.
+                if taken.alerts:
+                    await self._step(self.outputs.publish(taken.alerts))
+                    taken.alerts = []
+                values = store.take_dirty()
+                try:
+                    await self._step(self.outputs.write_states(values))
+                except BaseException:
+                    store.unstored(values)
+                    raise
+                store.stored(values)
+            except BaseException:
+                p.restore(taken)
+                raise
+            await self.ack(taken.events)
+            self.flushes += 1
+            return len(taken.events)
+
+
+def _identity_letters(res: Resolution) -> list[tuple[str, str, dict[str, Any]]]:
+    """Events an identity could not keep: beyond its cap, or expired without a link."""
+    letters = [("unattributed_overflow", "more events wait for this identity's account than "
+                "it may hold (CHURNSIGNAL_INGEST__MAX_PARKED_PER_IDENTITY)", data)
+               for data in res.overflow]
+    for data in getattr(res, "expired", ()):
+        letters.append(("unattributed_expired", "no link to an account arrived within "
+                        "CHURNSIGNAL_INGEST__IDENTITY_TTL_S", data))
+    return letters
+
+
+def _refused_letters(refused: list[Any]) -> list[DeadLetter]:
+    """Rows a ClickHouse table refused for good: the row, the table and the server's word."""
+    letters = []
+    for r in refused:
+        row = r.row
+        account = str(row[0]) if row else ""
+        letters.append(DeadLetter(
+            "sink_rejected", str(r.error), "sink", "", None, None, None, account.encode(),
+            orjson.dumps(list(row), default=str), (("dlq_table", str(r.table).encode()),)))
+    return letters

@@ -1,0 +1,287 @@
+"""Folding packs into states: packs in, state changes, rows, alerts and failures out (pure).
+
+The agent hands ``fold_step`` the packs of one partition it took together; the result says
+what to write (rows per table, the days whose daily totals changed), what to publish
+(alerts), what to send on (identity forwards), and which records could not be folded. No
+Kafka, no ClickHouse: unit-tested in milliseconds.
+
+A record that cannot be folded (an exception anywhere in its account's fold, score or rows)
+is isolated: the account's batch is undone (``StateStore.snapshot``/``restore``), folded
+again one record at a time, and only the records that fail alone are returned as failures,
+with the account's state exactly as if they had never been seen.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from churnsignal.schemas.identity import fallback_account, is_identity
+from churnsignal.stream import packs
+from churnsignal.stream.clock import PartitionClock
+from churnsignal.stream.engine import Item, Outcome, apply_batch, rescore
+from churnsignal.stream.identity import Resolution, resolve, settle
+from churnsignal.stream.policy import Policy
+from churnsignal.stream.rows import alert_row, fact_rows, history_row, score_row
+from churnsignal.stream.store import StateStore
+
+SCORES = "account_scores_data"
+ALERTS = "alerts_data"
+BILLING = "billing_events_data"
+SUPPORT = "support_events_data"
+DAILY = "account_daily_data"
+
+
+@dataclass(slots=True)
+class PendingAlert:
+    alert: Any  # schemas.alerts.Alert
+    wall: float  # when its pack was read (ingest-to-alert latency)
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class Failure:
+    """A record that could not be folded: dead-lettered alone, with where it came from."""
+
+    reason: str  # processing_error | unattributed_history
+    detail: str
+    source: str | None  # "topic/partition" of the source record
+    offset: int
+    data: dict[str, Any]  # the canonical event
+
+
+@dataclass
+class StepResult:
+    rows: dict[str, list[Any]] = field(default_factory=lambda: {
+        SCORES: [], ALERTS: [], BILLING: [], SUPPORT: []})
+    alerts: list[PendingAlert] = field(default_factory=list)
+    touched: dict[str, set[int]] = field(default_factory=dict)  # account -> changed days
+    identities: list[Resolution] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    applied: int = 0
+    duplicates: int = 0
+    late: int = 0
+    history: int = 0  # too-old billing/support events written as rows only
+    errors: int = 0  # accounts whose re-score raised (nothing to dead-letter: no record)
+    newest: float = 0.0  # newest event time applied
+
+
+def steps(batch: list[Any], partition_of: Any, is_tick: Any) -> list[list[Any]]:
+    """Packs grouped for folding: per partition, in order; a tick stays on its own (it
+    re-scores at its own time), so it splits the packs around it."""
+    groups: list[list[Any]] = []
+    open_group: dict[int, list[Any]] = {}
+    for event in batch:
+        partition = partition_of(event)
+        if is_tick(event):
+            open_group.pop(partition, None)
+            groups.append([event])
+            continue
+        group = open_group.get(partition)
+        if group is None:
+            group = open_group[partition] = []
+            groups.append(group)
+        group.append(event)
+    return groups
+
+
+def _collect(out: Outcome, wall: float, partition: int,
+             offset: int) -> tuple[dict[str, list[Any]], list[PendingAlert]]:
+    """The rows and alerts of one account's outcome (built before anything is committed
+    to the result, so a failure here undoes the fold too)."""
+    rows: dict[str, list[Any]] = {}
+    # Duplicates (a redelivered pack) re-derive their rows from the state: if the worker
+    # died after storing the state but before the flush, this restores them.
+    if out.score_changed or out.applied or out.duplicates:
+        rows[SCORES] = [score_row(out)]
+    if out.facts:
+        billing, support = fact_rows(out)
+        rows[BILLING], rows[SUPPORT] = billing, support
+    alerts = []
+    if out.alert is not None:
+        alerts.append(PendingAlert(out.alert, wall, partition, offset))
+        rows[ALERTS] = [alert_row(out.alert)]
+    return rows, alerts
+
+
+def _commit(store: StateStore, out: Outcome, rows: dict[str, list[Any]],
+            alerts: list[PendingAlert], result: StepResult) -> None:
+    for table, data in rows.items():
+        result.rows[table].extend(data)
+    result.alerts.extend(alerts)
+    if out.days:
+        result.touched.setdefault(out.state.account_id, set()).update(out.days)
+    if out.applied or out.score_changed or out.alert is not None:
+        store.put(out.state)
+    result.applied += out.applied
+    result.duplicates += out.duplicates
+    result.late += out.late
+
+
+def _try_fold(store: StateStore, account_id: str, items: list[Item], wall: float,
+              policy: Policy, partition: int, offset: int, keep: bool,
+              result: StepResult) -> Exception | None:
+    """Fold ``items`` as one batch; undo it when it fails (or when ``keep`` is False)."""
+    snapshot = store.snapshot(account_id)
+    try:
+        out = apply_batch(store.get(account_id), account_id, items, wall, policy)
+        rows, alerts = _collect(out, wall, partition, offset)
+    except Exception as exc:
+        store.restore(account_id, snapshot)
+        return exc
+    if keep:
+        _commit(store, out, rows, alerts, result)
+    else:
+        store.restore(account_id, snapshot)
+    return None
+
+
+def _fold_account(store: StateStore, account_id: str, items: list[Item], wall: float,
+                  policy: Policy, partition: int, offset: int, result: StepResult) -> None:
+    """Fold an account's items as one batch. When that fails, find the records that make
+    it fail (the shortest failing prefix, by bisection, one record at a time), leave them
+    out, and fold the others as one batch again: the state then is exactly what the batch
+    without them gives (a batch folds differently from its records one by one)."""
+    good = list(items)
+    while good:
+        if _try_fold(store, account_id, good, wall, policy, partition, offset, True,
+                     result) is None:
+            return
+        low, high = 1, len(good)  # the shortest prefix that fails is good[:high]
+        error: Exception | None = None
+        while low < high:
+            middle = (low + high) // 2
+            failed = _try_fold(store, account_id, good[:middle], wall, policy, partition,
+                               offset, False, result)
+            if failed is None:
+                low = middle + 1
+            else:
+                high, error = middle, failed
+        if error is None:
+            error = _try_fold(store, account_id, good[:high], wall, policy, partition,
+                              offset, False, result)
+        source, item_offset, event = good.pop(high - 1)
+        result.failures.append(Failure(
+            "processing_error", f"{type(error).__name__}: {error}", source, item_offset,
+            _as_dict(event)))
+
+
+def _as_dict(event: Any) -> dict[str, Any]:
+    if isinstance(event, dict):
+        return event
+    dump = getattr(event, "model_dump", None)
+    if dump is not None:
+        return dump(mode="json", exclude_none=True)  # type: ignore[no-any-return]
+    return {"event_id": getattr(event, "event_id", None),
+            "account_id": getattr(event, "account_id", None),
+            "type": getattr(event, "type", None)}
+
+
+def _history(store: StateStore, source: str | None, offset: int, data: dict[str, Any],
+             result: StepResult) -> None:
+    """A billing or support event older than the horizon: its row, never the state."""
+    account = data["account_id"]
+    if is_identity(account):
+        identity = store.peek_identity(account)
+        link = identity.link if identity is not None else None
+        if link is None or is_identity(link):
+            link = fallback_account(account)
+        if link is None:
+            result.failures.append(Failure(
+                "unattributed_history", f"{account} is not linked to an account yet; an event "
+                "older than the horizon does not wait for one", source, offset, data))
+            return
+        account = link
+    try:
+        table, row = history_row(account, packs.event_of(data))
+    except Exception as exc:
+        result.failures.append(Failure("processing_error", f"{type(exc).__name__}: {exc}",
+                                       source, offset, data))
+        return
+    result.rows[table].append(row)
+    result.history += 1
+
+
+def _tick(store: StateStore, partition: int, wall: float, policy: Policy,
+          clock: PartitionClock, grace_s: float, result: StepResult) -> None:
+    keys = store.keys_in(partition)
+    for key in keys:
+        if is_identity(key):
+            identity_state = store.identity(key)
+            settled = settle(identity_state, wall, grace_s)
+            if settled.changed:
+                store.put_identity(identity_state)
+                result.identities.append(settled)
+    if clock.catching_up(wall):
+        return  # re-scoring at the wall clock now would be premature
+    for account_id in keys:
+        if is_identity(account_id):
+            continue
+        snapshot = store.snapshot(account_id)
+        state = store.get(account_id)
+        if state is None:
+            continue
+        try:
+            out = rescore(state, wall, policy)
+            rows, alerts = _collect(out, wall, partition, -1)
+        except Exception:
+            store.restore(account_id, snapshot)
+            result.errors += 1
+            continue
+        _commit(store, out, rows, alerts, result)
+
+
+def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: int,
+              policy: Policy, clock: PartitionClock, max_parked: int = 1000,
+              identity_grace_s: float = 60.0) -> StepResult:
+    """Fold one (merged) pack, or a re-score tick, into the states of ``store``.
+
+    ``offset`` is the pack's own offset on the ingested topic (alerts name it)."""
+    wall = float(pack["now"])
+    result = StepResult()
+    if pack.get("tick"):
+        _tick(store, partition, wall, policy, clock, identity_grace_s, result)
+        return result
+    grouped: dict[str, list[Item]] = defaultdict(list)
+    identities: dict[str, list[Any]] = defaultdict(list)
+    newest: dict[str, float] = {}
+    for item in pack["items"]:
+        source, item_offset, data = item[0], item[1], item[2]
+        if len(item) > 3 and item[3] == packs.HISTORY:
+            _history(store, source, item_offset, data, result)
+            continue
+        if is_identity(data["account_id"]):  # not an account yet: its identity decides
+            identities[data["account_id"]].append((source, item_offset, data))
+            continue
+        try:
+            event = packs.event_of(data)
+        except Exception as exc:
+            result.failures.append(Failure("processing_error", f"{type(exc).__name__}: {exc}",
+                                           source, item_offset, data))
+            continue
+        grouped[event.account_id].append((source, item_offset, event))
+        ts = event.occurred_at.timestamp()
+        if ts > newest.get(source or "", 0.0):
+            newest[source or ""] = ts
+    clock.on_pack(wall, newest)
+    for account_id, items in grouped.items():
+        _fold_account(store, account_id, items, wall, policy, partition, offset, result)
+    for key, waiting in identities.items():
+        snapshot = store.snapshot(key)
+        state = store.identity(key)
+        try:
+            resolution = resolve(state, waiting, max_parked, wall)
+        except Exception as exc:
+            store.restore(key, snapshot)
+            for source, item_offset, data in waiting:
+                result.failures.append(Failure(
+                    "processing_error", f"{type(exc).__name__}: {exc}", source, item_offset,
+                    data))
+            continue
+        if resolution.changed:
+            store.put_identity(state)
+        result.identities.append(resolution)
+    result.newest = max(newest.values(), default=0.0)
+    return result

@@ -1,0 +1,216 @@
+"""Folding packs (stream.fold), the state store and the checkpoint's order, without Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from churnsignal.stream import fold as fold_module
+from churnsignal.stream import packs, patches
+from churnsignal.stream.checkpoint import Checkpoint
+from churnsignal.stream.clock import PartitionClock
+from churnsignal.stream.engine import apply_batch
+from churnsignal.stream.fold import BILLING, fold_step
+from churnsignal.stream.policy import Policy
+from churnsignal.stream.state import DAY, AccountState
+from churnsignal.stream.store import MemoryStateStore
+
+POLICY = Policy()
+NOW = 1_764_000_000.0
+
+
+def usage(n: int, age_days: float, account: str = "acme") -> dict[str, Any]:
+    return {"event_id": f"e{n}", "account_id": account, "type": "feature_used",
+            "user_id": f"u{n % 3}", "schema_version": 1,
+            "occurred_at": datetime.fromtimestamp(NOW - age_days * DAY, tz=UTC).isoformat(),
+            "data": {"feature": f"f{n % 4}", "name": "Report Exported", "count": 1}}
+
+
+def pack(items: list[list[Any]], now: float = NOW) -> dict[str, Any]:
+    return packs.decode(packs.encode(now, items))
+
+
+def state_bytes(store: MemoryStateStore, account: str) -> bytes:
+    state = store.get(account)
+    assert state is not None
+    return state.to_bytes()
+
+
+def poisoned(monkeypatch: pytest.MonkeyPatch, poison: str) -> None:
+    """A fold that changes the state and then fails on one event id, as a bug would."""
+    real = fold_module.apply_batch
+
+    def apply(state: AccountState | None, account: str, items: Any, wall: float,
+              policy: Policy) -> Any:
+        out = real(state, account, items, wall, policy)
+        if any(event.event_id == poison for _, _, event in items):
+            raise OverflowError("date value out of range")
+        return out
+
+    monkeypatch.setattr(fold_module, "apply_batch", apply)
+
+
+def test_a_record_that_cannot_be_folded_fails_alone_and_leaves_no_trace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    earlier = [["usage.events/0", n, usage(n, 20 - n)] for n in range(1, 6)]
+    step = [["usage.events/0", 6, usage(6, 3)], ["usage.events/1", 7, usage(7, 2)],
+            ["usage.events/0", 8, usage(8, 1)]]
+    # What the state must be: the earlier pack, then the step without the poisoned record.
+    clean = MemoryStateStore(4)
+    fold_step(clean, pack(earlier), 0, 10, POLICY, PartitionClock())
+    fold_step(clean, pack([step[0], step[2]]), 0, 11, POLICY, PartitionClock())
+
+    poisoned(monkeypatch, "e7")
+    store = MemoryStateStore(4)
+    fold_step(store, pack(earlier), 0, 10, POLICY, PartitionClock())  # dirty: not stored yet
+    result = fold_step(store, pack(step), 0, 11, POLICY, PartitionClock())
+    assert [(f.reason, f.source, f.offset, f.data["event_id"]) for f in result.failures] == [
+        ("processing_error", "usage.events/1", 7, "e7")]
+    assert "OverflowError" in result.failures[0].detail
+    assert result.applied == 2
+    assert state_bytes(store, "acme") == state_bytes(clean, "acme")
+
+
+def test_a_failed_fold_of_a_stored_state_goes_back_to_the_stored_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    store = MemoryStateStore(4)
+    fold_step(store, pack([["usage.events/0", 1, usage(1, 5)]]), 0, 1, POLICY, PartitionClock())
+    store.stored(store.take_dirty())  # a checkpoint: the state is stored, nothing dirty
+    before = state_bytes(store, "acme")
+    poisoned(monkeypatch, "e2")
+    result = fold_step(store, pack([["usage.events/0", 2, usage(2, 1)]]), 0, 2, POLICY,
+                       PartitionClock())
+    assert len(result.failures) == 1 and result.applied == 0
+    assert state_bytes(store, "acme") == before and not store.dirty
+
+
+def test_other_accounts_of_the_pack_are_folded_as_usual(monkeypatch: pytest.MonkeyPatch) -> None:
+    poisoned(monkeypatch, "e1")
+    store = MemoryStateStore(4)
+    result = fold_step(store, pack([["u/0", 1, usage(1, 1, "acme")],
+                                    ["u/0", 2, usage(2, 1, "globex")]]), 0, 1, POLICY,
+                       PartitionClock())
+    assert [f.data["account_id"] for f in result.failures] == ["acme"]
+    assert store.get("acme") is None  # never seen
+    globex = store.get("globex")
+    assert globex is not None and globex.seq == 1
+
+
+def test_clone_copies_every_mutable_field() -> None:
+    state = apply_batch(None, "acme", [("u/0", n, packs.event_of(usage(n, n % 5)))
+                                       for n in range(20)], NOW, POLICY).state
+    state.failed_payments, state.reopened, state.slow_resolutions = [1.0], [2.0], [3.0]
+    state.open_tickets, state.mrr_peak = {"t": 1}, [[1.0, 2.0]]
+    copy = state.clone()
+    assert copy == state and copy.to_bytes() == state.to_bytes()
+    for name in AccountState.__slots__:  # type: ignore[attr-defined]
+        value = getattr(state, name)
+        if isinstance(value, list | dict):
+            assert getattr(copy, name) is not value, name
+    next(iter(copy.days.values()))[0] += 1
+    assert copy != state
+
+
+def test_billing_events_older_than_the_horizon_become_rows_and_never_state() -> None:
+    old = {"event_id": "evt_old", "account_id": "acme", "type": "subscription_deleted",
+           "schema_version": 1, "occurred_at": "2019-05-01T00:00:00+00:00",
+           "data": {"status": "canceled", "previous_mrr_cents": 4900,
+                    "cancellation_reason": "payment_failed"}}
+    orphan = {**old, "event_id": "evt_orphan", "account_id": "~segment:user:u9"}
+    customer = {**old, "event_id": "evt_cus", "account_id": "~stripe:customer:cus_1"}
+    store = MemoryStateStore(4)
+    result = fold_step(store, pack([["billing.events/0", 1, old, packs.HISTORY],
+                                    ["billing.events/0", 2, orphan, packs.HISTORY],
+                                    ["billing.events/0", 3, customer, packs.HISTORY]]),
+                       0, 1, POLICY, PartitionClock())
+    rows = result.rows[BILLING]
+    assert [(r[0], r[1], r[4], r[7], r[13], r[14]) for r in rows] == [
+        ("acme", "evt_old", "canceled", 4900, True, 0),
+        ("cus_1", "evt_cus", "canceled", 4900, True, 0)]  # a Stripe customer is its account
+    assert [(f.reason, f.offset) for f in result.failures] == [("unattributed_history", 2)]
+    assert result.history == 2 and not store.cache and not store.dirty
+
+
+@dataclass
+class Refused:
+    table: str
+    row: tuple[object, ...]
+    error: str
+
+
+class Recorder:
+    """Checkpoint outputs that record what was written, in order; one step may fail."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.fail: str | None = None
+        self.refuse: list[Refused] = []
+        self.letters: list[Any] = []
+        self.states: dict[bytes, bytes | None] = {}
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if self.fail == name:
+            raise ConnectionError(f"{name} unavailable")
+
+    async def write_rows(self, rows: dict[str, list[Any]]) -> list[Any]:
+        self._call("rows")
+        return self.refuse
+
+    async def dead_letter(self, letters: list[Any]) -> None:
+        self._call("dlq")
+        self.letters += letters
+
+    async def forward(self, forwards: Any) -> None:
+        self._call("forward")
+
+    async def publish(self, alerts: list[Any]) -> None:
+        self._call("alerts")
+
+    async def write_states(self, values: dict[bytes, bytes | None]) -> None:
+        self._call("states")
+        self.states.update(values)
+
+
+def test_a_checkpoint_writes_in_order_and_acks_only_what_is_durable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    poisoned(monkeypatch, "e2")
+    store = MemoryStateStore(4)
+    out = Recorder()
+    acked: list[Any] = []
+
+    async def ack(events: list[Any]) -> None:
+        acked.extend(events)
+
+    checkpoint = Checkpoint(store, out, "ingested", 4, ack)
+    result = fold_step(store, pack([["usage.events/0", 1, usage(1, 1)],
+                                    ["usage.events/3", 2, usage(2, 1)]]), 2, 40, POLICY,
+                       PartitionClock())
+    checkpoint.add(result, ["pack-40"], 2)
+    out.refuse = [Refused("account_scores_data", ("acme", "x"), "Value out of range")]
+    out.fail = "states"
+    with pytest.raises(ConnectionError):
+        asyncio.run(checkpoint.flush())
+    assert out.calls == ["rows", "dlq", "states"] and acked == []
+    assert store.dirty == {"acme"}  # written again by the next flush
+    # the dead letters: the failed event alone, with its source; the refused row, its table
+    by_reason = {d.reason: d for d in out.letters}
+    state_letter = dict(by_reason["processing_error"].headers())
+    assert state_letter["dlq_topic"] == b"usage.events" and state_letter["dlq_partition"] == b"3"
+    assert state_letter["dlq_offset"] == b"2" and state_letter["dlq_step"] == b"state"
+    assert b'"event_id":"e2"' in by_reason["processing_error"].value
+    assert set(state_letter) >= {"dlq_reason", "dlq_detail", "dlq_timestamp"}
+    assert dict(by_reason["sink_rejected"].headers())["dlq_table"] == b"account_scores_data"
+
+    out.fail, out.refuse, out.calls = None, [], []
+    assert asyncio.run(checkpoint.flush()) == 1
+    assert out.calls == ["rows", "states"] and acked == ["pack-40"]  # letters went already
+    assert b"acme" in out.states and not store.dirty
+
+
+def test_every_private_attribute_churnsignal_patches_is_still_there() -> None:
+    assert patches.check() == []
