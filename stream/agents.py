@@ -10,6 +10,7 @@ does lives in its own module: folding packs into states (``fold``, pure), the st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -18,13 +19,16 @@ from typing import Any
 
 import faust
 import mode
+from aiokafka.errors import KafkaError
 from faust.types import TP
 from tenacity import AsyncRetrying, wait_exponential_jitter
 
+from churnsignal.app.health import Liveness
 from churnsignal.app.kafka_client import faust_credentials
 from churnsignal.app.metrics import Metrics
 from churnsignal.app.settings import Settings
 from churnsignal.app.webhook import WebhookNotifier
+from churnsignal.errors import SinkUnavailable
 from churnsignal.schemas.decode import DecodeOptions
 from churnsignal.sinks.clickhouse import ClickHouseSink
 from churnsignal.stream import packs, patches
@@ -56,6 +60,7 @@ class Runtime:
     ingestor: Ingestor
     store: StateStore
     checkpoint: Checkpoint | None = None
+    liveness: Liveness = field(default_factory=lambda: Liveness(time.monotonic()))
     stats: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     clocks: dict[int, PartitionClock] = field(default_factory=lambda: defaultdict(PartitionClock))
     stream: Any = None  # the agent's manual-ack stream, once it runs
@@ -199,16 +204,37 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         _record(result)
         checkpoint.add(result, group, partition)
 
+    liveness = runtime.liveness
+
+    async def flush(reason: str) -> None:
+        """One flush; what failed says which outage the health check is waiting on."""
+        liveness.waiting(len(checkpoint.pending.events), time.monotonic(), "flush")
+        try:
+            await checkpoint.flush()
+        except Exception as exc:
+            # An outage is waited out; anything else (a bug) lets the stall clock run, so
+            # /healthz fails and the worker is restarted.
+            if isinstance(exc, SinkUnavailable):
+                liveness.outage("clickhouse", True, time.monotonic())
+            elif isinstance(exc, KafkaError | TimeoutError | OSError):
+                liveness.outage("kafka", True, time.monotonic())
+            log.warning("flush (%s) failed; will retry: %s", reason, exc)
+            raise
+        now = time.monotonic()
+        liveness.outage("kafka", False, now)
+        liveness.outage("clickhouse", False, now)
+        liveness.waiting(0, now, "flush")
+        liveness.progress(now)
+
     async def flush_until_done(reason: str) -> None:
         """Bounded memory: flush before taking more; while Kafka or ClickHouse is out,
         wait (with back-off) instead of buffering without end."""
         delay = 0.5
         while not runtime.closing:
             try:
-                await checkpoint.flush()
+                await flush(reason)
                 return
-            except Exception as exc:
-                log.warning("flush (%s) failed, retrying in %.1f s: %s", reason, delay, exc)
+            except Exception:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
 
@@ -228,15 +254,21 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 # on revoke; skipping by assignment here raced with rebalances and stalled
                 # owned partitions.)
                 continue
+            left = len(batch)
+            liveness.waiting(left, time.monotonic(), "packs")
             for group in steps(batch, _partition_of, _is_tick):
                 # A partition's states must be read back before anything is folded into
                 # them; a partition that went to another worker meanwhile is its to apply.
                 partition = group[0].message.partition
-                if not await store.loads.ready(partition, _owned):
-                    continue
-                # Under the flush lock: a revoke-time flush waits for the packs being folded.
-                async with checkpoint.lock:
-                    _fold(group)
+                if await store.loads.ready(partition, _owned):
+                    # Under the flush lock: a revoke-time flush waits for the packs being
+                    # folded.
+                    async with checkpoint.lock:
+                        _fold(group)
+                left -= len(group)
+                now = time.monotonic()
+                liveness.progress(now)
+                liveness.waiting(left, now, "packs")
                 if checkpoint.pending.count >= s.sink.batch_max_rows:
                     await flush_until_done("batch full")
 
@@ -245,10 +277,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         # Quiet periods: rows reach ClickHouse within the flush interval, alerts at once.
         if runtime.stream is not None and checkpoint.due(s.sink.batch_max_rows,
                                                          s.sink.flush_interval_s):
-            try:
-                await checkpoint.flush()
-            except Exception as exc:  # never let a timer take the worker down; packs stay unacked
-                log.warning("flush failed; will retry: %s", exc)
+            with contextlib.suppress(Exception):  # logged; the packs stay unacked
+                await flush("interval")
 
     async def drain() -> None:
         if runtime.stream is not None:
@@ -284,11 +314,14 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         # Until it works: the broker comes back; a cancel (a newer assignment) is not retried.
         async for attempt in AsyncRetrying(
                 wait=wait_exponential_jitter(multiplier=0.5, max=10.0), reraise=True,
-                before_sleep=lambda state: log.warning(
-                    "reading states of partitions %s failed (%s); retrying", sorted(partitions),
-                    state.outcome.exception() if state.outcome else None)):
+                before_sleep=lambda state: (
+                    liveness.outage("kafka", True, time.monotonic()),
+                    log.warning("reading states of partitions %s failed (%s); retrying",
+                                sorted(partitions),
+                                state.outcome.exception() if state.outcome else None))):
             with attempt:
                 got = await read_partitions(s, partitions)
+        liveness.outage("kafka", False, time.monotonic())
         for records in got.values():
             store.load(records)
         await store.loads.mark_loaded(partitions)
@@ -305,6 +338,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             log.warning("flush before revoke failed", exc_info=True)
             checkpoint.pending.take()
         store.forget()
+        now = time.monotonic()
+        liveness.waiting(0, now, "packs")
+        liveness.waiting(0, now, "flush")
+        liveness.progress(now)
         await store.loads.touch()  # packs waiting on revoked partitions let go
 
     @app.timer(s.rescore_interval_s, on_leader=True)

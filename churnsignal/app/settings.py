@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +66,10 @@ class SinkSettings(BaseModel):
         1.0, gt=0, le=300, description="Longest a row waits before the flush (one insert per table)."
     )
     retry_max_s: float = Field(30.0, gt=0, description="Longest back-off between write retries.")
+    write_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="Longest one flush waits for ClickHouse (retries of "
+        "transient errors included); then the flush gives up, keeps its rows and tries again "
+        "later, so no lock is held across an outage.")
     ttl_days: int = Field(400, ge=1, le=36_500, description="Days score snapshots and support "
                           "events are kept (TTL, applied when the tables are created).")
 
@@ -93,6 +98,14 @@ class IngestSettings(BaseModel):
     max_parked_per_identity: int = Field(
         1000, ge=0, le=100_000, description="Events kept per unresolved identity (a Stripe charge, "
         "a Segment user) until its account is known; beyond it they are dead-lettered.")
+    identity_ttl_s: float = Field(
+        604_800.0, gt=0, description="Longest an event waits for its identity's account (7 days); "
+        "then it is dead-lettered as unattributed_expired, and an identity left with nothing that "
+        "never joined an account is deleted (a Stripe customer takes its own id instead).")
+    max_parked_identities: int = Field(
+        20_000, ge=1, description="Identities with events waiting for their account, per state "
+        "partition (about 2 KB each with one event); beyond it, on each re-score tick, those "
+        "waiting longest expire first, as with identity_ttl_s.")
 
 
 class WebhookSettings(BaseModel):
@@ -117,6 +130,39 @@ class WebhookSettings(BaseModel):
         if not v.get_secret_value().startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v
+
+
+class HealthSettings(BaseModel):
+    """When /healthz reports the worker stuck (Kubernetes restarts a pod on it)."""
+
+    stall_s: float = Field(
+        300.0, ge=10, le=86_400, description="/healthz fails (503) when the event loop is blocked "
+        "this long, or the agent has made no progress this long while work waits and Kafka and "
+        "ClickHouse answer. Waiting on a Kafka or ClickHouse outage is not a stall.")
+
+
+# RFC 6750 b64token: what a bearer token may hold (hex, base64 and base64url all fit).
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+API_TOKEN_MIN_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts local connections: 127.0.0.0/8, ::1, localhost.
+
+    Anything else (0.0.0.0, ::, an interface address, a host name) is reachable from outside.
+    """
+    import ipaddress
+
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name.split("%", 1)[0])  # fe80::1%eth0: zone id
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 class Settings(BaseSettings):
@@ -144,6 +190,10 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1, le=1024, description="Partitions of topics churnsignal creates.")
     web_port: int = Field(6066, ge=0, le=65535, description="HTTP port for /metrics, /healthz, /readyz.")
     web_host: str = Field("127.0.0.1", description="Interface the HTTP endpoints listen on.")
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token /api/* requires (Authorization: Bearer TOKEN); at least "
+        f"{API_TOKEN_MIN_CHARS} characters. Unset: /api/* is open on a loopback web_host and "
+        "refused (401) on any other. /healthz, /readyz, /metrics never need it. Never logged.")
     rescore_interval_s: float = Field(
         60.0, gt=0, description="Every account is re-scored this often, so silence raises risk."
     )
@@ -155,6 +205,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)  # type: ignore[arg-type]
     sink: SinkSettings = Field(default_factory=SinkSettings)  # type: ignore[arg-type]
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)  # type: ignore[arg-type]
+    health: HealthSettings = Field(default_factory=HealthSettings)  # type: ignore[arg-type]
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -166,6 +217,21 @@ class Settings(BaseSettings):
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"expected host:port[,host:port], got {part.strip()!r}")
         return v.strip()
+
+    @field_validator("api_token")
+    @classmethod
+    def _check_token(cls, v: SecretStr | None) -> SecretStr | None:
+        # The messages never hold the token itself.
+        if v is None or not v.get_secret_value().strip():
+            return None
+        token = v.get_secret_value().strip()
+        if len(token) < API_TOKEN_MIN_CHARS:
+            raise ValueError(f"must be at least {API_TOKEN_MIN_CHARS} characters "
+                             "(e.g. `openssl rand -hex 32`)")
+        if not _TOKEN_CHARS.fullmatch(token):
+            raise ValueError("may hold only letters, digits and -._~+/ (then = padding), "
+                             "as a bearer token does")
+        return SecretStr(token)
 
     @field_validator("clickhouse_dsn")
     @classmethod
@@ -185,6 +251,17 @@ class Settings(BaseSettings):
         if self.clickhouse_dsn is not None:
             return self.clickhouse_dsn.get_secret_value()
         return f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
+
+    @property
+    def web_on_loopback(self) -> bool:
+        """The web endpoints only answer local connections."""
+        return is_loopback(self.web_host)
+
+    @property
+    def api_open(self) -> bool:
+        """/api/* answers without a token: none is configured and the web host is loopback.
+        A configured token is always required, on loopback too."""
+        return self.api_token is None and self.web_on_loopback
 
     @property
     def ingest_group(self) -> str:
@@ -208,6 +285,8 @@ class Settings(BaseSettings):
         data["clickhouse_dsn"] = mask_dsn(dsn)
         if data["kafka"].get("sasl_password"):
             data["kafka"]["sasl_password"] = "********"  # noqa: S105 - the mask itself
+        if data.get("api_token"):
+            data["api_token"] = "********"  # noqa: S105 - the mask itself
         return data
 
 
@@ -223,7 +302,7 @@ def mask_dsn(dsn: str) -> str:
 
 # Secrets may come from files (Docker/Kubernetes secrets): NAME_FILE=/path sets NAME.
 SECRET_VARIABLES = ("CHURNSIGNAL_KAFKA__SASL_PASSWORD", "CHURNSIGNAL_CLICKHOUSE_DSN",
-                    "CHURNSIGNAL_WEBHOOK__URL")
+                    "CHURNSIGNAL_WEBHOOK__URL", "CHURNSIGNAL_API_TOKEN")
 
 
 def _secrets_from_files() -> dict[str, str]:

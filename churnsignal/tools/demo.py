@@ -72,8 +72,22 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
     return proc.returncode
 
 
+def _api_token() -> str | None:
+    """The worker's /api token where the environment sets one (the worker started here
+    inherits it), from CHURNSIGNAL_API_TOKEN or the file CHURNSIGNAL_API_TOKEN_FILE names."""
+    token = os.environ.get("CHURNSIGNAL_API_TOKEN")
+    path = os.environ.get("CHURNSIGNAL_API_TOKEN_FILE")
+    if not token and path:
+        token = Path(path).read_text().strip()
+    return token or None
+
+
 def http_json(port: int, path: str, timeout: float = 30.0) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:  # noqa: S310
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")  # noqa: S310
+    token = _api_token()
+    if token and path.startswith("/api/"):
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
         return orjson.loads(resp.read())
 
 

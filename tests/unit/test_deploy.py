@@ -25,10 +25,12 @@ def test_manifest_settings_load_and_probes_hit_the_worker_endpoints(
         assert var["name"].endswith("_FILE")
         assert var["value"].startswith(mounts["secrets"] + "/")
         stand_in = tmp_path / Path(var["value"]).name
-        stand_in.write_text("https://u:p@clickhouse:8443/churn" if "DSN" in var["name"] else "pw")
+        stand_in.write_text("https://u:p@clickhouse:8443/churn" if "DSN" in var["name"]
+                            else "a-long-enough-api-token" if "TOKEN" in var["name"] else "pw")
         monkeypatch.setenv(var["name"], str(stand_in))
     settings = load_settings()  # every setting the manifest gives is valid
     assert settings.kafka.sasl_password is not None
+    assert settings.api_token is not None and not settings.api_open
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["ports"][0]["containerPort"] == settings.web_port

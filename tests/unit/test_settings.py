@@ -82,3 +82,67 @@ def test_a_kafka_topic_range_is_parsed_with_its_time_bounds() -> None:
                 "kafka:u?from=yesterday"):
         with pytest.raises(HistoryError):
             KafkaRange.parse(bad)
+
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def test_api_token_from_env_or_file_is_masked(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("CHURNSIGNAL_API_TOKEN", TOKEN)
+    settings = load_settings()
+    assert settings.api_token is not None and settings.api_token.get_secret_value() == TOKEN
+    assert TOKEN not in str(settings.masked()) and TOKEN not in repr(settings)
+    assert not settings.api_open  # a configured token is required on loopback too
+
+    monkeypatch.delenv("CHURNSIGNAL_API_TOKEN")
+    secret = tmp_path / "api_token"
+    secret.write_text(TOKEN + "\n")
+    monkeypatch.setenv("CHURNSIGNAL_API_TOKEN_FILE", str(secret))
+    settings = load_settings()
+    assert settings.api_token is not None and settings.api_token.get_secret_value() == TOKEN
+    import os
+
+    assert "CHURNSIGNAL_API_TOKEN" not in os.environ  # read, then removed again
+    monkeypatch.setenv("CHURNSIGNAL_API_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="CHURNSIGNAL_API_TOKEN_FILE"):
+        load_settings()
+
+
+@pytest.mark.parametrize("bad", ["short", "0123456789abcdef 0123", "0123456789abcdef\u00e9",
+                                 "0123456789abcdef=x"])
+def test_a_weak_or_malformed_api_token_names_the_setting(monkeypatch: pytest.MonkeyPatch,
+                                                         bad: str) -> None:
+    monkeypatch.setenv("CHURNSIGNAL_API_TOKEN", bad)
+    with pytest.raises(ConfigError, match="CHURNSIGNAL_API_TOKEN") as err:
+        load_settings()
+    assert bad not in str(err.value)  # the message never holds the token
+
+
+def test_an_empty_api_token_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHURNSIGNAL_API_TOKEN", "  ")
+    assert load_settings().api_token is None
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True),
+    ("localhost", True), ("LocalHost.", True), ("::ffff:127.0.0.1", True),
+    ("0.0.0.0", False), ("::", False), ("", False), ("10.1.2.3", False),
+    ("192.168.0.1", False), ("fe80::1%eth0", False), ("example.com", False),
+    ("localhost.example.com", False), ("128.0.0.1", False)])
+def test_loopback_detection(monkeypatch: pytest.MonkeyPatch, host: str, loopback: bool) -> None:
+    from churnsignal.app.settings import is_loopback
+
+    assert is_loopback(host) is loopback
+    monkeypatch.setenv("CHURNSIGNAL_WEB_HOST", host)
+    settings = load_settings()
+    assert settings.web_on_loopback is loopback
+    assert settings.api_open is loopback  # no token: /api open on loopback only
+
+
+def test_health_stall_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().health.stall_s == 300.0
+    monkeypatch.setenv("CHURNSIGNAL_HEALTH__STALL_S", "60")
+    assert load_settings().health.stall_s == 60.0
+    monkeypatch.setenv("CHURNSIGNAL_HEALTH__STALL_S", "5")
+    with pytest.raises(ConfigError, match="CHURNSIGNAL_HEALTH__STALL_S"):
+        load_settings()
