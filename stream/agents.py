@@ -34,7 +34,7 @@ from churnsignal.sinks.clickhouse import ClickHouseSink
 from churnsignal.stream import packs, patches
 from churnsignal.stream.checkpoint import ALERT_FLUSH_S, Checkpoint
 from churnsignal.stream.clock import PartitionClock
-from churnsignal.stream.fold import StepResult, fold_step, steps
+from churnsignal.stream.fold import IdentityLimits, StepResult, fold_step, steps
 from churnsignal.stream.ingest import Ingestor
 from churnsignal.stream.outputs import WorkerOutputs
 from churnsignal.stream.policy import Policy, load_policy
@@ -176,6 +176,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             m.identity_events.labels(outcome="joined").inc(res.joined)
             if res.overflow:
                 m.identity_events.labels(outcome="overflow").inc(len(res.overflow))
+            if res.expired:
+                m.identity_events.labels(outcome="expired").inc(len(res.expired))
         if result.errors:
             log.error("re-scoring %d accounts failed; their states are unchanged", result.errors)
         runtime.stats["events_applied"] += result.applied
@@ -196,8 +198,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             checkpoint.add_unreadable(group[0], exc)
             return
         result = fold_step(store, pack, partition, group[-1].message.offset, policy,
-                           runtime.clocks[partition], s.ingest.max_parked_per_identity,
-                           s.ingest.identity_grace_s)
+                           runtime.clocks[partition], identity_limits)
         if result.failures:
             log.error("%d records of partition %s could not be folded; dead-lettered",
                       len(result.failures), partition)
@@ -205,6 +206,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         checkpoint.add(result, group, partition)
 
     liveness = runtime.liveness
+    identity_limits = IdentityLimits(
+        s.ingest.max_parked_per_identity, s.ingest.identity_grace_s, s.ingest.identity_ttl_s,
+        s.ingest.max_parked_identities)
 
     async def flush(reason: str) -> None:
         """One flush; what failed says which outage the health check is waiting on."""

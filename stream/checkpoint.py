@@ -170,14 +170,24 @@ class Checkpoint:
             for target, source, offset, data in res.forwards:
                 p.forwards[packs.partition_for(target, self.partitions)].append(
                     [source, offset, data])
-            for reason, detail, data in _identity_letters(res):
+            for data in res.overflow:
                 p.letters.append(DeadLetter(
-                    reason, detail, "identity", self.ingested_topic, pack_partition, None,
-                    None, str(data.get("account_id", "")).encode(), orjson.dumps(data)))
-            if getattr(res, "tombstone", False):
-                key = getattr(res, "key", None)
-                if key:
-                    self.store.delete(key)
+                    "unattributed_overflow", "more events wait for this identity's account "
+                    "than it may hold (CHURNSIGNAL_INGEST__MAX_PARKED_PER_IDENTITY)", "identity",
+                    self.ingested_topic, pack_partition, None, None,
+                    str(data.get("account_id", "")).encode(), orjson.dumps(data)))
+            for source, offset, data in res.expired:
+                topic, partition = source_of(source)
+                if partition is None or offset < 0:  # an older record, or another identity
+                    offset = None  # type: ignore[assignment]
+                by = ("more identities waited than CHURNSIGNAL_INGEST__MAX_PARKED_IDENTITIES "
+                      "allows; the longest waiting expired first" if res.expired_by == "count"
+                      else "no link to an account arrived within "
+                      "CHURNSIGNAL_INGEST__IDENTITY_TTL_S")
+                p.letters.append(DeadLetter(
+                    "unattributed_expired", f"{res.key}: {by}", "identity", topic or res.key,
+                    partition, offset, None, str(data.get("account_id", "")).encode(),
+                    orjson.dumps(data)))
 
     def add_tick(self, event: Any) -> None:
         """A pack with nothing to write is still acked by the next flush."""
@@ -238,17 +248,6 @@ class Checkpoint:
             await self.ack(taken.events)
             self.flushes += 1
             return len(taken.events)
-
-
-def _identity_letters(res: Resolution) -> list[tuple[str, str, dict[str, Any]]]:
-    """Events an identity could not keep: beyond its cap, or expired without a link."""
-    letters = [("unattributed_overflow", "more events wait for this identity's account than "
-                "it may hold (CHURNSIGNAL_INGEST__MAX_PARKED_PER_IDENTITY)", data)
-               for data in res.overflow]
-    for data in getattr(res, "expired", ()):
-        letters.append(("unattributed_expired", "no link to an account arrived within "
-                        "CHURNSIGNAL_INGEST__IDENTITY_TTL_S", data))
-    return letters
 
 
 def _refused_letters(refused: list[Any]) -> list[DeadLetter]:

@@ -21,7 +21,7 @@ from churnsignal.schemas.identity import fallback_account, is_identity
 from churnsignal.stream import packs
 from churnsignal.stream.clock import PartitionClock
 from churnsignal.stream.engine import Item, Outcome, apply_batch, rescore
-from churnsignal.stream.identity import Resolution, resolve, settle
+from churnsignal.stream.identity import DEFAULT_GRACE_S, Resolution, resolve, sweep
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.rows import alert_row, fact_rows, history_row, score_row
 from churnsignal.stream.store import StateStore
@@ -31,6 +31,16 @@ ALERTS = "alerts_data"
 BILLING = "billing_events_data"
 SUPPORT = "support_events_data"
 DAILY = "account_daily_data"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityLimits:
+    """How long and how many events may wait for their account (see stream.identity)."""
+
+    max_parked: int = 1000  # per identity
+    grace_s: float = DEFAULT_GRACE_S  # before a Stripe customer becomes its own account
+    ttl_s: float = 7 * 86_400.0  # before a waiting event expires (dead-lettered)
+    max_identities: int = 20_000  # waiting identities per partition
 
 
 @dataclass(slots=True)
@@ -65,6 +75,7 @@ class StepResult:
     late: int = 0
     history: int = 0  # too-old billing/support events written as rows only
     errors: int = 0  # accounts whose re-score raised (nothing to dead-letter: no record)
+    waiting_identities: int | None = None  # after a tick's sweep: identities still waiting
     newest: float = 0.0  # newest event time applied
 
 
@@ -205,15 +216,16 @@ def _history(store: StateStore, source: str | None, offset: int, data: dict[str,
 
 
 def _tick(store: StateStore, partition: int, wall: float, policy: Policy,
-          clock: PartitionClock, grace_s: float, result: StepResult) -> None:
+          clock: PartitionClock, identity: IdentityLimits, result: StepResult) -> None:
     keys = store.keys_in(partition)
-    for key in keys:
-        if is_identity(key):
-            identity_state = store.identity(key)
-            settled = settle(identity_state, wall, grace_s)
-            if settled.changed:
-                store.put_identity(identity_state)
-                result.identities.append(settled)
+    # Identities that may still wait (joined ones, most of them, are not even decoded):
+    # the grace, the time-to-live and the count bound.
+    waiting = [store.identity(k) for k in keys if is_identity(k) and store.may_wait(k)]
+    swept = sweep(waiting, wall, identity.grace_s, identity.ttl_s, identity.max_identities)
+    for res in swept.resolutions:
+        store.put_identity(store.identity(res.key))  # a tombstoned one is blank: a deletion
+    result.identities.extend(swept.resolutions)
+    result.waiting_identities = swept.waiting
     if clock.catching_up(wall):
         return  # re-scoring at the wall clock now would be premature
     for account_id in keys:
@@ -234,15 +246,15 @@ def _tick(store: StateStore, partition: int, wall: float, policy: Policy,
 
 
 def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: int,
-              policy: Policy, clock: PartitionClock, max_parked: int = 1000,
-              identity_grace_s: float = 60.0) -> StepResult:
+              policy: Policy, clock: PartitionClock,
+              identity: IdentityLimits = IdentityLimits()) -> StepResult:
     """Fold one (merged) pack, or a re-score tick, into the states of ``store``.
 
     ``offset`` is the pack's own offset on the ingested topic (alerts name it)."""
     wall = float(pack["now"])
     result = StepResult()
     if pack.get("tick"):
-        _tick(store, partition, wall, policy, clock, identity_grace_s, result)
+        _tick(store, partition, wall, policy, clock, identity, result)
         return result
     grouped: dict[str, list[Item]] = defaultdict(list)
     identities: dict[str, list[Any]] = defaultdict(list)
@@ -272,7 +284,7 @@ def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: i
         snapshot = store.snapshot(key)
         state = store.identity(key)
         try:
-            resolution = resolve(state, waiting, max_parked, wall)
+            resolution = resolve(state, waiting, identity.max_parked, wall)
         except Exception as exc:
             store.restore(key, snapshot)
             for source, item_offset, data in waiting:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from churnsignal.stream import packs
-from churnsignal.stream.identity import IdentityState
+from churnsignal.stream.identity import IdentityState, is_blank, is_waiting, waiting_bytes
 from churnsignal.stream.state import AccountState
 
 
@@ -91,6 +91,7 @@ class StateStore(Protocol):
     def identity(self, key: str) -> IdentityState: ...
     def peek_identity(self, key: str) -> IdentityState | None: ...
     def put_identity(self, state: IdentityState) -> None: ...
+    def may_wait(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def snapshot(self, key: str) -> Snapshot: ...
     def restore(self, key: str, snapshot: Snapshot) -> None: ...
@@ -172,6 +173,14 @@ class MemoryStateStore:
         self.dirty.add(state.key)
         self.deleted.discard(state.key)
 
+    def may_wait(self, key: str) -> bool:
+        """Whether an identity may have events waiting, without decoding a stored one."""
+        state = self.cache.get(key)
+        if state is not None:
+            return isinstance(state, IdentityState) and is_waiting(state)
+        raw = self.data.get(key.encode())
+        return raw is not None and waiting_bytes(raw)
+
     def delete(self, key: str) -> None:
         """Forget a key: a tombstone on the state topic at the next checkpoint."""
         self.cache.pop(key, None)
@@ -213,8 +222,15 @@ class MemoryStateStore:
 
         Taken before the first await of a checkpoint: the agent keeps changing states
         meanwhile, and those changes belong to the next checkpoint."""
-        values: dict[bytes, bytes | None] = {
-            key.encode(): self.cache[key].to_bytes() for key in self.dirty}
+        values: dict[bytes, bytes | None] = {}
+        for key in self.dirty:
+            state = self.cache[key]
+            if isinstance(state, IdentityState) and is_blank(state):
+                values[key.encode()] = None  # an identity that expired: a tombstone
+            else:
+                # A copy: orjson's result keeps a 4 KiB buffer however small it is, and
+                # stored states live as long as their partition (4 KB per key otherwise).
+                values[key.encode()] = bytes(memoryview(state.to_bytes()))
         values.update(dict.fromkeys((key.encode() for key in self.deleted), None))
         self.dirty, self.deleted = set(), set()
         return values
@@ -224,6 +240,11 @@ class MemoryStateStore:
         for key, value in values.items():
             if value is None:
                 self.data.pop(key, None)
+                name = key.decode()
+                cached = self.cache.get(name)
+                if name not in self.dirty and isinstance(cached, IdentityState) and is_blank(
+                        cached):
+                    del self.cache[name]
             else:
                 self.data[key] = value
         if len(self.cache) > self.max_cached:  # bounded memory: drop clean copies

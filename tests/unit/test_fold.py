@@ -214,3 +214,36 @@ def test_a_checkpoint_writes_in_order_and_acks_only_what_is_durable(
 
 def test_every_private_attribute_churnsignal_patches_is_still_there() -> None:
     assert patches.check() == []
+
+
+def test_an_identity_that_never_joins_expires_to_the_dlq_and_is_tombstoned() -> None:
+    from churnsignal.stream.fold import IdentityLimits
+
+    key = "~segment:user:u9"
+    partition = packs.partition_for(key, 4)
+    store = MemoryStateStore(4)
+    out = Recorder()
+
+    async def ack(events: list[Any]) -> None:
+        pass
+
+    checkpoint = Checkpoint(store, out, "ingested", 4, ack)
+    limits = IdentityLimits(ttl_s=3600)
+    parked = fold_step(store, pack([["usage.events/2", 5, usage(5, 0.1, key)]]), partition, 1,
+                       POLICY, PartitionClock(), limits)
+    checkpoint.add(parked, ["pack-1"], partition)
+    asyncio.run(checkpoint.flush())
+    assert out.states[key.encode()] is not None and store.may_wait(key)
+
+    tick = fold_step(store, packs.decode(packs.encode_tick(NOW + 7200)), partition, 2, POLICY,
+                     PartitionClock(), limits)
+    [res] = tick.identities
+    assert res.tombstone and [e[2]["event_id"] for e in res.expired] == ["e5"]
+    checkpoint.add(tick, ["tick-2"], partition)
+    asyncio.run(checkpoint.flush())
+    [letter] = out.letters
+    headers = dict(letter.headers())
+    assert letter.reason == "unattributed_expired" and headers["dlq_step"] == b"identity"
+    assert headers["dlq_topic"] == b"usage.events" and headers["dlq_offset"] == b"5"
+    assert out.states[key.encode()] is None  # the tombstone
+    assert key.encode() not in store.data and key not in store.cache
