@@ -131,7 +131,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     alerts_topic = app.topic(s.topics.alerts, value_serializer="raw", key_serializer="raw")
     store = MemoryStateStore(s.partitions)
     sink = ClickHouseSink(s.effective_clickhouse_dsn(), retry_max_s=s.sink.retry_max_s,
-                          metrics=metrics, ttl_days=s.sink.ttl_days)
+                          write_timeout_s=s.sink.write_timeout_s, metrics=metrics,
+                          ttl_days=s.sink.ttl_days)
     options = DecodeOptions(
         max_bytes=s.ingest.max_message_bytes,
         max_future_s=s.ingest.max_future_skew_s,
@@ -148,8 +149,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         for event in events:
             await runtime.stream.ack(event)
 
-    checkpoint = runtime.checkpoint = Checkpoint(store, outputs, s.ingested_topic,
-                                                 s.partitions, ack)
+    # Each step of a flush is bounded; the sink's own bound is the tighter one for rows.
+    checkpoint = runtime.checkpoint = Checkpoint(
+        store, outputs, s.ingested_topic, s.partitions, ack,
+        step_timeout_s=max(120.0, s.sink.write_timeout_s + 30.0))
 
     @app.task
     async def start_sink() -> None:
@@ -210,6 +213,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         s.ingest.max_parked_per_identity, s.ingest.identity_grace_s, s.ingest.identity_ttl_s,
         s.ingest.max_parked_identities)
 
+    retry_at = [0.0]  # no flush before this (monotonic): the sink asked to wait
+
     async def flush(reason: str) -> None:
         """One flush; what failed says which outage the health check is waiting on."""
         liveness.waiting(len(checkpoint.pending.events), time.monotonic(), "flush")
@@ -219,6 +224,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             # An outage is waited out; anything else (a bug) lets the stall clock run, so
             # /healthz fails and the worker is restarted.
             if isinstance(exc, SinkUnavailable):
+                retry_at[0] = time.monotonic() + exc.retry_after
                 liveness.outage("clickhouse", True, time.monotonic())
             elif isinstance(exc, KafkaError | TimeoutError | OSError):
                 liveness.outage("kafka", True, time.monotonic())
@@ -239,7 +245,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 await flush(reason)
                 return
             except Exception:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(max(delay, retry_at[0] - time.monotonic()))
                 delay = min(delay * 2, BACKOFF_MAX_S)
 
     @app.agent(ingested)
@@ -279,8 +285,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     @app.timer(min(ALERT_FLUSH_S, s.sink.flush_interval_s / 2))
     async def flush_when_due() -> None:
         # Quiet periods: rows reach ClickHouse within the flush interval, alerts at once.
-        if runtime.stream is not None and checkpoint.due(s.sink.batch_max_rows,
-                                                         s.sink.flush_interval_s):
+        if (runtime.stream is not None and time.monotonic() >= retry_at[0]
+                and checkpoint.due(s.sink.batch_max_rows, s.sink.flush_interval_s)):
             with contextlib.suppress(Exception):  # logged; the packs stay unacked
                 await flush("interval")
 

@@ -52,6 +52,18 @@ class Metrics:
         self.clickhouse_flush_seconds = Histogram(
             "churnsignal_clickhouse_flush_seconds", "Duration of one ClickHouse flush.",
             registry=r)
+        self.sink_retries = Counter(
+            "churnsignal_sink_retries", "Failed ClickHouse inserts by kind: transient (retried "
+            "after a back-off) or permanent (the table refused the data: the batch is split).",
+            ["table", "kind"], registry=r)
+        self.sink_rows_refused = Counter(
+            "churnsignal_sink_rows_refused", "Rows a ClickHouse table refused for good, "
+            "isolated from their batch and dead-lettered (sink_rejected).", ["table"],
+            registry=r)
+        self.sink_unavailable = Counter(
+            "churnsignal_sink_unavailable", "ClickHouse writes that gave up after "
+            "sink.write_timeout_s; their rows are kept and written at a later flush.",
+            registry=r)
         self.consumer_lag = Gauge(
             "churnsignal_consumer_lag", "Records behind the end of each source partition.",
             ["topic", "partition"], registry=r)
@@ -69,3 +81,17 @@ class Metrics:
         self.packs = Counter(
             "churnsignal_packs", "Repartitioned event packs processed by the state agent.",
             registry=r)
+        self.ingest_unreadable_batches = Counter(
+            "churnsignal_ingest_unreadable_batches",
+            "Record batches of a source topic that could not be read (a codec without its "
+            "library or unknown, a CRC mismatch): skipped and their offsets dead-lettered as "
+            "unreadable_batch, or, when the batch's end is unknown, its partition paused.",
+            ["topic"], registry=r)
+        self.ingest_kafka_retries = Counter(
+            "churnsignal_ingest_kafka_retries",
+            "Ingest operations retried after a Kafka error, by operation (fetch, produce, "
+            "commit); nothing is dead-lettered for them.", ["operation"], registry=r)
+        self.ingest_paused_partitions = Gauge(
+            "churnsignal_ingest_paused_partitions",
+            "Source partitions the ingest paused at records it cannot read and cannot skip "
+            "safely (a corrupt batch header); they resume when reassigned.", registry=r)
