@@ -209,6 +209,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         checkpoint.add(result, group, partition)
 
     liveness = runtime.liveness
+    ingestor.on_outage = lambda failing: liveness.outage("kafka-ingest", failing,
+                                                         time.monotonic())
     identity_limits = IdentityLimits(
         s.ingest.max_parked_per_identity, s.ingest.identity_grace_s, s.ingest.identity_ttl_s,
         s.ingest.max_parked_identities)

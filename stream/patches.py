@@ -23,8 +23,11 @@ def _resolve(path: str) -> Any:
 
 
 def check() -> list[str]:
-    """The private attributes that are missing (empty when all are there)."""
-    missing = []
+    """The private attributes that are missing (empty when all are there), the ingest's
+    guard over aiokafka's fetcher included (``stream.ingest.guard_problems``)."""
+    from churnsignal.stream.ingest import guard_problems
+
+    missing = guard_problems()
     for where, attribute in PRIVATE_ATTRIBUTES:
         owner = _resolve(where)
         if attribute == "_fetch_max_wait_ms":  # an instance attribute, set in __init__
