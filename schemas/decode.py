@@ -3,18 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
 from pydantic import ValidationError
 
 from churnsignal.schemas import segment, stripe, zendesk
-from churnsignal.schemas.events import EVENT_ADAPTER, EVENT_TYPES
+from churnsignal.schemas._util import show
+from churnsignal.schemas.events import EVENT_ADAPTER, EVENT_TYPES, family_of
 from churnsignal.schemas.results import Accepted, Decoded, Rejected, Skipped
 
 Source = Literal["auto", "canonical", "stripe", "segment", "zendesk"]
 _MAX_DETAIL = 300
+
+# Every reason a Rejected (dead-lettered) and a Skipped (counted) can carry: bounded sets, never
+# built from the input, so they are safe as metric labels and DLQ headers.
+REJECT_REASONS = frozenset({
+    "empty",             # no value (a tombstone)
+    "too_large",         # more bytes than DecodeOptions.max_bytes
+    "not_json",          # not JSON (also: nested deeper than 1024, numbers beyond a double)
+    "not_object",        # JSON, but not an object
+    "source_mismatch",   # the topic is pinned to another source
+    "unknown_source",    # none of canonical, Stripe, Segment, Zendesk
+    "unknown_type",      # a canonical event of a type churnsignal does not know
+    "invalid",           # a known source whose payload cannot be read or validated
+    "future_timestamp",  # occurred_at beyond DecodeOptions.max_future_s from now
+})
+SKIP_REASONS = frozenset({
+    "too_old",          # older than DecodeOptions.max_age_s: billing/support facts kept as history
+    "unattributed",     # names neither an account nor an identity that could lead to one
+    "stripe_unused",    # a Stripe Event type churnsignal does not score
+    "segment_unused",   # identify, group, alias: they teach links, carry no usage
+    "zendesk_unused",   # a Zendesk event that is not support activity (user, organization, ...)
+    "zendesk_unrated",  # a Zendesk CSAT event without a good/bad score
+})
 
 
 class DecodeOptions:
@@ -57,8 +79,18 @@ def _short(exc: ValidationError) -> str:
     return f"{exc.error_count()} error(s); {loc}: {first['msg']}"[:_MAX_DETAIL]
 
 
+def _crash(kind: str | None, exc: Exception) -> Rejected:
+    """An exception raised while reading one payload, as the value decode promises instead."""
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose own message fails: still a value
+        message = "(no message)"
+    return Rejected("invalid", f"{kind} payload: {type(exc).__name__}: {message}"[:_MAX_DETAIL])
+
+
 def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = "auto") -> Decoded:
-    """Decode one message. Never raises for bad data: every problem is a Rejected with a reason."""
+    """Decode one message. Never raises for bad data: every problem is a Rejected with a reason
+    from REJECT_REASONS, and valid input that is not used a Skipped from SKIP_REASONS."""
     if raw is None:
         return Rejected("empty", "message has no value (tombstone)")
     if len(raw) > opts.max_bytes:
@@ -69,18 +101,27 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
         return Rejected("not_json", str(exc)[:_MAX_DETAIL])
     if not isinstance(payload, dict):
         return Rejected("not_object", f"top-level JSON is {type(payload).__name__}, not an object")
+    try:
+        return _decode_object(payload, opts, now, source)
+    except Exception as exc:  # any class at all (OverflowError, OSError, RecursionError, ...)
+        return _crash(source, exc)
+
+
+def _decode_object(payload: dict[str, Any], opts: DecodeOptions, now: float,
+                   source: Source) -> Decoded:
     kind: str | None = source
     links: tuple[tuple[str, str], ...] = ()
     try:
+        detected = detect(payload)
         if source == "auto":
-            kind = detect(payload)
-        elif detect(payload) != source:
+            kind = detected
+        elif detected != source:
             return Rejected("source_mismatch", f"topic is pinned to {source} payloads; this "
-                            f"one looks like {detect(payload) or 'none of the known sources'}")
+                            f"one looks like {detected or 'none of the known sources'}")
         if kind == "canonical":
             event_type = payload.get("type")
             if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
-                return Rejected("unknown_type", f"type {str(payload.get('type'))[:80]!r}")
+                return Rejected("unknown_type", f"type {show(payload.get('type'), 80)}")
             candidate: dict[str, Any] | str = payload
         elif kind == "stripe":
             candidate = stripe.to_canonical(payload, opts.account_key)
@@ -90,10 +131,11 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
             links = tuple(segment.links(payload))
         elif kind == "zendesk":
             candidate = zendesk.to_canonical(payload)
+            links = tuple(zendesk.links(payload))
         else:
             return Rejected("unknown_source", "not a canonical, Stripe, Segment or Zendesk payload")
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        return Rejected("invalid", f"{kind} payload: {type(exc).__name__}: {exc}"[:_MAX_DETAIL])
+    except Exception as exc:  # an adapter meeting input it cannot read: a value, never a crash
+        return _crash(kind, exc)
     if isinstance(candidate, str):
         return Skipped(candidate, links)
     try:
@@ -102,9 +144,10 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
         return Rejected("invalid", f"{kind}: {_short(exc)}")
     ts = event.occurred_at.timestamp()
     if ts > now + opts.max_future_s:
-        when = datetime.fromtimestamp(ts, tz=UTC).isoformat()
-        return Rejected("future_timestamp", f"occurred_at {when} is beyond the allowed skew")
+        return Rejected("future_timestamp",
+                        f"occurred_at {event.occurred_at.isoformat()} is beyond the allowed skew")
     if ts < now - opts.max_age_s:
-        when = datetime.fromtimestamp(ts, tz=UTC).isoformat()
-        return Rejected("too_old", f"occurred_at {when} is older than the state horizon")
+        # History, not garbage: a billing or support event still carries facts worth writing
+        # (status, MRR, invoice, ticket); a usage event older than the horizon carries none.
+        return Skipped("too_old", links, event=None if family_of(event.type) == "usage" else event)
     return Accepted(event, links)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 # Bounded lengths: event fields are untrusted and end up in state, logs and ClickHouse.
 Id = Annotated[str, Field(min_length=1, max_length=200)]
@@ -109,7 +109,7 @@ class PaymentEvent(_Envelope):
 
 class CardEvent(_Envelope):
     type: Literal["card_expiring", "payment_method_updated"]
-    data: CardData = Field(default_factory=CardData)  # type: ignore[arg-type]
+    data: CardData = Field(default_factory=CardData)
 
 
 class TicketEvent(_Envelope):

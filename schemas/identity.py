@@ -5,7 +5,8 @@ customer, a dispute only its charge, a Segment track call only its user. Such an
 routed to an identity key (``~stripe:customer:cus_1``, ``~segment:user:u1``, ...) instead of an
 account. Links between keys and accounts are learned from the payloads that carry both (a
 subscription with ``metadata.account_id`` and a customer, a Segment Group call, an Identify
-call, an invoice naming its charge and customer). The state agent keeps each identity's link
+call, an invoice naming its charge and customer, a Zendesk user event or a ticket naming both
+its requester and its organization). The state agent keeps each identity's link
 and the events waiting for it, and forwards them once the link is known.
 """
 
@@ -50,3 +51,9 @@ def segment_user(user: str) -> str:
 
 def segment_anonymous(anonymous: str) -> str:
     return key("segment:anon", anonymous)
+
+
+def zendesk_user(user: str) -> str:
+    """A Zendesk user (a ticket's requester): waits for the organization it belongs to. No
+    fallback: a person is not an account."""
+    return key("zendesk:user", user)

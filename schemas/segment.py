@@ -1,11 +1,24 @@
-"""Segment spec messages (track, page, screen, identify, group) -> canonical usage events (pure)."""
+"""Segment spec messages (track, page, screen, identify, group, alias) -> canonical usage
+events (pure).
+
+What Segment's spec pages print, old and new, is accepted: ``messageId`` is *implicit* (set
+by Segment's libraries, absent from raw producers), so its absence is not an error; the
+account may be ``context.groupId`` or the user's traits in ``context.traits`` (the same traits
+an identify call carries: ``groupId``, ``account_id``, ``company.id``, whose id may be a string
+or a number); ``timestamp`` may be missing (then ``originalTimestamp``, ``receivedAt``,
+``sentAt``); ``properties`` may be missing; ``version`` may be ``"1.1"`` or ``2``; and a body
+posted to the HTTP Tracking API's ``/v1/track`` endpoint has no ``type`` at all.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+import orjson
+
 from churnsignal.schemas import identity
-from churnsignal.schemas._util import get_in, str_id
+from churnsignal.schemas._util import dict_at, get_in, str_id, text
 
 SEGMENT_CALLS = frozenset({"track", "page", "screen", "identify", "group", "alias"})
 
@@ -14,11 +27,48 @@ _SESSION_WORDS = ("login", "logged in", "signed in", "sign in", "session")
 _EXPORT_WORDS = ("export", "download")
 _INTEGRATION_WORDS = ("integration", "connected", "api key")
 
+# Top-level fields that say how a message travelled, not what happened: Segment's servers set
+# receivedAt, version, channel and projectId, clients set sentAt at each (re)send, and
+# writeKey / _metadata are credentials and routing. They are left out of a derived event id
+# so that the same message resent, or relayed with or without them, keeps one id.
+_TRANSPORT_FIELDS = frozenset({"messageId", "receivedAt", "sentAt", "version", "channel",
+                               "projectId", "writeKey", "_metadata"})
+
+
+def call_of(payload: dict[str, Any]) -> str | None:
+    """The call type: ``type``, or ``track`` for an HTTP-API track body (``event``, no type)."""
+    call = payload.get("type")
+    if isinstance(call, str):
+        return call if call in SEGMENT_CALLS else None
+    if call is None and isinstance(payload.get("event"), str):
+        return "track"
+    return None
+
 
 def looks_like_segment(payload: dict[str, Any]) -> bool:
-    return payload.get("type") in SEGMENT_CALLS and (
+    return call_of(payload) is not None and (
         "messageId" in payload or "userId" in payload or "anonymousId" in payload
     )
+
+
+def event_id(payload: dict[str, Any]) -> str:
+    """``messageId``, else an id derived from the message's content: the SHA-256 of its
+    canonical JSON (keys sorted, orjson's compact form) without the transport fields above.
+    The same message decodes to the same id every time, so redelivery and replay stay
+    idempotent; two messages identical in every other field (same user, event, properties
+    and timestamp to the millisecond) are taken as one.
+
+    Raises ValueError when the message is nested too deeply to serialise (decode rejects it as
+    ``invalid``): no real Segment message is, and a random id would break idempotency."""
+    given = str_id(payload.get("messageId"))
+    if given is not None:
+        return given
+    content = {k: v for k, v in payload.items() if k not in _TRANSPORT_FIELDS}
+    try:
+        canonical = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as exc:
+        raise ValueError(f"no messageId, and the message cannot be hashed for one: {exc}") from None
+    return "segment-" + hashlib.sha256(canonical).hexdigest()[:40]
 
 
 def _kind(name: str, properties: dict[str, Any], activation: frozenset[str]) -> str:
@@ -36,14 +86,21 @@ def _kind(name: str, properties: dict[str, Any], activation: frozenset[str]) -> 
     return "track"
 
 
+def _traits_account(traits: Any) -> str | None:
+    """The account a user's traits name (identify traits, or the same in context.traits)."""
+    return (str_id(get_in(traits, "groupId"))
+            or str_id(get_in(traits, "account_id"))
+            or str_id(get_in(traits, "company", "id")))
+
+
 def _account(payload: dict[str, Any]) -> str | None:
     """The account a call names: context.groupId, properties or context traits."""
-    properties = payload.get("properties") if isinstance(payload.get("properties"), dict) else {}
+    properties = dict_at(payload, "properties")
     return (
         str_id(get_in(payload, "context", "groupId"))
         or str_id(properties.get("account_id"))
         or str_id(properties.get("groupId"))
-        or str_id(get_in(payload, "context", "traits", "account_id"))
+        or _traits_account(get_in(payload, "context", "traits"))
     )
 
 
@@ -61,15 +118,13 @@ def links(payload: dict[str, Any]) -> list[tuple[str, str]]:
     an Identify call (anonymous -> user, and user -> account from traits.groupId /
     account_id / company.id). Track and page calls teach nothing: most name their account
     anyway, and a link per user would cost a state per user for little."""
-    call = payload.get("type")
+    call = call_of(payload)
     user = str_id(payload.get("userId"))
     anonymous = str_id(payload.get("anonymousId"))
     if call == "group":
         account = str_id(payload.get("groupId"))
     elif call == "identify":
-        account = (str_id(get_in(payload, "traits", "groupId"))
-                   or str_id(get_in(payload, "traits", "account_id"))
-                   or str_id(get_in(payload, "traits", "company", "id")))
+        account = _traits_account(payload.get("traits"))
     else:
         return []
     out: list[tuple[str, str]] = []
@@ -85,26 +140,28 @@ def to_canonical(
     payload: dict[str, Any], activation: frozenset[str] = frozenset()
 ) -> dict[str, Any] | str:
     """A canonical usage event dict, or a skip reason for calls that carry no usage."""
-    call = payload["type"]
+    call = call_of(payload)
+    if call is None:
+        raise ValueError("not a Segment call: no type and no event name")
     if call in ("identify", "group", "alias"):
-        return f"segment_unused:{call}"
-    properties = payload.get("properties") if isinstance(payload.get("properties"), dict) else {}
+        return "segment_unused"
+    properties = dict_at(payload, "properties")
     account = _account(payload) or _person(payload)
     if account is None:
         return "unattributed"
     if call == "track":
-        name = str(payload.get("event") or "")
+        name = text(payload.get("event")) or ""
     else:
-        name = f"{call}:{payload.get('name') or properties.get('path') or ''}"
+        name = f"{call}:{text(payload.get('name')) or text(properties.get('path')) or ''}"
     kind = "session" if call in ("page", "screen") else _kind(name, properties, activation)
-    feature = properties.get("feature") or (name if kind == "feature_used" else None)
+    feature = text(properties.get("feature")) or (name if kind == "feature_used" else None)
     timestamp = (payload.get("timestamp") or payload.get("originalTimestamp")
                  or payload.get("receivedAt") or payload.get("sentAt"))
     return {
-        "event_id": payload.get("messageId"),
+        "event_id": event_id(payload),
         "account_id": account,
         "user_id": str_id(payload.get("userId")) or str_id(payload.get("anonymousId")),
         "type": kind,
         "occurred_at": timestamp,
-        "data": {"name": name[:200] or None, "feature": str(feature)[:200] if feature else None},
+        "data": {"name": name[:200] or None, "feature": feature[:200] if feature else None},
     }

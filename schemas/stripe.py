@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import calendar
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 from churnsignal.schemas import identity
-from churnsignal.schemas._util import epoch_to_iso, get_in, str_id
+from churnsignal.schemas._util import (
+    dict_at,
+    epoch_to_iso,
+    get_in,
+    integer,
+    number,
+    show,
+    str_id,
+    text,
+)
+from churnsignal.schemas.events import SubscriptionStatus
 
 # Stripe event type -> canonical type. Types not listed are valid but unused (skipped, counted).
 TYPE_MAP = {
@@ -30,6 +40,11 @@ TYPE_MAP = {
 
 # Months per recurring interval, to normalise a price to a monthly amount.
 _MONTHS = {"day": 12 / 365, "week": 12 / 52, "month": 1.0, "year": 12.0}
+# Beyond these a provider value is garbage, not a customer: the field becomes unknown (None)
+# and the event is kept. 10^12 cents is $10bn a month, and sums of such stay within Int64.
+MAX_CENTS = 10**12
+MAX_SEATS = 10_000_000  # the contract's own limit (SubscriptionData.seats)
+_STATUSES = frozenset(get_args(SubscriptionStatus))
 
 
 def looks_like_stripe(payload: dict[str, Any]) -> bool:
@@ -37,34 +52,48 @@ def looks_like_stripe(payload: dict[str, Any]) -> bool:
 
 
 def monthly_cents(subscription: dict[str, Any]) -> tuple[int | None, int | None]:
-    """(MRR in minor units, seats) of a Stripe subscription, from its items' prices."""
+    """(MRR in minor units, seats) of a Stripe subscription, from its items' prices; (None,
+    None) when any item is unreadable (an unknown MRR, rather than a wrong one)."""
     items = get_in(subscription, "items", "data")
     if not isinstance(items, list):
         return None, None
     total = 0.0
     seats = 0
     for item in items:
-        price = item.get("price") or item.get("plan") or {}
-        recurring = price.get("recurring") or price
+        if not isinstance(item, dict):
+            return None, None
+        price = item.get("price") or item.get("plan")
+        price = price if isinstance(price, dict) else {}
+        recurring = dict_at(price, "recurring") or price
         interval = recurring.get("interval")
-        count = recurring.get("interval_count") or 1
-        amount = price.get("unit_amount", price.get("amount"))
-        quantity = item.get("quantity") or 1
-        seats += int(quantity)
-        if interval in _MONTHS and isinstance(amount, int | float) and count:
+        raw_count = recurring.get("interval_count")
+        count = 1 if raw_count is None else integer(raw_count, 1, 1000)
+        raw_quantity = item.get("quantity")  # absent for metered prices: one unit
+        quantity = 1 if raw_quantity is None else integer(raw_quantity, 0, MAX_SEATS)
+        if count is None or quantity is None:
+            return None, None
+        seats += quantity
+        amount = number(price.get("unit_amount", price.get("amount")), 0, MAX_CENTS)
+        if isinstance(interval, str) and interval in _MONTHS and amount is not None:
             total += amount * quantity / (_MONTHS[interval] * count)
-    discount_pct = get_in(subscription, "discount", "coupon", "percent_off")
-    if isinstance(discount_pct, int | float):
-        total *= 1 - discount_pct / 100
-    return round(total), seats
+    known_seats = seats if seats <= MAX_SEATS else None
+    raw_discount = get_in(subscription, "discount", "coupon", "percent_off")
+    discount = 0.0 if raw_discount is None else number(raw_discount, 0, 100)
+    if discount is None:
+        return None, known_seats
+    mrr = round(total * (1 - discount / 100))  # finite: every factor above is bounded
+    return (mrr if mrr <= MAX_CENTS else None), known_seats
 
 
 def _plan_name(subscription: dict[str, Any]) -> str | None:
     items = get_in(subscription, "items", "data")
-    if isinstance(items, list) and items:
-        price = items[0].get("price") or items[0].get("plan") or {}
-        return str_id(price.get("lookup_key") or price.get("nickname") or price.get("id"))
-    return str_id(get_in(subscription, "plan", "id"))
+    if isinstance(items, list) and items and isinstance(items[0], dict):
+        price = items[0].get("price") or items[0].get("plan")
+        price = price if isinstance(price, dict) else {}
+        name = str_id(price.get("lookup_key") or price.get("nickname") or price.get("id"))
+    else:
+        name = str_id(get_in(subscription, "plan", "id"))
+    return text(name)
 
 
 def _period_end(subscription: dict[str, Any]) -> Any:
@@ -81,9 +110,9 @@ def _metadata_account(obj: dict[str, Any], key: str) -> str | None:
     """metadata[key] on the object, or on its subscription details."""
     for path in (("metadata",), ("subscription_details", "metadata"),
                  ("parent", "subscription_details", "metadata")):
-        value = get_in(obj, *path, key)
-        if value not in (None, ""):
-            return str_id(value)
+        account = str_id(get_in(obj, *path, key))
+        if account is not None:
+            return account
     return None
 
 
@@ -126,21 +155,33 @@ def links(payload: dict[str, Any], account_key: str = "account_id") -> list[tupl
 
 
 def _card_expiry(obj: dict[str, Any]) -> str | None:
-    card = obj.get("card") if isinstance(obj.get("card"), dict) else obj
-    month, year = card.get("exp_month"), card.get("exp_year")
-    if not isinstance(month, int) or not isinstance(year, int) or not 1 <= month <= 12:
+    card = dict_at(obj, "card") or obj
+    month, year = integer(card.get("exp_month"), 1, 12), integer(card.get("exp_year"), 1, 9999)
+    if month is None or year is None:
         return None
     last_day = calendar.monthrange(year, month)[1]
     return datetime(year, month, last_day, 23, 59, 59, tzinfo=UTC).isoformat()
 
 
+def _currency(value: Any) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= 3 else None
+
+
 def to_canonical(payload: dict[str, Any], account_key: str = "account_id") -> dict[str, Any] | str:
-    """A canonical event dict, or a skip reason string for valid events we do not use."""
+    """A canonical event dict, or a skip reason string for valid events we do not use.
+
+    Required fields that are unreadable raise ValueError (decode rejects the event as
+    ``invalid`` with the message); optional ones become None (unknown) and the event is kept.
+    """
     stripe_type = payload.get("type")
     canonical = TYPE_MAP.get(stripe_type) if isinstance(stripe_type, str) else None
     if canonical is None:
-        return f"stripe_unused:{str(stripe_type)[:60]}"
-    obj: dict[str, Any] = payload["data"]["object"]
+        return "stripe_unused"  # bounded: the type itself is input, not a metric label
+    obj = dict_at(payload, "data", "object")
+    occurred_at = epoch_to_iso(payload.get("created"))
+    if occurred_at is None:
+        raise ValueError(f"created {show(payload.get('created'))} is not a Unix time "
+                         "within years 1-9999")
     account = _account(obj, account_key)
     if account is None:
         return "unattributed"
@@ -152,6 +193,7 @@ def to_canonical(payload: dict[str, Any], account_key: str = "account_id") -> di
         if isinstance(previous, dict) and "items" in previous:
             prev_mrr, _ = monthly_cents({**obj, **previous})
         status = obj.get("status")
+        status = status if isinstance(status, str) and status in _STATUSES else None
         if canonical == "subscription_deleted":
             status = "canceled"
         data = {
@@ -161,31 +203,30 @@ def to_canonical(payload: dict[str, Any], account_key: str = "account_id") -> di
             "seats": seats,
             "mrr_cents": mrr,
             "previous_mrr_cents": prev_mrr,
-            "currency": obj.get("currency"),
-            "cancel_at_period_end": bool(obj.get("cancel_at_period_end"))
+            "currency": _currency(obj.get("currency")),
+            "cancel_at_period_end": obj.get("cancel_at_period_end") is True
             or obj.get("cancel_at") is not None,
             "current_period_end": epoch_to_iso(_period_end(obj)),
             "pause_resumes_at": epoch_to_iso(get_in(obj, "pause_collection", "resumes_at")),
             "trial_end": epoch_to_iso(obj.get("trial_end")),
-            "cancellation_reason": get_in(obj, "cancellation_details", "reason"),
+            "cancellation_reason": text(get_in(obj, "cancellation_details", "reason")),
         }
         if get_in(obj, "pause_collection", "behavior") and status == "active":
             data["status"] = "paused"
     elif canonical in ("card_expiring", "payment_method_updated"):
         data = {"expires_at": _card_expiry(obj)}
     else:
-        amount = obj.get("amount_due", obj.get("amount"))
         data = {
-            "invoice_id": str_id(obj.get("id")) if str(obj.get("object")) == "invoice" else None,
-            "amount_cents": amount if isinstance(amount, int) and amount >= 0 else None,
-            "currency": obj.get("currency"),
-            "attempt_count": obj.get("attempt_count"),
+            "invoice_id": str_id(obj.get("id")) if obj.get("object") == "invoice" else None,
+            "amount_cents": integer(obj.get("amount_due", obj.get("amount")), 0, MAX_CENTS),
+            "currency": _currency(obj.get("currency")),
+            "attempt_count": integer(obj.get("attempt_count"), 0, 1000),
             "next_attempt_at": epoch_to_iso(obj.get("next_payment_attempt")),
         }
     return {
-        "event_id": payload.get("id"),
+        "event_id": str_id(payload.get("id")),
         "account_id": account,
         "type": canonical,
-        "occurred_at": epoch_to_iso(payload.get("created")),
+        "occurred_at": occurred_at,
         "data": data,
     }
