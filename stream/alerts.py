@@ -6,22 +6,38 @@ import hashlib
 
 from churnsignal.schemas.alerts import Alert, AlertReason
 from churnsignal.stream.policy import BANDS, Band, Policy
-from churnsignal.stream.scoring import Score
+from churnsignal.stream.scoring import IMMEDIATE, Reason, Score
 from churnsignal.stream.state import AccountState
-
-# Reasons that page at once, whatever the cooldown: the customer is leaving now.
-IMMEDIATE = frozenset({"cancellation_scheduled", "payment_failed_final"})
 
 
 def _rank(band: str) -> int:
     return BANDS.index(band)  # type: ignore[arg-type]
 
 
+def natural_band(scored: Score, policy: Policy) -> Band:
+    """The score's band, lifted to the band that pages while an immediate reason is present:
+    whether it pages hangs on the signal being there, not on its weight (which calibration
+    may have set to 0)."""
+    band: Band = scored.band  # type: ignore[assignment]
+    floor = policy.alerting.min_band
+    if _rank(band) < _rank(floor) and any(r.code in IMMEDIATE for r in scored.reasons):
+        return floor
+    return band
+
+
+def alert_reasons(reasons: tuple[Reason, ...], top: int) -> list[Reason]:
+    """The strongest ``top`` reasons, with room made for the immediate ones: a reason worth
+    0 points that paged must be on the page."""
+    chosen = [r.code for r in reasons if r.code in IMMEDIATE][:top]
+    chosen += [r.code for r in reasons if r.code not in IMMEDIATE][: top - len(chosen)]
+    return [r for r in reasons if r.code in chosen]  # strongest first, as scored
+
+
 def held_band(current: str, scored: Score, policy: Policy) -> Band:
     """The band after hysteresis: escalate at once, de-escalate only below threshold - margin."""
-    natural = scored.band
+    natural = natural_band(scored, policy)
     if _rank(natural) >= _rank(current):
-        return natural  # type: ignore[return-value]
+        return natural
     band: Band = current  # type: ignore[assignment]
     while _rank(band) > _rank(natural) and scored.score < (
         policy.threshold_of(band) - policy.alerting.hysteresis
@@ -63,7 +79,8 @@ def decide(state: AccountState, scored: Score, now: float, trigger_event_id: str
     state.alerts += 1
     identity = f"{state.account_id}|{state.seq}|{state.alerts}|{band}|{alert_kind}"
     alert_id = hashlib.sha256(identity.encode()).hexdigest()[:32]
-    reasons = [AlertReason(**r.as_dict()) for r in scored.reasons[: rules.top_reasons]]
+    reasons = [AlertReason(**r.as_dict()) for r in alert_reasons(scored.reasons,
+                                                                 rules.top_reasons)]
     return Alert(
         alert_id=alert_id,
         account_id=state.account_id,

@@ -35,6 +35,11 @@ REASONS: dict[str, tuple[str, str]] = {
     "canceled": ("voluntary", "win_back_offer"),
 }
 
+# Reasons that page at once, whatever the cooldown or their weight: the customer is leaving
+# now. Kept among the reasons while present even at 0 points (a calibrated policy may weigh
+# them 0 when its history had no billing), so the alert rules can still see them.
+IMMEDIATE = frozenset({"cancellation_scheduled", "payment_failed_final"})
+
 
 @dataclass(slots=True, frozen=True)
 class Reason:
@@ -189,8 +194,9 @@ def score(state: AccountState, now: float, policy: Policy) -> Score:
     reasons = []
     for code, (value, template, args) in signals(state, now, policy).items():
         signal: Signal = getattr(policy.signals, code)
-        points = signal.weight * strength(signal, value)
-        if points > 0:
+        counts = strength(signal, value)
+        points = signal.weight * counts
+        if points > 0 or (counts > 0 and code in IMMEDIATE):
             kind, play = REASONS[code]
             reasons.append(Reason(code, value, points, kind, play, template.format(*args)))
     reasons.sort(key=lambda r: (-r.contribution, r.code))

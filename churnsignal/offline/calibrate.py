@@ -12,7 +12,12 @@ earlier checkpoints and judged on later ones (never on the future):
    ``key_event_decline`` signal) only if it improves a held-out later part of the training
    period;
 2. on the policy's signals, key_event_decline included: its positive coefficients become
-   the weights (scaled so that all signals at full strength make 100).
+   the weights (scaled so that the fitted signals at full strength make 100). A signal the
+   history cannot inform (fewer than ``MIN_SIGNAL_ACCOUNTS`` accounts of the training period
+   ever had it, e.g. billing signals in a usage-only export) is left out of the fit and keeps
+   the starting policy's weight (the shipped one unless ``--policy``): a fitted 0 would say
+   "never matters" where the history only says "never seen". ``Calibration.kept_shipped``
+   says which, and why.
 
 Band thresholds are then chosen for a target share of account-days flagged. Only what was
 known before ``--until`` is used, labels included; the last part of that period validates.
@@ -44,6 +49,10 @@ MIN_CHURNERS = 10
 CANDIDATE_TYPES = 12  # most frequent event types tried as key events
 TYPE_MIN_BASELINE = 0.25  # per day: below it an event type's trend is noise
 MIN_GAIN = 0.002  # held-out ROC AUC a key event type must add to be kept
+# Accounts of the training period that must have had a signal (strength > 0 on some day)
+# for its weight to be fitted. As with MIN_CHURNERS: a coefficient from fewer would describe
+# those few accounts, not the signal.
+MIN_SIGNAL_ACCOUNTS = 10
 
 
 class TooLittleData(ChurnsignalError):
@@ -114,6 +123,7 @@ class Row:
     is millions of rows, and a list of floats costs four times the memory."""
 
     t: float
+    account: int  # index of the account, to count the accounts a signal was seen in
     signals: array[float]
     label: int
     score: float
@@ -136,6 +146,8 @@ class Calibration:
     key_events: list[str] = field(default_factory=list)
     # standardised coefficient of each candidate type's decline (positive: precedes churn)
     type_decline_coefficients: dict[str, float] = field(default_factory=dict)
+    # signals whose weight was not fitted but kept from the starting policy -> why
+    kept_shipped: dict[str, str] = field(default_factory=dict)
 
 
 def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
@@ -167,14 +179,16 @@ def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
             history.subscription_events(subs))
         rows: list[Row] = []
         churners: dict[float, set[str]] = {}
+        account_index: dict[str, int] = {}
         for cp in replay(stream, subs, base, end=until, progress=progress):
             if cp.as_of + horizon > until or cp.account_id not in subs.periods:
                 continue
             label = int(any(cp.as_of < d <= cp.as_of + horizon
                             for d in churn.get(cp.account_id, ())))
             recent, base_counts, active = counts.windows(cp.account_id, cp.as_of)
-            rows.append(Row(cp.as_of, array("f", feature_row(cp.state, cp.as_of, base)), label,
-                            cp.score, array("f", recent), array("f", base_counts),
+            index = account_index.setdefault(cp.account_id, len(account_index))
+            rows.append(Row(cp.as_of, index, array("f", feature_row(cp.state, cp.as_of, base)),
+                            label, cp.score, array("f", recent), array("f", base_counts),
                             array("H", active)))
             if label:
                 churners.setdefault(cp.as_of, set()).add(cp.account_id)
@@ -217,23 +231,46 @@ def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
     # 2. The policy's signals, key_event_decline over a set of key types included.
     def policy_features(r: Row, key_index: list[int]) -> list[float]:
         row = list(r.signals)
-        if key_index:
-            row[KEY] = strength(key_signal, _decline(
-                sum(r.recent[i] for i in key_index), sum(r.base[i] for i in key_index),
-                w.short_days, w.baseline_days, base.limits.min_baseline_per_day))
+        # Without key types the written policy names no key events, so the signal is off
+        # there: the starting policy's own key events must not be fitted either.
+        row[KEY] = strength(key_signal, _decline(
+            sum(r.recent[i] for i in key_index), sum(r.base[i] for i in key_index),
+            w.short_days, w.baseline_days, base.limits.min_baseline_per_day)) if key_index else 0.0
         return row
 
-    def fit_weights(data: list[Row], key_index: list[int]) -> dict[str, float] | None:
+    def uninformed(x: Any, accounts: Any, key_index: list[int]) -> dict[str, str]:
+        """The signals too few accounts of ``x`` had for a weight to be fitted -> why."""
+        kept: dict[str, str] = {}
+        for j, name in enumerate(FEATURES):
+            seen = int(np.unique(accounts[x[:, j] > 0]).size)
+            if name == "key_event_decline" and not key_index:
+                kept[name] = "no event type's decline was chosen as a key event"
+            elif seen == 0:
+                kept[name] = "no account in the training period had it"
+            elif seen < MIN_SIGNAL_ACCOUNTS:
+                kept[name] = (f"only {seen} account(s) in the training period had it "
+                              f"(fitting needs {MIN_SIGNAL_ACCOUNTS})")
+        return kept
+
+    def fit_weights(data: list[Row], key_index: list[int]
+                    ) -> tuple[dict[str, float], dict[str, str]] | None:
+        """Weights (fitted, or kept where the data cannot inform them) and the kept ones."""
         y = np.array([r.label for r in data])
         if y.min() == y.max():
             return None
-        coef = _fit(np.array([policy_features(r, key_index) for r in data]), y,
-                    standardise=False)
-        raw = {name: max(0.0, float(c)) for name, c in zip(FEATURES, coef, strict=True)}
+        x = np.array([policy_features(r, key_index) for r in data])
+        kept = uninformed(x, np.array([r.account for r in data]), key_index)
+        fitted = [j for j, name in enumerate(FEATURES) if name not in kept]
+        if not fitted:
+            return None
+        coef = _fit(x[:, fitted], y, standardise=False)
+        raw = {FEATURES[j]: max(0.0, float(c)) for j, c in zip(fitted, coef, strict=True)}
         total = sum(raw.values())
         if total <= 0:
             return None
-        return {name: round(min(100.0, 100.0 * c / total), 2) for name, c in raw.items()}
+        weights = {name: round(min(100.0, 100.0 * c / total), 2) for name, c in raw.items()}
+        weights.update({name: getattr(base.signals, name).weight for name in kept})
+        return {name: weights[name] for name in FEATURES}, kept
 
     def scores_with(ws: dict[str, float], data: list[Row], key_index: list[int]) -> Any:
         vector = np.array([ws[name] for name in FEATURES])
@@ -247,11 +284,11 @@ def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
     inner_valid = [r for r in train if r.t >= inner_split]
 
     def inner_auc(key_index: list[int]) -> float:
-        ws = fit_weights(inner_train, key_index)
+        fitted = fit_weights(inner_train, key_index)
         labels = [r.label for r in inner_valid]
-        if ws is None or min(labels) == max(labels):
+        if fitted is None or min(labels) == max(labels):
             return 0.0
-        return float(roc_auc_score(labels, scores_with(ws, inner_valid, key_index)))
+        return float(roc_auc_score(labels, scores_with(fitted[0], inner_valid, key_index)))
 
     key_index: list[int] = []
     best = inner_auc(key_index)
@@ -263,9 +300,10 @@ def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
             key_index, best = [*key_index, types.index(name)], trial
     key_events = sorted(types[i] for i in key_index)
 
-    weights = fit_weights(train, key_index)
-    if weights is None:
+    fitted = fit_weights(train, key_index)
+    if fitted is None:
         raise TooLittleData("no signal predicts churn in this history; no policy written")
+    weights, kept = fitted
 
     train_scores = scores_with(weights, train, key_index)
     high = float(np.quantile(train_scores, 1 - target_high_share))
@@ -289,7 +327,7 @@ def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
                        float(roc_auc_score(y_valid, after)),
                        float(average_precision_score(y_valid, before)),
                        float(average_precision_score(y_valid, after)), weights, key_events,
-                       coefficients)
+                       coefficients, kept)
 
 
 def _fit(x: Any, y: Any, *, standardise: bool) -> Any:
@@ -314,7 +352,17 @@ def _ordered(medium: float, high: float, critical: float) -> tuple[float, float,
     return medium, high, critical
 
 
-def write_policy(policy: Policy, path: Path) -> None:
+def kept_notes(kept: dict[str, str], policy: Policy) -> list[str]:
+    """One line per signal whose weight the history could not inform, for the report."""
+    return [f"{name}: kept weight {getattr(policy.signals, name).weight:g} from the starting "
+            f"policy, not fitted: {why}" for name, why in kept.items()]
+
+
+def write_policy(policy: Policy, path: Path, kept: dict[str, str] | None = None) -> None:
+    """The policy as YAML; ``kept`` (Calibration.kept_shipped) is noted in its header, so
+    whoever reads the file sees which weights the history did not set."""
+    notes = "".join(f"# {line}\n" for line in kept_notes(kept or {}, policy))
     data = policy.model_dump(mode="json")
     path.write_text("# Written by `churnsignal calibrate`; the worker loads it unchanged\n"
-                    "# (CHURNSIGNAL_POLICY_FILE).\n" + yaml.safe_dump(data, sort_keys=False))
+                    "# (CHURNSIGNAL_POLICY_FILE).\n" + notes
+                    + yaml.safe_dump(data, sort_keys=False))
