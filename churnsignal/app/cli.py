@@ -316,7 +316,7 @@ def calibrate(
     except ChurnsignalError as exc:
         typer.secho(f"churnsignal: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(3) from None
-    write_policy(result.policy, out)
+    write_policy(result.policy, out, result.kept_shipped)
     table = Table(title=f"Calibration on the validation period ({result.validation_rows} "
                   f"account-days; trained on {result.train_rows}, {result.train_churners} "
                   "churners)")
@@ -327,8 +327,11 @@ def calibrate(
     t = result.policy.thresholds
     table.add_row("thresholds (medium/high/critical)", "", f"{t.medium}/{t.high}/{t.critical}")
     for name, weight in sorted(result.weights.items(), key=lambda kv: -kv[1]):
-        if weight:
+        if weight and name not in result.kept_shipped:
             table.add_row(f"weight {name}", "", f"{weight:g}")
+    for name, why in result.kept_shipped.items():  # the history could not inform these
+        weight = result.policy.signals.model_dump()[name]["weight"]
+        table.add_row(f"kept {name}", "", f"{weight:g} (not fitted: {why})")
     table.add_row("key events", "", ", ".join(result.key_events) or "none")
     for name, coef in sorted(result.type_decline_coefficients.items(), key=lambda kv: -kv[1]):
         table.add_row(f"decline of {name!r} (coefficient)", "", f"{coef:+.3f}")

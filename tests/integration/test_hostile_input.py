@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from churnsignal.schemas.decode import REJECT_REASONS
 from tests.integration.helpers import (
     Env,
     Worker,
@@ -30,8 +31,7 @@ from tests.integration.helpers import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REASONS = {"not_json", "not_object", "unknown_source", "unknown_type", "invalid", "too_large",
-           "future_timestamp", "too_old", "empty", "source_mismatch"}
+REASONS = set(REJECT_REASONS)  # decode's; nothing here should fail later than decoding
 SQLISH = ["acme'; DROP TABLE alerts_data; --", 'x" OR 1=1 --', "{account}", "a\\';--",
           "Robert'); DROP TABLE account_daily_data;--"]
 NASTY_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]),
