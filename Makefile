@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KAFKA_DIR ?= .cache/kafka-test
 
-.PHONY: demo test test-unit test-tansu test-kafka lint compose-check bench venv clean
+.PHONY: demo test test-unit test-tansu test-kafka lint typecheck compose-check bench venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -23,8 +23,16 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,dev,backtest,bench]'
 	$(VENV)/bin/churnsignal bench
 
-lint: $(STAMP)
+lint: $(STAMP) typecheck
 	$(VENV)/bin/ruff check .
+
+# mypy over a tree of links shaped like the installed package (churnsignal.stream is stream/).
+typecheck: $(STAMP)
+	rm -rf .cache/mypy-tree && mkdir -p .cache/mypy-tree
+	cp -rs $(abspath churnsignal) .cache/mypy-tree/churnsignal
+	for d in stream schemas sinks; do ln -s $(abspath $$d) .cache/mypy-tree/churnsignal/$$d; done
+	cd .cache/mypy-tree && $(abspath $(VENV))/bin/mypy -p churnsignal --config-file $(abspath pyproject.toml) \
+	  --cache-dir $(abspath .cache/mypy)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q

@@ -92,19 +92,19 @@ class _Envelope(_Strict):
 class UsageEvent(_Envelope):
     type: Literal["session", "feature_used", "seat_activity", "activation", "export",
                   "integration", "track"]
-    data: UsageData = Field(default_factory=UsageData)  # type: ignore[arg-type]
+    data: UsageData = Field(default_factory=UsageData)
 
 
 class SubscriptionEvent(_Envelope):
     type: Literal["subscription_created", "subscription_updated", "subscription_deleted",
                   "subscription_paused", "subscription_resumed", "trial_will_end"]
-    data: SubscriptionData = Field(default_factory=SubscriptionData)  # type: ignore[arg-type]
+    data: SubscriptionData = Field(default_factory=SubscriptionData)
 
 
 class PaymentEvent(_Envelope):
     type: Literal["invoice_paid", "payment_failed", "payment_action_required", "invoice_upcoming",
                   "charge_failed", "dispute_created"]
-    data: PaymentData = Field(default_factory=PaymentData)  # type: ignore[arg-type]
+    data: PaymentData = Field(default_factory=PaymentData)
 
 
 class CardEvent(_Envelope):

@@ -21,7 +21,7 @@ import faust
 import mode
 from aiokafka.errors import KafkaError
 from faust.types import TP
-from tenacity import AsyncRetrying, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, wait_exponential_jitter
 
 from churnsignal.app.health import Liveness
 from churnsignal.app.kafka_client import faust_credentials
@@ -302,12 +302,16 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         if notifier is not None:
             await notifier.drain(timeout=min(10.0, s.webhook.timeout_s * 2))
 
-    app.service(IngestService(ingestor, on_drained=drain_for_shutdown))
+    # Faust starts an instance as well as a class (_prepare_subservice); its annotation
+    # says class only.
+    app.service(IngestService(ingestor, on_drained=drain_for_shutdown))  # type: ignore[arg-type]
 
     def _owned(partition: int) -> bool:
         return TP(s.ingested_topic, partition) in app.consumer.assignment()
 
-    @app.on_partitions_assigned.connect
+    # mode types receivers as (sender, *args, signal=..., **kwargs); Faust sends (sender,
+    # assigned, signal=...), which this signature takes.
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def load_states(sender: Any, assigned: Any, **kwargs: Any) -> None:
         # Read back the states of newly assigned partitions (in the background: the agent
         # waits per partition); drop those of partitions that went elsewhere.
@@ -323,14 +327,16 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
 
     async def _load(partitions: set[int]) -> None:
         started = time.monotonic()
+
+        def before_sleep(state: RetryCallState) -> None:
+            liveness.outage("kafka", True, time.monotonic())
+            log.warning("reading states of partitions %s failed (%s); retrying",
+                        sorted(partitions), state.outcome.exception() if state.outcome else None)
+
         # Until it works: the broker comes back; a cancel (a newer assignment) is not retried.
         async for attempt in AsyncRetrying(
                 wait=wait_exponential_jitter(multiplier=0.5, max=10.0), reraise=True,
-                before_sleep=lambda state: (
-                    liveness.outage("kafka", True, time.monotonic()),
-                    log.warning("reading states of partitions %s failed (%s); retrying",
-                                sorted(partitions),
-                                state.outcome.exception() if state.outcome else None))):
+                before_sleep=before_sleep):
             with attempt:
                 got = await read_partitions(s, partitions)
         liveness.outage("kafka", False, time.monotonic())
@@ -341,7 +347,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             "partitions": sorted(partitions), "keys": sum(len(r) for r in got.values()),
             "seconds": round(time.monotonic() - started, 3)})
 
-    @app.on_partitions_revoked.connect
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # as load_states
     async def flush_before_revoke(sender: Any, revoked: Any, **kwargs: Any) -> None:
         # Rebalance or shutdown: make buffered rows and states durable, ack their packs.
         try:

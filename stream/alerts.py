@@ -11,7 +11,7 @@ from churnsignal.stream.state import AccountState
 
 
 def _rank(band: str) -> int:
-    return BANDS.index(band)  # type: ignore[arg-type]
+    return BANDS.index(band)
 
 
 def natural_band(scored: Score, policy: Policy) -> Band:
@@ -84,10 +84,10 @@ def decide(state: AccountState, scored: Score, now: float, trigger_event_id: str
     return Alert(
         alert_id=alert_id,
         account_id=state.account_id,
-        kind=alert_kind,  # type: ignore[arg-type]
+        kind=alert_kind,
         score=scored.score,
         band=band,
-        previous_band=alert_previous,  # type: ignore[arg-type]
+        previous_band=alert_previous,
         reasons=reasons,
         mrr_at_risk_cents=max(0, state.mrr_cents) if alert_kind == "escalated" else 0,
         trigger_event_id=trigger_event_id,

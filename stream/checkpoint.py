@@ -176,17 +176,17 @@ class Checkpoint:
                     "than it may hold (CHURNSIGNAL_INGEST__MAX_PARKED_PER_IDENTITY)", "identity",
                     self.ingested_topic, pack_partition, None, None,
                     str(data.get("account_id", "")).encode(), orjson.dumps(data)))
-            for source, offset, data in res.expired:
-                topic, partition = source_of(source)
-                if partition is None or offset < 0:  # an older record, or another identity
-                    offset = None  # type: ignore[assignment]
+            for origin, offset, data in res.expired:
+                topic, partition = source_of(origin)
+                # An older record, or another identity: no offset to name.
+                letter_offset = None if partition is None or offset < 0 else offset
                 by = ("more identities waited than CHURNSIGNAL_INGEST__MAX_PARKED_IDENTITIES "
                       "allows; the longest waiting expired first" if res.expired_by == "count"
                       else "no link to an account arrived within "
                       "CHURNSIGNAL_INGEST__IDENTITY_TTL_S")
                 p.letters.append(DeadLetter(
                     "unattributed_expired", f"{res.key}: {by}", "identity", topic or res.key,
-                    partition, offset, None, str(data.get("account_id", "")).encode(),
+                    partition, letter_offset, None, str(data.get("account_id", "")).encode(),
                     orjson.dumps(data)))
 
     def add_tick(self, event: Any) -> None:

@@ -256,7 +256,7 @@ def source_key(key: bytes | None) -> bytes | None:
     return key
 
 
-class _GuardedPartitionRecords(_PartitionRecords):  # type: ignore[misc]
+class _GuardedPartitionRecords(_PartitionRecords):
     """aiokafka's PartitionRecords; for the ingest's consumer, over guarded batches."""
 
     def __init__(self, tp: Any, records: Any, aborted_transactions: Any, fetch_offset: int,
@@ -296,7 +296,7 @@ def guard_problems() -> list[str]:
 
 def install_guard() -> None:
     """Route aiokafka's fetcher through the guard (idempotent; other consumers unchanged)."""
-    aiokafka_fetcher.PartitionRecords = _GuardedPartitionRecords  # type: ignore[misc]
+    aiokafka_fetcher.PartitionRecords = _GuardedPartitionRecords
 
 
 # --- Producing ------------------------------------------------------------------------------

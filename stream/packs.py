@@ -27,7 +27,8 @@ def partition_for(account_id: str, partitions: int) -> int:
     The state table's changelog is written with the producer's partitioner, so the pack
     holding an account's events and the changelog holding its state share a partition.
     """
-    return (murmur2(account_id.encode()) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(account_id.encode())  # aiokafka leaves murmur2 unannotated
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 # A fourth element on an item marks history: a billing or support event older than the

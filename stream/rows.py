@@ -36,7 +36,7 @@ def _ts(seconds: float) -> datetime:
 
 def daily_rows(state: AccountState, days: set[int]) -> list[tuple[object, ...]]:
     """Whole-day totals (not deltas): rewriting a row with a newer version is idempotent."""
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for day in sorted(days):
         b = state.days.get(day)
         if b is None:  # pruned: out of the horizon

@@ -138,7 +138,7 @@ class AccountState:
         return cls(**data)
 
 
-_SLOTS: tuple[str, ...] = AccountState.__slots__  # type: ignore[attr-defined]
+_SLOTS: tuple[str, ...] = AccountState.__slots__
 _values = attrgetter(*_SLOTS)  # all fields in one C call
 
 

@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from churnsignal.schemas.identity import PREFIX as IDENTITY_PREFIX
 from churnsignal.stream import packs
 from churnsignal.stream.identity import IdentityState, is_blank, is_waiting, waiting_bytes
 from churnsignal.stream.state import AccountState
@@ -102,6 +103,7 @@ class StateStore(Protocol):
     def stored(self, values: dict[bytes, bytes | None]) -> None: ...
     def unstored(self, values: dict[bytes, bytes | None]) -> None: ...
     def forget(self) -> None: ...
+    def account_sizes(self) -> list[int]: ...
     def __len__(self) -> int: ...
 
 
@@ -248,9 +250,9 @@ class MemoryStateStore:
             else:
                 self.data[key] = value
         if len(self.cache) > self.max_cached:  # bounded memory: drop clean copies
-            for key in list(self.cache)[: len(self.cache) - self.max_cached]:
-                if key not in self.dirty:
-                    del self.cache[key]
+            for name in list(self.cache)[: len(self.cache) - self.max_cached]:
+                if name not in self.dirty:
+                    del self.cache[name]
 
     def unstored(self, values: dict[bytes, bytes | None]) -> None:
         """A checkpoint failed: these are written again by the next one."""
@@ -260,6 +262,11 @@ class MemoryStateStore:
                 self.dirty.add(key)
             elif values[raw] is None and key not in self.dirty:
                 self.deleted.add(key)
+
+    def account_sizes(self) -> list[int]:
+        """The stored size in bytes of each account state (identity states not counted)."""
+        prefix = IDENTITY_PREFIX.encode()
+        return [len(v) for k, v in list(self.data.items()) if not k.startswith(prefix)]
 
     def forget(self) -> None:
         """After a rebalance the stored states are the truth again; unflushed changes are

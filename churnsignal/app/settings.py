@@ -200,12 +200,12 @@ class Settings(BaseSettings):
     policy_file: Path | None = Field(None, description="Scoring policy YAML; unset: the shipped default.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["auto", "json", "text"] = Field("auto", description="json when not on a TTY.")
-    topics: TopicNames = Field(default_factory=TopicNames)  # type: ignore[arg-type]
-    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
-    ingest: IngestSettings = Field(default_factory=IngestSettings)  # type: ignore[arg-type]
-    sink: SinkSettings = Field(default_factory=SinkSettings)  # type: ignore[arg-type]
-    webhook: WebhookSettings = Field(default_factory=WebhookSettings)  # type: ignore[arg-type]
-    health: HealthSettings = Field(default_factory=HealthSettings)  # type: ignore[arg-type]
+    topics: TopicNames = Field(default_factory=TopicNames)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    sink: SinkSettings = Field(default_factory=SinkSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

@@ -242,8 +242,7 @@ def register_views(rt: Runtime) -> None:
             log.warning("/api/summary: ClickHouse query failed (%s)", type(exc).__name__)
             return self.json({"error": f"ClickHouse unavailable ({type(exc).__name__})"},
                              status=503)
-        sizes = [len(v) for k, v in list(rt.store.data.items())
-                 if not k.startswith(b"~")]  # not identities
+        sizes = rt.store.account_sizes()
         stats = dict(rt.stats)
         stats["accounts"] = len(sizes)
         stats["state_bytes_per_account"] = sum(sizes) / len(sizes) if sizes else 0

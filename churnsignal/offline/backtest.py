@@ -28,7 +28,7 @@ from churnsignal.stream.engine import fold, rescore
 from churnsignal.stream.policy import BANDS, Policy
 from churnsignal.stream.state import AccountState, prune
 
-RANK = {band: i for i, band in enumerate(BANDS)}
+RANK: dict[str, int] = {band: i for i, band in enumerate(BANDS)}  # looked up by plain str
 
 
 @dataclass(slots=True)

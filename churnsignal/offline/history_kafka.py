@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from churnsignal.app.settings import Settings
 from churnsignal.offline.history import HistoryError
+from churnsignal.schemas.decode import Source
 
 PREFIX = "kafka:"
 
@@ -63,7 +64,7 @@ def _moment(text: str) -> float:
 
 
 def read_range(spec: KafkaRange, settings: Settings,
-               on_record: Callable[[bytes, str], None],
+               on_record: Callable[[bytes, Source], None],
                progress: Callable[[int], None] | None = None) -> int:
     """Hand every record's value in the range to ``on_record(value, pinned_format)``."""
     if not settings.kafka_bootstrap_servers:
@@ -71,7 +72,7 @@ def read_range(spec: KafkaRange, settings: Settings,
     return asyncio.run(_read(spec, settings, on_record, progress))
 
 
-async def _read(spec: KafkaRange, settings: Settings, on_record: Callable[[bytes, str], None],
+async def _read(spec: KafkaRange, settings: Settings, on_record: Callable[[bytes, Source], None],
                 progress: Callable[[int], None] | None) -> int:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 

@@ -19,7 +19,7 @@ from typing import IO, Any
 import orjson
 
 from churnsignal.offline.history import HistoryError, Subscriptions, load_jsonl_subscriptions
-from churnsignal.schemas.decode import DecodeOptions, decode
+from churnsignal.schemas.decode import DecodeOptions, Source, decode
 from churnsignal.schemas.events import EVENT_ADAPTER
 from churnsignal.schemas.identity import fallback_account, is_identity
 from churnsignal.schemas.results import Accepted
@@ -95,7 +95,7 @@ class NativeHistory:
         self.last: float | None = None
         self._now = datetime.now(UTC).timestamp()
 
-    def add(self, payload: bytes, pinned: str = "auto") -> None:
+    def add(self, payload: bytes, pinned: Source = "auto") -> None:
         result = decode(payload, self.options, self._now, pinned)
         if not isinstance(result, Accepted):
             self.skipped[getattr(result, "reason", "skipped")] += 1

@@ -127,7 +127,8 @@ def _metrics(port: int) -> str:
 
 
 def run_churnsignal(settings: Settings, bootstrap: str, data: Dataset, timeout: float,
-                    keep: bool = False) -> tuple[float, dict[str, Any], Any]:
+                    keep: bool = False
+                    ) -> tuple[float, dict[str, Any], subprocess.Popen[bytes] | None]:
     """Worker process on the data set; returns (events/s, facts, running worker if keep)."""
     state = Path(tempfile.mkdtemp(prefix="churnsignal-bench-"))
     port = free_port()
@@ -182,8 +183,7 @@ def run_churnsignal(settings: Settings, bootstrap: str, data: Dataset, timeout: 
         raise RuntimeError(f"churnsignal applied {applied} of {data.events} in {timeout}s")
     if not keep:
         stop_process(worker)
-        worker = None
-    return applied / max(1e-9, last - first), facts, worker
+    return applied / max(1e-9, last - first), facts, worker if keep else None
 
 
 async def measure_latency(bootstrap: str, data: Dataset, alerts_topic: str, rate: float,
