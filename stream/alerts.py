@@ -6,7 +6,7 @@ import hashlib
 
 from churnsignal.schemas.alerts import Alert, AlertReason
 from churnsignal.stream.policy import BANDS, Band, Policy
-from churnsignal.stream.scoring import IMMEDIATE, Reason, Score
+from churnsignal.stream.reasons import IMMEDIATE, Reason, Score
 from churnsignal.stream.state import AccountState
 
 

@@ -15,7 +15,8 @@ from churnsignal.schemas.events import USAGE_TYPE_SET
 from churnsignal.stream.alerts import decide
 from churnsignal.stream.clock import is_live, scoring_time
 from churnsignal.stream.policy import Policy
-from churnsignal.stream.scoring import Score, score
+from churnsignal.stream.reasons import Score
+from churnsignal.stream.scoring import score
 from churnsignal.stream.state import (
     AccountState,
     DayUsage,

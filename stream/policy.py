@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from churnsignal.errors import ConfigError
 
 Band = Literal["low", "medium", "high", "critical"]
+BASE_COLUMNS = 7  # a state's day bucket: events, usage, sessions, users, billing, support, key
 BANDS: tuple[Band, ...] = ("low", "medium", "high", "critical")
 
 
@@ -112,6 +114,50 @@ class Limits(_Frozen):
     slow_resolution_hours: float = Field(72, gt=0)
 
 
+Transform = Literal["log1p", "identity"]
+
+
+class Model(_Frozen):
+    """A churn model fitted on a company's own history (``churnsignal calibrate``).
+
+    score = 100 * sigmoid(calibration[0] * logit + calibration[1]), where
+    logit = intercept + sum(coefficient * (transform(value) - mean) / scale) over the
+    features (stream.features names them and computes their values from the state). A
+    feature's contribution to an account's risk is its coefficient times its standardised
+    value: what it adds against an average account.
+    """
+
+    horizon_days: int = Field(30, ge=1, le=365, description="Churn within this many days.")
+    event_types: list[str] = Field(
+        default_factory=list, max_length=32, description="Usage event names counted per day in "
+        "the state (one column each), lower-case; the model's per-type features read them.")
+    features: list[str] = Field(min_length=1, description="Feature names (stream.features).")
+    transforms: list[Transform]
+    means: list[float]
+    scales: list[float]
+    coefficients: list[float]
+    intercept: float
+    calibration: tuple[float, float] = Field(
+        (1.0, 0.0), description="Slope and offset applied to the logit (Platt scaling on a "
+        "held-out period), so the score is a calibrated probability.")
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Model:
+        n = len(self.features)
+        if not (len(self.transforms) == len(self.means) == len(self.scales)
+                == len(self.coefficients) == n):
+            raise ValueError("features, transforms, means, scales and coefficients must "
+                             "have the same length")
+        if any(s <= 0 for s in self.scales):
+            raise ValueError("scales must be positive")
+        return self
+
+    @field_validator("event_types")
+    @classmethod
+    def _lower_types(cls, names: list[str]) -> list[str]:
+        return [n.lower() for n in names]
+
+
 class Policy(_Frozen):
     """Everything scoring reads. Changing it needs no code change."""
 
@@ -123,6 +169,19 @@ class Policy(_Frozen):
     thresholds: Thresholds = Thresholds()
     alerting: Alerting = Alerting()
     limits: Limits = Limits()
+    # None: the rules above (no history needed). Set by calibrate: a fitted model scores,
+    # the rules that must fire at once still do (stream.scoring).
+    model: Model | None = None
+
+    @cached_property
+    def type_columns(self) -> dict[str, int]:
+        """Usage event name -> its per-day column in the state (after the base columns)."""
+        names = self.model.event_types if self.model is not None else []
+        return {name: BASE_COLUMNS + i for i, name in enumerate(names)}
+
+    @cached_property
+    def tracked_types(self) -> list[str]:
+        return list(self.model.event_types) if self.model is not None else []
 
     def band_of(self, score: float) -> Band:
         t = self.thresholds

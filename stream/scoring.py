@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from churnsignal.stream.model import model_score
 from churnsignal.stream.policy import Policy, Signal
+from churnsignal.stream.reasons import IMMEDIATE, REASONS, Reason, Score
 from churnsignal.stream.state import (
     DAY,
     KEY,
@@ -14,53 +14,6 @@ from churnsignal.stream.state import (
     day_of,
     generic_activation,
 )
-
-# Each reason: whether it is voluntary (the customer disengages or decides) or involuntary
-# (billing mechanics), and the play a customer-success team should run.
-REASONS: dict[str, tuple[str, str]] = {
-    "usage_decline": ("voluntary", "csm_check_in"),
-    "key_event_decline": ("voluntary", "csm_check_in"),
-    "inactivity": ("voluntary", "csm_check_in"),
-    "seat_underuse": ("voluntary", "plan_review"),
-    "low_feature_breadth": ("voluntary", "training"),
-    "onboarding_stalled": ("voluntary", "onboarding_nudge"),
-    "payment_failed": ("involuntary", "dunning_retry"),
-    "payment_failed_final": ("involuntary", "card_update"),
-    "card_expiring": ("involuntary", "card_update"),
-    "contraction": ("voluntary", "pricing_review"),
-    "cancellation_scheduled": ("voluntary", "offer_pause_or_plan_change"),
-    "paused": ("voluntary", "resume_check_in"),
-    "support_burden": ("voluntary", "support_escalation"),
-    "negative_feedback": ("voluntary", "csm_check_in"),
-    "canceled": ("voluntary", "win_back_offer"),
-}
-
-# Reasons that page at once, whatever the cooldown or their weight: the customer is leaving
-# now. Kept among the reasons while present even at 0 points (a calibrated policy may weigh
-# them 0 when its history had no billing), so the alert rules can still see them.
-IMMEDIATE = frozenset({"cancellation_scheduled", "payment_failed_final"})
-
-
-@dataclass(slots=True, frozen=True)
-class Reason:
-    code: str
-    value: float  # the signal's raw value (days, ratio, count...)
-    contribution: float  # points added to the score
-    kind: str  # voluntary | involuntary
-    play: str
-    detail: str
-
-    def as_dict(self) -> dict[str, object]:
-        return {"code": self.code, "value": round(self.value, 3),
-                "contribution": round(self.contribution, 1), "kind": self.kind,
-                "play": self.play, "detail": self.detail}
-
-
-@dataclass(slots=True, frozen=True)
-class Score:
-    score: float
-    band: str  # the band this score falls in, before hysteresis
-    reasons: tuple[Reason, ...]  # strongest first
 
 
 def strength(signal: Signal, value: float) -> float:
@@ -190,7 +143,10 @@ def _activated(state: AccountState, policy: Policy) -> bool:
 
 
 def score(state: AccountState, now: float, policy: Policy) -> Score:
-    """The score, its natural band and its reasons, strongest first."""
+    """The score, its natural band and its reasons, strongest first: by the policy's fitted
+    model where it has one, else by its rules."""
+    if policy.model is not None:
+        return model_score(state, now, policy, signals(state, now, policy))
     reasons = []
     for code, (value, template, args) in signals(state, now, policy).items():
         signal: Signal = getattr(policy.signals, code)

@@ -16,15 +16,19 @@ from typing import Any
 import orjson
 
 from churnsignal.schemas.events import family_of
-from churnsignal.stream.policy import Policy
+from churnsignal.stream.policy import BASE_COLUMNS, Policy
 
 DAY = 86_400.0
-STATE_VERSION = 2  # 2: days as offsets + bucket columns; 1 (still read): rows per day
+# 3: per-type day columns (``types``) and the policy that scored; 2 (still read): days as
+# offsets + bucket columns; 1 (still read): rows per day
+STATE_VERSION = 3
 _PRIORITY_LEVEL = {"low": 0, "normal": 0, "high": 1, "urgent": 1}
 
 # Bucket columns: one list per day, indexed by these positions.
-EVENTS, USAGE, SESSIONS, USERS, BILLING, SUPPORT, KEY = range(7)
-_BUCKET_WIDTH = 7  # older states have 6 columns: from_bytes pads them (KEY counts from then)
+EVENTS, USAGE, SESSIONS, USERS, BILLING, SUPPORT, KEY = range(BASE_COLUMNS)
+# Then one column per tracked usage event type (the policy's model.event_types, named in
+# ``AccountState.types``). Older states have 6 columns: from_bytes pads them.
+_BUCKET_WIDTH = BASE_COLUMNS
 
 
 def day_of(ts: float) -> int:
@@ -84,6 +88,8 @@ class AccountState:
     last_alert_at: float = 0.0
     alerts: int = 0
     scored_at: float = 0.0
+    policy: str = ""  # the policy version that scored it last (a switch re-baselines bands)
+    types: list[str] = field(default_factory=list)  # the per-type columns after the base ones
 
     def clone(self) -> AccountState:
         """An independent copy (to undo a fold that failed half way): ~10 us at 90 days,
@@ -99,6 +105,7 @@ class AccountState:
         c.slow_resolutions = self.slow_resolutions[:]
         c.hw = dict(self.hw)
         c.ids = self.ids[:]
+        c.types = self.types[:]
         return c
 
     def to_bytes(self) -> bytes:
@@ -125,7 +132,7 @@ class AccountState:
         base = data.pop("d0", 0)
         if version >= 2:
             columns = data.pop("cols")
-            pad = [0] * (_BUCKET_WIDTH - len(columns))
+            pad = [0] * (_BUCKET_WIDTH + len(data.get("types", ())) - len(columns))
             buckets = [[*cells, *pad] for cells in zip(*columns, strict=True)] if columns \
                 else [pad[:] for _ in data["days"]]
             data["days"] = {base + d: b for d, b in zip(data["days"], buckets, strict=True)}
@@ -161,11 +168,25 @@ def _remember(state: AccountState, source: str | None, offset: int, id_h: int,
             del state.ids[:overflow]
 
 
+def _track_types(state: AccountState, policy: Policy) -> None:
+    """Make the state's per-type columns the policy's: a new policy keeps the counts of the
+    types both track, starts the others at zero and drops the rest."""
+    wanted = policy.tracked_types
+    if state.types == wanted:
+        return
+    old = {name: BASE_COLUMNS + i for i, name in enumerate(state.types)}
+    picks = [old.get(name) for name in wanted]
+    for day, bucket in state.days.items():
+        state.days[day] = bucket[:BASE_COLUMNS] + [bucket[i] if i is not None else 0
+                                                   for i in picks]
+    state.types = list(wanted)
+
+
 def _bucket(state: AccountState, day: int) -> list[int]:
     days = state.days
     bucket = days.get(day)
     if bucket is None:
-        bucket = [0] * _BUCKET_WIDTH
+        bucket = [0] * (_BUCKET_WIDTH + len(state.types))
         late = bool(days) and day < next(reversed(days))
         days[day] = bucket
         if late:  # keep days in order: windows read the newest, prune drops the oldest
@@ -192,6 +213,8 @@ def apply_event(state: AccountState, event: Any, source: str | None, offset: int
     if is_duplicate(state, source, offset, id_h):
         return None
     _remember(state, source, offset, id_h, policy)
+    if state.types or policy.tracked_types:
+        _track_types(state, policy)
     ts = event.occurred_at.timestamp()
     day = day_of(ts)
     today = day_of(now)
@@ -218,7 +241,9 @@ def _apply_usage(state: AccountState, event: Any, ts: float, day: int, today: in
     d = event.data
     if event.type == "session":
         bucket[SESSIONS] += 1
-    _use(state, bucket, day, d.name, d.feature, d.count, ts, ts, event.type == "activation",
+    # An event without a name (a canonical session, say) goes by its type.
+    _use(state, bucket, day, d.name or event.type, d.feature, d.count, ts, ts,
+         event.type == "activation",
          policy)
     _count_user(state, day, event.user_id, today, policy)
 
@@ -238,6 +263,13 @@ def _use(state: AccountState, bucket: list[int], day: int, name: str | None,
     if key_events and ((name or "").lower() in key_events
                        or (feature or "").lower() in key_events):
         bucket[KEY] += count
+    columns = policy.type_columns
+    if columns:
+        column = columns.get((name or "").lower())
+        if column is None:
+            column = columns.get((feature or "").lower())
+        if column is not None:
+            bucket[column] += count
     names = policy.onboarding.activation_events
     if state.activated_at is None and (
         activation or (names and (name or "").lower() in names)
@@ -263,6 +295,8 @@ def fold_day(state: AccountState, usage: DayUsage, now: float, policy: Policy) -
     """Fold a day's counted usage into ``state``; returns the day."""
     first_ts = usage.occurred_at.timestamp()
     day = day_of(first_ts)
+    if state.types or policy.tracked_types:
+        _track_types(state, policy)
     state.seq += usage.events
     if not state.first_seen or first_ts < state.first_seen:
         state.first_seen = first_ts

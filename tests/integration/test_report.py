@@ -25,8 +25,8 @@ import pytest
 from churnsignal.schemas.events import EVENT_ADAPTER
 from churnsignal.sinks.clickhouse import ClickHouseSink
 from churnsignal.stream.engine import apply_batch
+from churnsignal.stream.reasons import REASONS
 from churnsignal.stream.rows import alert_row, daily_rows, fact_rows, score_row
-from churnsignal.stream.scoring import REASONS
 from tests.integration.test_business_views import (
     NOV_20,
     POLICY,

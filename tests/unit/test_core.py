@@ -70,7 +70,7 @@ def test_back_fill_does_not_alert_until_live() -> None:
 
 def test_hysteresis_holds_the_band_just_below_the_threshold() -> None:
     from churnsignal.stream.alerts import held_band
-    from churnsignal.stream.scoring import Score
+    from churnsignal.stream.reasons import Score
 
     assert held_band("high", Score(47.0, "medium", ()), POLICY) == "high"  # 50 - 5 < 47
     assert held_band("high", Score(44.0, "medium", ()), POLICY) == "medium"

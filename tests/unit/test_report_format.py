@@ -28,7 +28,7 @@ from churnsignal.app.report import (
 )
 from churnsignal.sinks.queries import QueryResult
 from churnsignal.stream.policy import Signals
-from churnsignal.stream.scoring import REASONS
+from churnsignal.stream.reasons import REASONS
 
 GENERATED = datetime(2026, 11, 20, 14, 5, 59, 123456, tzinfo=UTC)
 
@@ -94,7 +94,8 @@ def test_months_read_as_words_and_the_current_one_says_it_is_partial() -> None:
 
 
 def test_every_reason_code_and_play_of_the_policy_has_words() -> None:
-    codes = set(Signals.model_fields)  # the policy's signals are the reason codes
+    # the policy's signals are the reason codes, and a fitted model's verdict on engagement
+    codes = set(Signals.model_fields) | {"low_engagement"}
     assert codes == set(REASONS) == set(REASON_TEXT)
     assert {play for _, play in REASONS.values()} == set(PLAY_TEXT)
 

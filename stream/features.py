@@ -1,0 +1,206 @@
+"""Behavioural and account features of one account at one moment, from its state (pure).
+
+The same function serves the worker, the backtest and calibrate, so a model fitted on a
+replay scores the same live. Everything comes from the state's day buckets (windows never
+exceed the policy horizon) and its billing and support fields.
+
+Exact and estimated figures: event counts, active days and per-type counts are exact.
+Distinct users per day are exact (counted per day, up to ``limits.day_users``); over a
+window, ``users_28d`` is the mean of the daily distinct counts on active days and
+``users_per_seat`` the largest daily count over seats — estimates of distinct users over
+the window (the state keeps user hashes only for the grace days).
+
+Counts over a window longer than the account's tenure are scaled up to the window (an
+account 10 days old with 20 events has the rate of 56 events in 28 days), so young
+accounts are not mistaken for quiet ones.
+
+Cost: the base features need no state beyond what rules already keep; each tracked event
+type adds one count per active day (``policy.model.event_types``, at most 32): about
+2-4 bytes per active day in the stored state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from churnsignal.stream.policy import BASE_COLUMNS, Policy
+from churnsignal.stream.state import DAY, USAGE, USERS, AccountState, day_of
+
+WINDOWS = (7, 28, 84)
+TENURE_CAP_DAYS = 3650.0
+
+
+@dataclass(frozen=True, slots=True)
+class Feature:
+    name: str
+    transform: str  # log1p | identity
+    code: str  # the reason code its contribution counts toward
+    detail: str  # a template for the raw value
+
+
+# The base features, in order; per-type features follow (``names``).
+BASE: tuple[Feature, ...] = (
+    Feature("events_7d", "log1p", "low_engagement", "{:.0f} events in the last 7 days"),
+    Feature("events_28d", "log1p", "low_engagement", "{:.0f} events in the last 28 days"),
+    Feature("events_84d", "log1p", "low_engagement", "{:.0f} events in the last 84 days"),
+    Feature("active_days_share_28d", "identity", "low_engagement",
+            "active on {:.0%} of the last 28 days"),
+    Feature("active_days_share_84d", "identity", "low_engagement",
+            "active on {:.0%} of the last 84 days"),
+    Feature("users_28d", "log1p", "low_engagement", "{:.1f} active users a day (28 days)"),
+    Feature("events_per_user_28d", "log1p", "low_engagement",
+            "{:.1f} events per active user (28 days)"),
+    Feature("trend_28d", "identity", "usage_decline",
+            "usage trend {:+.2f} (the last 28 days against the 56 before, log ratio)"),
+    Feature("days_since_usage", "log1p", "inactivity", "{:.0f} days since last activity"),
+    Feature("tenure_days", "log1p", "low_engagement", "customer for {:.0f} days"),
+    Feature("users_per_seat", "identity", "seat_underuse", "{:.0%} of seats active"),
+    Feature("seats", "log1p", "seat_underuse", "{:.0f} seats"),
+    Feature("mrr", "log1p", "contraction", "MRR {:,.0f}"),
+    Feature("mrr_drop", "identity", "contraction", "MRR {:.0%} below its peak"),
+    Feature("onboarding_open", "identity", "onboarding_stalled", "not activated yet"),
+    Feature("failed_payments_30d", "log1p", "payment_failed", "{:.0f} failed payments in 30 days"),
+    Feature("retry_pending", "identity", "payment_failed", "payment retries pending"),
+    Feature("past_due", "identity", "payment_failed_final", "subscription past due or unpaid"),
+    Feature("card_expiring", "identity", "card_expiring", "card expires before renewal"),
+    Feature("cancel_scheduled", "identity", "cancellation_scheduled",
+            "cancels at the end of the billing period"),
+    Feature("paused", "identity", "paused", "subscription paused"),
+    Feature("open_tickets", "log1p", "support_burden", "{:.0f} open tickets"),
+    Feature("urgent_tickets", "log1p", "support_burden", "{:.0f} high-priority tickets open"),
+    Feature("reopened_30d", "log1p", "support_burden", "{:.0f} tickets reopened in 30 days"),
+    Feature("slow_resolutions_30d", "log1p", "support_burden",
+            "{:.0f} slow resolutions in 30 days"),
+    Feature("bad_csat_30d", "identity", "negative_feedback", "bad CSAT in the last 30 days"),
+    Feature("nps_detractor_90d", "identity", "negative_feedback", "NPS detractor"),
+)
+TYPE_FEATURES = (("events_28d", "log1p", "{:.0f} {} in the last 28 days"),
+                 ("days_since", "log1p", "{:.0f} days since the last {}"))
+
+
+def type_feature(event_type: str, kind: str) -> str:
+    return f"type:{event_type}:{kind}"
+
+
+def catalogue(event_types: list[str]) -> list[Feature]:
+    """Every feature for these tracked event types, in order."""
+    out = list(BASE)
+    for name in event_types:
+        for kind, transform, detail in TYPE_FEATURES:
+            out.append(Feature(type_feature(name, kind), transform, "key_event_decline",
+                               detail.replace("{}", name.replace("{", "(").replace("}", ")"))))
+    return out
+
+
+def _scaled(count: float, window: int, tenure_days: float) -> float:
+    """A count over ``window`` days, as a full window's worth for a younger account."""
+    covered = min(float(window), max(1.0, tenure_days))
+    return count * window / covered
+
+
+def values(state: AccountState, now: float, policy: Policy) -> dict[str, float]:
+    """Raw feature values (before transforms) by name."""
+    horizon = policy.windows.horizon_days
+    w7, w28, w84 = (min(w, horizon) for w in WINDOWS)
+    today = day_of(now)
+    tenure = max(0.0, (now - state.first_seen) / DAY) if state.first_seen else 0.0
+    types = state.types
+    n_types = len(types)
+    counts = {7: 0, 28: 0, 84: 0}
+    active = {28: 0, 84: 0}
+    prior = 0  # days 29-84
+    users_sum = users_days = users_max = 0
+    type_counts = [0] * n_types
+    type_last = [-1] * n_types
+    for d, b in reversed(state.days.items()):  # newest first
+        age = today - d
+        if age < 0:
+            continue  # ahead of the scoring time (a producer's clock running fast)
+        if age >= w84:
+            break
+        used = b[USAGE]
+        counts[84] += used
+        if used:
+            active[84] += 1
+            if n_types:
+                for i in range(n_types):
+                    if b[BASE_COLUMNS + i] and type_last[i] < 0:
+                        type_last[i] = age
+        if age < w28:
+            counts[28] += used
+            if used:
+                active[28] += 1
+                if b[USERS]:
+                    users_sum += b[USERS]
+                    users_days += 1
+                    users_max = max(users_max, b[USERS])
+            for i in range(n_types):
+                type_counts[i] += b[BASE_COLUMNS + i]
+            if age < w7:
+                counts[7] += used
+        else:
+            prior += used
+    events_28 = _scaled(counts[28], w28, tenure)
+    users = users_sum / users_days if users_days else 0.0
+    prior_days = w84 - w28
+    prior_rate = prior / max(1.0, min(float(prior_days), tenure - w28)) if tenure > w28 else None
+    recent_rate = counts[28] / max(1.0, min(float(w28), tenure))
+    trend = math.log((recent_rate + 0.1) / (prior_rate + 0.1)) if prior_rate is not None else 0.0
+    idle = (now - state.last_active) / DAY if state.last_active else float(horizon)
+    seats = float(state.seats or 0)
+    peak = max((p[1] for p in state.mrr_peak), default=0.0)
+    month_ago, quarter_ago = now - 30 * DAY, now - 90 * DAY
+    ob = policy.onboarding
+    out = {
+        "events_7d": _scaled(counts[7], w7, tenure),
+        "events_28d": events_28,
+        "events_84d": _scaled(counts[84], w84, tenure),
+        "active_days_share_28d": active[28] / min(float(w28), max(1.0, tenure)),
+        "active_days_share_84d": active[84] / min(float(w84), max(1.0, tenure)),
+        "users_28d": users,
+        "events_per_user_28d": counts[28] / users if users else 0.0,
+        "trend_28d": trend,
+        "days_since_usage": min(max(0.0, idle), float(horizon)),
+        "tenure_days": min(tenure, TENURE_CAP_DAYS),
+        "users_per_seat": min(1.0, users_max / seats) if seats else 0.0,
+        "seats": seats,
+        "mrr": state.mrr_cents / 100.0,
+        "mrr_drop": 1 - state.mrr_cents / peak if peak > 0 and state.mrr_cents < peak else 0.0,
+        "onboarding_open": 1.0 if (state.activated_at is None and tenure <= ob.watch_until_days
+                                   and state.first_seen) else 0.0,
+        "failed_payments_30d": float(sum(1 for t in state.failed_payments if t >= month_ago)),
+        "retry_pending": 1.0 if state.retry_pending else 0.0,
+        "past_due": 1.0 if state.sub_status in ("past_due", "unpaid") else 0.0,
+        "card_expiring": 1.0 if (state.card_expires_at is not None and state.card_expires_at
+                                 < max(state.period_end or 0.0, now + 30 * DAY)) else 0.0,
+        "cancel_scheduled": 1.0 if state.cancel_at_period_end else 0.0,
+        "paused": 1.0 if state.sub_status == "paused" else 0.0,
+        "open_tickets": float(len(state.open_tickets)),
+        "urgent_tickets": float(sum(state.open_tickets.values())),
+        "reopened_30d": float(sum(1 for t in state.reopened if t >= month_ago)),
+        "slow_resolutions_30d": float(sum(1 for t in state.slow_resolutions if t >= month_ago)),
+        "bad_csat_30d": 1.0 if (state.bad_csat_at or 0.0) >= month_ago else 0.0,
+        "nps_detractor_90d": 1.0 if (state.nps is not None and state.nps <= 6
+                                     and (state.nps_at or 0.0) >= quarter_ago) else 0.0,
+    }
+    for i, name in enumerate(types):
+        out[type_feature(name, "events_28d")] = _scaled(type_counts[i], w28, tenure)
+        last = type_last[i]
+        out[type_feature(name, "days_since")] = float(last if last >= 0 else w84)
+    return out
+
+
+TRANSFORMS: dict[str, Callable[[float], float]] = {
+    "log1p": lambda x: math.log1p(max(0.0, x)),
+    "identity": lambda x: x,
+}
+
+
+def vector(state: AccountState, now: float, policy: Policy, names: list[str],
+           transforms: list[str]) -> list[float]:
+    """Transformed values of ``names`` (a feature the state cannot give, e.g. an event type
+    it does not track, is 0)."""
+    raw = values(state, now, policy)
+    return [TRANSFORMS[t](raw.get(n, 0.0)) for n, t in zip(names, transforms, strict=True)]

@@ -1,0 +1,55 @@
+"""Reasons and scores: what every scorer (rules or a fitted model) returns (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Each reason: whether it is voluntary (the customer disengages or decides) or involuntary
+# (billing mechanics), and the play a customer-success team should run.
+REASONS: dict[str, tuple[str, str]] = {
+    # a fitted model's verdict on how much the account uses the product (level, breadth,
+    # users) against the accounts that stayed
+    "low_engagement": ("voluntary", "csm_check_in"),
+    "usage_decline": ("voluntary", "csm_check_in"),
+    "key_event_decline": ("voluntary", "csm_check_in"),
+    "inactivity": ("voluntary", "csm_check_in"),
+    "seat_underuse": ("voluntary", "plan_review"),
+    "low_feature_breadth": ("voluntary", "training"),
+    "onboarding_stalled": ("voluntary", "onboarding_nudge"),
+    "payment_failed": ("involuntary", "dunning_retry"),
+    "payment_failed_final": ("involuntary", "card_update"),
+    "card_expiring": ("involuntary", "card_update"),
+    "contraction": ("voluntary", "pricing_review"),
+    "cancellation_scheduled": ("voluntary", "offer_pause_or_plan_change"),
+    "paused": ("voluntary", "resume_check_in"),
+    "support_burden": ("voluntary", "support_escalation"),
+    "negative_feedback": ("voluntary", "csm_check_in"),
+    "canceled": ("voluntary", "win_back_offer"),
+}
+
+# Reasons that page at once, whatever the cooldown or their weight: the customer is leaving
+# now. Kept among the reasons while present even at 0 points (a calibrated policy may weigh
+# them 0 when its history had no billing), so the alert rules can still see them.
+IMMEDIATE = frozenset({"cancellation_scheduled", "payment_failed_final"})
+
+
+@dataclass(slots=True, frozen=True)
+class Reason:
+    code: str
+    value: float  # the signal's raw value (days, ratio, count...)
+    contribution: float  # points added to the score
+    kind: str  # voluntary | involuntary
+    play: str
+    detail: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"code": self.code, "value": round(self.value, 3),
+                "contribution": round(self.contribution, 1), "kind": self.kind,
+                "play": self.play, "detail": self.detail}
+
+
+@dataclass(slots=True, frozen=True)
+class Score:
+    score: float
+    band: str  # the band this score falls in, before hysteresis
+    reasons: tuple[Reason, ...]  # strongest first

@@ -1,0 +1,122 @@
+"""Features from state and scoring by a fitted model (stream.features, stream.model)."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from churnsignal.schemas.events import EVENT_ADAPTER
+from churnsignal.stream.engine import apply_batch, rescore
+from churnsignal.stream.features import catalogue, values
+from churnsignal.stream.model import sigmoid
+from churnsignal.stream.policy import Model, Policy
+from churnsignal.stream.state import DAY, AccountState
+
+NOW = 1_764_000_000.0
+
+
+def track(n: int, age_days: float, name: str, user: str = "u1") -> Any:
+    return EVENT_ADAPTER.validate_python({
+        "event_id": f"e{n}", "account_id": "acme", "type": "feature_used", "user_id": user,
+        "occurred_at": datetime.fromtimestamp(NOW - age_days * DAY, tz=UTC).isoformat(),
+        "data": {"name": name}})
+
+
+def model(features: list[str], coefficients: list[float], types: list[str] | None = None,
+          intercept: float = -2.0) -> Model:
+    feats = {f.name: f for f in catalogue([t.lower() for t in types or []])}
+    return Model(event_types=types or [], features=features,
+                 transforms=[feats[f].transform for f in features],  # type: ignore[misc]
+                 means=[0.0] * len(features), scales=[1.0] * len(features),
+                 coefficients=coefficients, intercept=intercept)
+
+
+def history(names: list[str], days: int = 60) -> list[tuple[str, int, Any]]:
+    items, n = [], 0
+    for age in range(days, 0, -1):
+        for name in names:
+            n += 1
+            items.append(("u/0", n, track(n, age + 0.5, name)))
+    return items
+
+
+def test_tracked_types_get_their_own_columns_and_survive_a_round_trip() -> None:
+    policy = Policy(model=model(["events_28d"], [-1.0], types=["report exported", "error"]))
+    state = apply_batch(None, "acme", history(["Report Exported", "Error", "Other"], 40),
+                        NOW, policy).state
+    assert state.types == ["report exported", "error"]
+    feats = values(state, NOW, policy)
+    per_type = feats["events_28d"] / 3  # three names a day
+    assert per_type in (27, 28)  # the 28 days up to today, by day bucket
+    assert feats["type:report exported:events_28d"] == feats["type:error:events_28d"] == per_type
+    assert feats["type:error:days_since"] == 1  # its newest, a day and a half ago
+    again = AccountState.from_bytes(state.to_bytes())
+    assert again == state
+    # a policy tracking other types keeps the counts of the types both track
+    other = Policy(model=model(["events_28d"], [-1.0], types=["error", "login"]))
+    state = apply_batch(state, "acme", [("u/0", 10_000, track(10_000, 0.1, "Login"))],
+                        NOW, other).state
+    feats = values(state, NOW, other)
+    assert state.types == ["error", "login"]
+    assert feats["type:error:events_28d"] == per_type and feats["type:login:events_28d"] == 1
+
+
+def test_a_format_2_state_is_read_by_format_3() -> None:
+    state = apply_batch(None, "acme", history(["A"], 10), NOW, Policy()).state
+    data = orjson.loads(state.to_bytes())
+    data["v"] = 2
+    del data["types"], data["policy"]
+    assert AccountState.from_bytes(orjson.dumps(data)) == state
+
+
+def test_young_accounts_are_scaled_to_the_window_not_mistaken_for_quiet() -> None:
+    policy = Policy()
+    young = apply_batch(None, "acme", history(["A"], 10), NOW, policy).state
+    feats = values(young, NOW, policy)
+    assert feats["tenure_days"] == pytest.approx(10.5)  # its first event, 10.5 days ago
+    assert feats["events_28d"] == pytest.approx(10 * 28 / 10.5)
+    assert feats["active_days_share_28d"] == pytest.approx(10 / 10.5)
+    assert feats["trend_28d"] == 0.0  # no past of its own to compare with
+
+
+def test_the_model_score_is_its_probability_and_reasons_share_it() -> None:
+    m = model(["events_28d", "days_since_usage", "open_tickets"], [-1.0, 0.8, 0.5],
+              intercept=1.0)
+    policy = Policy(model=m)
+    state = apply_batch(None, "acme", history(["A"], 40)[:5], NOW, policy).state
+    out = rescore(state, NOW, policy)
+    raw = values(state, NOW, policy)
+    logit = 1.0 - math.log1p(raw["events_28d"]) + 0.8 * math.log1p(raw["days_since_usage"])
+    assert out.scored is not None
+    assert out.scored.score == round(100 * sigmoid(logit), 1)
+    reasons = {r.code: r for r in out.scored.reasons}
+    assert set(reasons) == {"inactivity"}  # the only feature raising the risk
+    assert reasons["inactivity"].contribution == pytest.approx(out.scored.score)
+    assert reasons["inactivity"].detail == f"{raw['days_since_usage']:.0f} days since last activity"
+
+
+def test_rules_that_must_act_at_once_still_do_under_a_model() -> None:
+    policy = Policy(model=model(["events_28d"], [-1.0], intercept=-8.0))
+    state = apply_batch(None, "acme", history(["A"], 40), NOW, policy).state
+    state.cancel_at_period_end = True
+    scored = rescore(state, NOW, policy).scored
+    assert scored is not None and scored.score < 1
+    assert [r.code for r in scored.reasons] == ["cancellation_scheduled"]
+    state.sub_status = "canceled"
+    scored = rescore(state, NOW, policy).scored
+    assert scored is not None and scored.score == 100 and scored.reasons[0].code == "canceled"
+
+
+def test_a_model_policy_round_trips_through_yaml() -> None:
+    import yaml
+
+    policy = Policy(model=model(["events_28d", "type:x:days_since"], [-1.0, 0.3], types=["X"]))
+    again = Policy.model_validate(yaml.safe_load(yaml.safe_dump(policy.model_dump(mode="json"))))
+    assert again == policy and again.tracked_types == ["x"]
+    with pytest.raises(ValueError, match="same length"):
+        Model(features=["events_28d"], transforms=["log1p"], means=[], scales=[1.0],
+              coefficients=[1.0], intercept=0.0)
