@@ -27,10 +27,18 @@ def statements(ttl_days: int = 400) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS account_scores_data (
             account_id String, as_of DateTime64(3, 'UTC'), score Float32,
             band LowCardinality(String), reasons Array(LowCardinality(String)),
-            mrr_cents Int64, sub_status LowCardinality(String), plan String, version UInt64
+            mrr_cents Int64, sub_status LowCardinality(String), plan String, version UInt64,
+            policy LowCardinality(String), shadow_score Nullable(Float32),
+            shadow_band LowCardinality(String), shadow_policy LowCardinality(String)
         ) ENGINE = ReplacingMergeTree(version)
         PARTITION BY toYYYYMM(as_of) ORDER BY (account_id, as_of)
         TTL toDateTime(as_of) + INTERVAL {int(ttl_days)} DAY {dedup}""",
+        # Tables made by an older version gain the columns added since (no-ops otherwise).
+        """ALTER TABLE account_scores_data
+            ADD COLUMN IF NOT EXISTS policy LowCardinality(String),
+            ADD COLUMN IF NOT EXISTS shadow_score Nullable(Float32),
+            ADD COLUMN IF NOT EXISTS shadow_band LowCardinality(String),
+            ADD COLUMN IF NOT EXISTS shadow_policy LowCardinality(String)""",
         """CREATE OR REPLACE VIEW account_scores AS
         SELECT * FROM account_scores_data FINAL""",
         # Latest score per account: what "accounts and MRR at risk" read.

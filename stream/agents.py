@@ -121,7 +121,11 @@ def _faust_app(s: Settings) -> faust.App:
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
     """Build the Faust app, its topics, agent, timers, web views and ingest service."""
+    shadow = load_policy(settings.shadow_policy_file) if settings.shadow_policy_file else None
+    # The states count what the shadow policy reads too (its tracked event types).
     policy = load_policy(settings.policy_file)
+    if shadow is not None:
+        policy = policy.tracking(shadow)
     metrics = metrics or Metrics()
     s = settings
     app = _faust_app(s)
@@ -201,7 +205,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             checkpoint.add_unreadable(group[0], exc)
             return
         result = fold_step(store, pack, partition, group[-1].message.offset, policy,
-                           runtime.clocks[partition], identity_limits)
+                           runtime.clocks[partition], identity_limits, shadow)
         if result.failures:
             log.error("%d records of partition %s could not be folded; dead-lettered",
                       len(result.failures), partition)

@@ -56,10 +56,18 @@ def decide(state: AccountState, scored: Score, now: float, trigger_event_id: str
     previous = state.band
     band = held_band(previous, scored, policy)
     state.score, state.band, state.scored_at = scored.score, band, now
+    # A new policy scores on its own scale: its first band is the new baseline, not a
+    # change to page about (hysteresis and cooldown carry over), or switching policies
+    # would set off an alert storm. What must page at once still does.
+    switched = bool(state.policy) and state.policy != policy.version
+    state.policy = policy.version
+    codes = {r.code for r in scored.reasons}
+    if switched and not codes & IMMEDIATE:
+        state.alert_band = band
+        return None
     if not alerting:
         return None
     rules = policy.alerting
-    codes = {r.code for r in scored.reasons}
     alert_kind: str | None = None
     if _rank(band) > _rank(state.alert_band) and _rank(band) >= _rank(rules.min_band):
         cooled = now - state.last_alert_at >= rules.cooldown_hours * 3600

@@ -24,6 +24,7 @@ from churnsignal.stream.engine import Item, Outcome, apply_batch, rescore
 from churnsignal.stream.identity import DEFAULT_GRACE_S, Resolution, resolve, sweep
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.rows import alert_row, fact_rows, history_row, score_row
+from churnsignal.stream.scoring import score
 from churnsignal.stream.store import StateStore
 
 SCORES = "account_scores_data"
@@ -98,15 +99,19 @@ def steps(batch: list[Any], partition_of: Any, is_tick: Any) -> list[list[Any]]:
     return groups
 
 
-def _collect(out: Outcome, wall: float, partition: int,
-             offset: int) -> tuple[dict[str, list[Any]], list[PendingAlert]]:
+def _collect(out: Outcome, wall: float, partition: int, offset: int,
+             shadow: Policy | None) -> tuple[dict[str, list[Any]], list[PendingAlert]]:
     """The rows and alerts of one account's outcome (built before anything is committed
     to the result, so a failure here undoes the fold too)."""
     rows: dict[str, list[Any]] = {}
     # Duplicates (a redelivered pack) re-derive their rows from the state: if the worker
     # died after storing the state but before the flush, this restores them.
     if out.score_changed or out.applied or out.duplicates:
-        rows[SCORES] = [score_row(out)]
+        if shadow is None:
+            rows[SCORES] = [score_row(out)]
+        else:  # scored beside the live policy, on the same state at the same moment
+            rows[SCORES] = [score_row(out, score(out.state, out.state.scored_at, shadow),
+                                      shadow.version)]
     if out.facts:
         billing, support = fact_rows(out)
         rows[BILLING], rows[SUPPORT] = billing, support
@@ -133,12 +138,12 @@ def _commit(store: StateStore, out: Outcome, rows: dict[str, list[Any]],
 
 def _try_fold(store: StateStore, account_id: str, items: list[Item], wall: float,
               policy: Policy, partition: int, offset: int, keep: bool,
-              result: StepResult) -> Exception | None:
+              result: StepResult, shadow: Policy | None = None) -> Exception | None:
     """Fold ``items`` as one batch; undo it when it fails (or when ``keep`` is False)."""
     snapshot = store.snapshot(account_id)
     try:
         out = apply_batch(store.get(account_id), account_id, items, wall, policy)
-        rows, alerts = _collect(out, wall, partition, offset)
+        rows, alerts = _collect(out, wall, partition, offset, shadow)
     except Exception as exc:
         store.restore(account_id, snapshot)
         return exc
@@ -150,7 +155,8 @@ def _try_fold(store: StateStore, account_id: str, items: list[Item], wall: float
 
 
 def _fold_account(store: StateStore, account_id: str, items: list[Item], wall: float,
-                  policy: Policy, partition: int, offset: int, result: StepResult) -> None:
+                  policy: Policy, partition: int, offset: int, result: StepResult,
+                  shadow: Policy | None = None) -> None:
     """Fold an account's items as one batch. When that fails, find the records that make
     it fail (the shortest failing prefix, by bisection, one record at a time), leave them
     out, and fold the others as one batch again: the state then is exactly what the batch
@@ -158,7 +164,7 @@ def _fold_account(store: StateStore, account_id: str, items: list[Item], wall: f
     good = list(items)
     while good:
         if _try_fold(store, account_id, good, wall, policy, partition, offset, True,
-                     result) is None:
+                     result, shadow) is None:
             return
         low, high = 1, len(good)  # the shortest prefix that fails is good[:high]
         error: Exception | None = None
@@ -216,7 +222,8 @@ def _history(store: StateStore, source: str | None, offset: int, data: dict[str,
 
 
 def _tick(store: StateStore, partition: int, wall: float, policy: Policy,
-          clock: PartitionClock, identity: IdentityLimits, result: StepResult) -> None:
+          clock: PartitionClock, identity: IdentityLimits, result: StepResult,
+          shadow: Policy | None) -> None:
     keys = store.keys_in(partition)
     # Identities that may still wait (joined ones, most of them, are not even decoded):
     # the grace, the time-to-live and the count bound.
@@ -237,7 +244,7 @@ def _tick(store: StateStore, partition: int, wall: float, policy: Policy,
             continue
         try:
             out = rescore(state, wall, policy)
-            rows, alerts = _collect(out, wall, partition, -1)
+            rows, alerts = _collect(out, wall, partition, -1, shadow)
         except Exception:
             store.restore(account_id, snapshot)
             result.errors += 1
@@ -247,14 +254,17 @@ def _tick(store: StateStore, partition: int, wall: float, policy: Policy,
 
 def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: int,
               policy: Policy, clock: PartitionClock,
-              identity: IdentityLimits = IdentityLimits()) -> StepResult:
+              identity: IdentityLimits = IdentityLimits(),
+              shadow: Policy | None = None) -> StepResult:
     """Fold one (merged) pack, or a re-score tick, into the states of ``store``.
 
-    ``offset`` is the pack's own offset on the ingested topic (alerts name it)."""
+    ``offset`` is the pack's own offset on the ingested topic (alerts name it); ``shadow``,
+    a policy whose scores are written beside the live ones and never alert (fold with
+    ``policy.tracking(shadow)``, so the states count what it reads)."""
     wall = float(pack["now"])
     result = StepResult()
     if pack.get("tick"):
-        _tick(store, partition, wall, policy, clock, identity, result)
+        _tick(store, partition, wall, policy, clock, identity, result, shadow)
         return result
     grouped: dict[str, list[Item]] = defaultdict(list)
     identities: dict[str, list[Any]] = defaultdict(list)
@@ -279,7 +289,8 @@ def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: i
             newest[source or ""] = ts
     clock.on_pack(wall, newest)
     for account_id, items in grouped.items():
-        _fold_account(store, account_id, items, wall, policy, partition, offset, result)
+        _fold_account(store, account_id, items, wall, policy, partition, offset, result,
+                      shadow)
     for key, waiting in identities.items():
         snapshot = store.snapshot(key)
         state = store.identity(key)

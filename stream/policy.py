@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -76,10 +77,20 @@ class Usage(_Frozen):
         "key_event_decline: the ones that matter to this product, e.g. 'Report Exported'. "
         "`churnsignal calibrate` picks them from history. Case-insensitive.")
 
+    track_types: list[str] = Field(
+        default_factory=list, max_length=32,
+        description="Usage event names counted per day in the state besides the model's own "
+        "(e.g. those a shadow policy's model reads). Case-insensitive.")
+
     @field_validator("key_events")
     @classmethod
     def _lower(cls, names: list[str]) -> list[str]:
         return sorted({n.lower() for n in names})
+
+    @field_validator("track_types")
+    @classmethod
+    def _lower_tracked(cls, names: list[str]) -> list[str]:
+        return [n.lower() for n in names]
 
 
 class Thresholds(_Frozen):
@@ -174,14 +185,33 @@ class Policy(_Frozen):
     model: Model | None = None
 
     @cached_property
-    def type_columns(self) -> dict[str, int]:
-        """Usage event name -> its per-day column in the state (after the base columns)."""
-        names = self.model.event_types if self.model is not None else []
-        return {name: BASE_COLUMNS + i for i, name in enumerate(names)}
+    def tracked_types(self) -> list[str]:
+        """Usage event names counted per day in the state: the model's, then the others."""
+        names = list(self.model.event_types) if self.model is not None else []
+        return names + [n for n in self.usage.track_types if n not in names]
 
     @cached_property
-    def tracked_types(self) -> list[str]:
-        return list(self.model.event_types) if self.model is not None else []
+    def type_columns(self) -> dict[str, int]:
+        """Usage event name -> its per-day column in the state (after the base columns)."""
+        return {name: BASE_COLUMNS + i for i, name in enumerate(self.tracked_types)}
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None,
+                   deep: bool = False) -> Policy:
+        """A copy; what the cached properties hold is worked out again (pydantic's copy
+        would carry it over, stale, into a copy with other fields)."""
+        copy = super().model_copy(update=update, deep=deep)
+        for name in ("tracked_types", "type_columns"):
+            copy.__dict__.pop(name, None)
+        return copy
+
+    def tracking(self, other: Policy) -> Policy:
+        """This policy, also counting the event types ``other`` reads (a shadow policy
+        scores the states this one folds)."""
+        missing = [n for n in other.tracked_types if n not in self.tracked_types]
+        if not missing:
+            return self
+        usage = self.usage.model_copy(update={"track_types": self.usage.track_types + missing})
+        return self.model_copy(update={"usage": usage})
 
     def band_of(self, score: float) -> Band:
         t = self.thresholds

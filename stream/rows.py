@@ -7,12 +7,13 @@ from typing import Any
 
 from churnsignal.schemas.alerts import Alert
 from churnsignal.stream.engine import Outcome
+from churnsignal.stream.reasons import Score
 from churnsignal.stream.state import BILLING, EVENTS, SESSIONS, SUPPORT, USAGE, USERS, AccountState
 
 DAILY_COLUMNS = ("account_id", "day", "events", "usage_events", "sessions", "active_users",
                  "billing_events", "support_events", "version")
 SCORE_COLUMNS = ("account_id", "as_of", "score", "band", "reasons", "mrr_cents", "sub_status",
-                 "plan", "version")
+                 "plan", "version", "policy", "shadow_score", "shadow_band", "shadow_policy")
 ALERT_COLUMNS = ("alert_id", "account_id", "kind", "band", "previous_band", "score",
                  "reasons", "plays", "mrr_at_risk_cents", "trigger_event_id", "triggered_at",
                  "emitted_at", "policy_version")
@@ -46,11 +47,16 @@ def daily_rows(state: AccountState, days: set[int]) -> list[tuple[object, ...]]:
     return rows
 
 
-def score_row(out: Outcome) -> tuple[object, ...]:
+def score_row(out: Outcome, shadow: Score | None = None,
+              shadow_policy: str = "") -> tuple[object, ...]:
+    """The account's score snapshot; ``shadow``: a shadow policy's score of the same state
+    at the same moment (written beside it, never alerted on)."""
     s = out.state
     codes = [r.code for r in out.scored.reasons] if out.scored else []
     return (s.account_id, _ts(s.scored_at), float(s.score), s.band, codes, int(s.mrr_cents),
-            s.sub_status or "", s.plan or "", s.seq)
+            s.sub_status or "", s.plan or "", s.seq, s.policy,
+            float(shadow.score) if shadow is not None else None,
+            shadow.band if shadow is not None else "", shadow_policy)
 
 
 def alert_row(alert: Alert) -> tuple[object, ...]:

@@ -198,6 +198,10 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Every account is re-scored this often, so silence raises risk."
     )
     policy_file: Path | None = Field(None, description="Scoring policy YAML; unset: the shipped default.")
+    shadow_policy_file: Path | None = Field(
+        None, description="A second policy run in shadow: its scores are written beside the "
+        "live ones in account_scores (shadow_score, shadow_band, shadow_policy), it never "
+        "alerts. Try a calibrated policy here before making it the live one.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["auto", "json", "text"] = Field("auto", description="json when not on a TTY.")
     topics: TopicNames = Field(default_factory=TopicNames)

@@ -70,7 +70,10 @@ def test_a_format_2_state_is_read_by_format_3() -> None:
     data = orjson.loads(state.to_bytes())
     data["v"] = 2
     del data["types"], data["policy"]
-    assert AccountState.from_bytes(orjson.dumps(data)) == state
+    old = AccountState.from_bytes(orjson.dumps(data))
+    assert old.policy == "" and old.types == []  # format 2 knew neither
+    old.policy = state.policy
+    assert old == state
 
 
 def test_young_accounts_are_scaled_to_the_window_not_mistaken_for_quiet() -> None:
@@ -117,6 +120,55 @@ def test_a_model_policy_round_trips_through_yaml() -> None:
     policy = Policy(model=model(["events_28d", "type:x:days_since"], [-1.0, 0.3], types=["X"]))
     again = Policy.model_validate(yaml.safe_load(yaml.safe_dump(policy.model_dump(mode="json"))))
     assert again == policy and again.tracked_types == ["x"]
+    rules = Policy()
+    assert rules.tracked_types == []  # cached now: a copy with a model must not inherit it
+    assert rules.model_copy(update={"model": policy.model}).type_columns == {"x": 7}
     with pytest.raises(ValueError, match="same length"):
         Model(features=["events_28d"], transforms=["log1p"], means=[], scales=[1.0],
               coefficients=[1.0], intercept=0.0)
+
+
+def test_switching_policies_rebaselines_bands_without_an_alert_storm() -> None:
+    rules = Policy()
+    state = apply_batch(None, "acme", history(["A"], 60), NOW, rules).state
+    assert state.policy == rules.version and state.band == "low"
+    # a model that finds this account risky: under the old policy it would page at once
+    risky = Policy(version="calibrated-1", model=model(["events_28d"], [0.5], intercept=2.0))
+    out = rescore(state, NOW + 60, risky)
+    assert out.scored is not None and out.scored.band == "critical"
+    assert out.alert is None and state.alert_band == "critical" and state.policy == "calibrated-1"
+    # from then on, changes under the new policy page as usual
+    state.cancel_at_period_end = False
+    calm = rescore(state, NOW + 120, risky)
+    assert calm.alert is None  # same band: nothing to say
+    # an immediate reason pages even on the switch
+    state.cancel_at_period_end = True
+    state.alert_band = state.band = "low"
+    out = rescore(state, NOW + 180, Policy(version="calibrated-2",
+                                           model=model(["events_28d"], [0.0], intercept=-9)))
+    assert out.alert is not None and out.alert.reasons[0].code == "cancellation_scheduled"
+
+
+def test_a_shadow_policy_is_scored_beside_the_live_one_and_tracks_its_types() -> None:
+    from churnsignal.stream import packs
+    from churnsignal.stream.clock import PartitionClock
+    from churnsignal.stream.fold import SCORES, fold_step
+    from churnsignal.stream.store import MemoryStateStore
+
+    shadow = Policy(version="shadow-1", model=model(["type:export:events_28d"], [-1.0],
+                                                     types=["export"], intercept=3.0))
+    live = Policy().tracking(shadow)
+    assert live.tracked_types == ["export"] and live.model is None
+    item = {"event_id": "x1", "account_id": "acme", "type": "feature_used", "user_id": "u1",
+            "occurred_at": datetime.fromtimestamp(NOW - 3600, tz=UTC).isoformat(),
+            "data": {"name": "Export"}, "schema_version": 1}
+    store = MemoryStateStore(4)
+    result = fold_step(store, packs.decode(packs.encode(NOW, [["u/0", 1, item]])), 0, 1, live,
+                       PartitionClock(), shadow=shadow)
+    [row] = result.rows[SCORES]
+    state = store.get("acme")
+    assert state is not None and state.types == ["export"]
+    expected = round(100 * sigmoid(3.0 - math.log1p(28.0)), 1)  # one export, a day old: x28
+    assert row[9:] == ("default-1", expected, Policy().band_of(expected), "shadow-1")
+    assert result.alerts == [] or all(a.alert.policy_version == "default-1"
+                                      for a in result.alerts)
