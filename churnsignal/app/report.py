@@ -26,7 +26,7 @@ from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
 from churnsignal.sinks.queries import QueryResult, run_query
-from churnsignal.stream.scoring import REASONS
+from churnsignal.stream.reasons import REASONS
 
 NONE = "—"  # what a cell shows when there is no value
 BANDS = ("critical", "high", "medium", "low")
@@ -35,6 +35,7 @@ OUTCOME_COLORS = {"churned": "#b2182b", "recovered": "#4daf4a", "still_at_risk":
 
 # Reason codes (stream/scoring.py REASONS, the policy's signal names) in words.
 REASON_TEXT: dict[str, str] = {
+    "low_engagement": "Low engagement",
     "usage_decline": "Usage declining",
     "key_event_decline": "Key feature use declining",
     "inactivity": "No recent activity",
@@ -613,14 +614,58 @@ def render_backtest(report: Any, title: str = "churnsignal backtest",
                 yaxis={"title": "precision", "range": [0, 1.02]})
         if curves.get("recall") else None, no_curve)]
     rows: list[list[Any]] = [[k, str(v)] for k, v in report.as_dict().items()
-                             if not isinstance(v, list | dict)]
+                             if not isinstance(v, list | dict) and k != "score_figures"]
     rows += [[f"{b.band}+ precision / recall / flagged",
               f"{_pct(b.precision)} / {_pct(b.recall)} / {b.flagged}"] for b in report.bands]
     rows += [[f"churn caught by {reason_text(reason).lower()}", _pct(share)]
              for reason, share in report.churn_caught_by_reason.items()]
     table = Table("figures", "Figures", "", ["figure", "value"], rows, empty="No figures.")
+    comparison = getattr(report, "comparison", None) or {}
     return _page(title, generated or datetime.now(UTC),
-                 f"a replay with a {report.horizon_days}-day churn horizon", sections, [table])
+                 f"a replay with a {report.horizon_days}-day churn horizon", sections,
+                 [table, *_baseline_tables(report)], notice=comparison.get("verdict", ""))
+
+
+def _baseline_tables(report: Any) -> list[Table]:
+    """The score beside each baseline on the same checkpoints, and their decile tables."""
+    from churnsignal.offline.evaluation import BASELINES
+
+    score = getattr(report, "score_figures", None)
+    if score is None:  # a report from before the baselines
+        return []
+    systems = {"score": score, **report.baselines}
+    names = [{"score": "score", **BASELINES}.get(k, k) for k in systems]
+    c = report.comparison
+
+    def cell(value: float | None, ci: tuple[float, float] | None, fmt: str) -> str:
+        if value is None:
+            return "n/a"
+        return fmt.format(value) + ("" if ci is None else f" ({fmt}–{fmt})".format(*ci))
+
+    rows = [["ROC AUC", *(cell(f.roc_auc, f.roc_auc_ci, "{:.3f}") for f in systems.values())],
+            ["PR AUC", *(cell(f.pr_auc, f.pr_auc_ci, "{:.3f}") for f in systems.values())],
+            ["lift in the top decile", *(cell(f.top_decile_lift, f.top_decile_lift_ci, "{:.2f}")
+                                         for f in systems.values())]]
+    sampled = (f", using 1 in {c['stride']} checkpoints of each account" if c["stride"] > 1
+               else "")
+    numeric = frozenset(range(1, len(systems) + 1))
+    baselines = Table(
+        "baselines", "Score against baselines",
+        f"The same {c['checkpoints']:,} checkpoints ranked by each: usage events and active days "
+        "in the last 30 days (fewer is riskier) and the shipped default policy. In brackets: "
+        f"{c['level']:.0%} bootstrap intervals from {c['resamples']} resamples of the "
+        f"{c['accounts']:,} accounts{sampled}. Lift: churn rate among the riskiest 10% over the "
+        "base rate.", ["figure", *names], rows, empty="No figures.", numeric=numeric)
+    decile_rows = [[str(d.decile), f"{d.checkpoints:,.0f}",
+                    *(f"{_pct(f.deciles[i].churn_rate)} / {_pct(f.deciles[i].cumulative_recall)}"
+                      for f in systems.values())] for i, d in enumerate(score.deciles)]
+    deciles = Table(
+        "deciles", "Churn rate / cumulative recall by decile of risk",
+        "Decile 1 is the riskiest tenth of checkpoints by each ranking. Tied scores across a "
+        "decile boundary are shared pro rata.", ["decile", "checkpoints", *names], decile_rows,
+        empty="No checkpoints were evaluated.",
+        numeric=frozenset(range(1, len(systems) + 2)))
+    return [baselines, deciles]
 
 
 def _pct(value: float | None) -> str:

@@ -6,6 +6,10 @@ account once at each daily checkpoint with ``engine.rescore`` — the fold and t
 worker runs on packs and on its timer — so live and replayed histories score alike. Warehouse
 exports arrive counted per account and day (``history.warehouse_days``), which folds to the
 same state as their events one by one at a fraction of the cost.
+
+Every evaluated checkpoint is also scored by the baselines (``evaluation.Baselines``: usage
+events and active days in the last 30 days, the default policy) on the same state, and the
+report compares them with the score (``evaluation.compare``), intervals included.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from churnsignal.app.settings import Settings
+from churnsignal.offline.evaluation import SCORE, Baselines, Collector, Comparison, Figures, compare
 from churnsignal.offline.history import DAY, Subscriptions
 from churnsignal.stream.engine import fold, rescore
 from churnsignal.stream.policy import BANDS, Policy
@@ -143,6 +148,12 @@ class Report:
     curves: dict[str, list[float]] = field(default_factory=dict, repr=False)
     # native payloads not replayed, by reason (not decodable, unused type, no account)
     payloads_skipped: dict[str, int] = field(default_factory=dict)
+    # The score's and each baseline's figures on the same checkpoints: ROC AUC, PR AUC,
+    # top-decile lift with bootstrap intervals, and a decile table (evaluation.Figures).
+    score_figures: Figures | None = None
+    baselines: dict[str, Figures] = field(default_factory=dict)
+    # which is best by ROC AUC, by how much, and how the intervals were drawn
+    comparison: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -154,13 +165,16 @@ class Evaluator:
     """Collects checkpoints (compactly) and computes the report."""
 
     def __init__(self, churn_dates: dict[str, list[float]], horizon_days: int,
-                 data_end: float, subscribed: set[str]) -> None:
+                 data_end: float, subscribed: set[str], policy: Policy | None = None) -> None:
         self.churn = churn_dates
         self.subscribed = subscribed  # accounts a label can be given to
         self.horizon = horizon_days * DAY
         self.data_end = data_end
-        self.scores = array("f")
-        self.labels = array("b")
+        # The baselines score the same states at the same checkpoints as the policy under test.
+        self.baselines = Baselines(policy)
+        self.scored = Collector((SCORE, *self.baselines.names))
+        self.scores = self.scored.scores[SCORE]
+        self.labels = self.scored.labels
         self.bands = array("b")
         self.accounts: set[str] = set()
         self.checkpoints = 0
@@ -179,9 +193,13 @@ class Evaluator:
         if cp.as_of + self.horizon > self.data_end or cp.account_id not in self.subscribed:
             return  # horizon not over yet (censored), or nothing to label it with
         self.accounts.add(cp.account_id)
-        self.scores.append(cp.score)
-        self.labels.append(1 if self.label(cp.account_id, cp.as_of) else 0)
+        self.scored.add(cp.account_id, self.label(cp.account_id, cp.as_of),
+                        (cp.score, *self.baselines(cp.state, cp.as_of, cp.score)))
         self.bands.append(RANK[cp.band])
+
+    def compare(self, **options: Any) -> Comparison:
+        """The score against the baselines on the evaluated checkpoints (evaluation.compare)."""
+        return compare(self.scored.scored(), SCORE, **options)
 
     def report(self, alerts: list[AlertSeen], since: float | None) -> Report:
         from sklearn.metrics import (
@@ -226,6 +244,9 @@ class Evaluator:
         in_window = [a for a in escalations if a.at >= start]
         days = max(1.0, (window_end - start) / DAY)
         mean_active = (sum(self.per_day.values()) / len(self.per_day)) if self.per_day else 0
+        comparison = self.compare()
+        summary = comparison.as_dict()
+        summary.pop("systems")
         return Report(
             horizon_days=round(self.horizon / DAY), checkpoints=self.checkpoints,
             since=datetime.fromtimestamp(since, tz=UTC).date().isoformat() if since else None,
@@ -239,7 +260,8 @@ class Evaluator:
                                               if mean_active else None),
             churn_caught_by_reason={r: n / len(churners) for r, n in caught.most_common()}
             if churners else {},
-            curves=curves)
+            curves=curves, score_figures=comparison.systems[SCORE],
+            baselines=comparison.baselines, comparison=summary)
 
 
 class ScoresWriter:
@@ -328,7 +350,7 @@ def run_backtest(inputs: Inputs, scores_out: Path | None = None,
             last = history.last_event_time(engine, events)
         end = _data_end(subs, last)
         evaluator = Evaluator(subs.churn_dates(inputs.renewal_gap_days), inputs.horizon_days,
-                              end, set(subs.periods))
+                              end, set(subs.periods), inputs.policy)
         alerts: list[AlertSeen] = []
         writer = ScoresWriter(scores_out)
         try:

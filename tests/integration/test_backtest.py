@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import os
 import subprocess
 import sys
 import time
@@ -253,3 +254,67 @@ def test_worker_and_replay_give_the_same_scores(broker: str, tmp_path: Path) -> 
         assert [r["code"] for r in answer["reasons_at"]] == [r.code for r in expected.reasons]
     # ten days of silence later the score is explained by it, in both
     assert "inactivity" in [r["code"] for r in live[-1]["reasons_at"]]
+
+
+def test_backtest_reports_the_score_beside_three_baselines(tmp_path: Path) -> None:
+    """Same run, same checkpoints: the score and the baselines (30-day events, active days,
+    the default policy), with intervals and deciles, in the printed table, the JSON and the
+    HTML; a policy under test that is not the default gets the default's own figures beside
+    it."""
+    generate(tmp_path, accounts=160, days=330, seed=11)
+    events, subs = tmp_path / "events.csv", tmp_path / "subscriptions.csv"
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "churnsignal", "backtest", "--events",
+                           str(events), "--subscriptions", str(subs), "--since", "2025-06-01",
+                           "--json", str(tmp_path / "b.json"), "--html", str(tmp_path / "b.html"),
+                           "--scores-out", str(tmp_path / "scores.csv")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "160"})
+    assert done.returncode == 0, done.stderr
+    figures(f"backtest CLI with baselines, 160 accounts: {time.perf_counter() - started:.1f} s")
+    out = " ".join(done.stdout.split())
+    for text in ("Score against baselines", "events (30 d)", "active days (30 d)",
+                 "default policy", "top-decile lift", "Churn rate / cumulative recall"):
+        assert text in out, out
+    report = orjson.loads((tmp_path / "b.json").read_bytes())
+    score_figures, comparison = report["score_figures"], report["comparison"]
+    assert set(report["baselines"]) == {"events_30d", "active_days_30d", "default_policy"}
+    assert score_figures["roc_auc"] == pytest.approx(report["roc_auc"])  # sklearn's figure
+    assert score_figures["pr_auc"] == pytest.approx(report["pr_auc"])
+    for f in (score_figures, *report["baselines"].values()):
+        for key in ("roc_auc", "pr_auc", "top_decile_lift"):
+            lo, hi = f[f"{key}_ci"]
+            assert lo <= f[key] <= hi, (key, f)
+        assert [d["decile"] for d in f["deciles"]] == list(range(1, 11))
+        assert f["deciles"][-1]["cumulative_recall"] == pytest.approx(1.0)
+        assert sum(d["checkpoints"] for d in f["deciles"]) == pytest.approx(report["evaluated"])
+    # the shipped policy under test: its baseline is itself, and the verdict compares the
+    # score with the best of the other two, by how much
+    assert comparison["identical"] == ["default_policy"]
+    assert comparison["best_baseline"] in ("events_30d", "active_days_30d")
+    assert comparison["resamples"] == 200 and comparison["accounts"] == report["accounts"]
+    assert comparison["verdict"] in out and "Best by ROC AUC" in comparison["verdict"]
+    best = report["baselines"][comparison["best_baseline"]]["roc_auc"]
+    assert comparison["margin"] == pytest.approx(score_figures["roc_auc"] - best)
+    figures(comparison["verdict"])
+    # --scores-out keeps its columns
+    assert (tmp_path / "scores.csv").read_text().splitlines()[0] == "account_id,as_of,score,band"
+    page = (tmp_path / "b.html").read_text()
+    assert 'data-section="baselines"' in page and 'data-section="deciles"' in page
+    assert "Best by ROC AUC" in page
+
+    # Another policy on the same history (only a weight differs, so the states are the same):
+    # the default-policy baseline gives exactly the figures the default policy got above.
+    signals = POLICY.signals
+    reweighted = POLICY.model_copy(update={"signals": signals.model_copy(update={
+        "usage_decline": signals.usage_decline.model_copy(update={"weight": 20})})})
+    started = time.perf_counter()
+    other = run_backtest(Inputs(events, subs, reweighted, datetime(
+        2025, 6, 1, tzinfo=UTC).timestamp()))
+    figures(f"backtest with a second policy scoring each checkpoint: "
+            f"{time.perf_counter() - started:.1f} s for {other.evaluated} checkpoints")
+    again = orjson.loads(orjson.dumps(other.as_dict()))
+    assert again["baselines"]["default_policy"] == score_figures
+    for name in ("events_30d", "active_days_30d"):
+        assert again["baselines"][name] == report["baselines"][name]
+    assert again["score_figures"] != score_figures and again["comparison"]["identical"] == []
