@@ -3,10 +3,13 @@
 Folded packs leave rows, alerts, dead letters and identity forwards waiting here. A flush
 (every ``sink.flush_interval_s``, at ``sink.batch_max_rows``, or soon after an alert):
 
+0. deletes the ClickHouse rows of accounts forgotten (``churnsignal forget``), before any
+   row of their new state is written;
 1. writes the rows, one insert per table (rows a table refuses come back, for the DLQ);
 2. sends the dead letters and the identity forwards, and awaits their acks;
 3. publishes the alerts and awaits their acks;
 4. stores each changed state once (and tombstones) and awaits the acks;
+4b. audits and confirms the forget requests carried out (the command waits for that);
 5. acks the packs, so Faust commits their offsets.
 
 A crash before 3 redelivers the packs, which fold again on the stored states: the same rows
@@ -15,7 +18,9 @@ A crash before 3 redelivers the packs, which fold again on the stored states: th
 (milliseconds) publishes an alert again, with the same id. After 4 but before 5, the packs'
 events are duplicates, and their days' rows and score snapshot are re-derived from the
 stored states. Forwards sent again carry the same (identity, sequence), which the receiving
-account skips.
+account skips. A forget request redelivered after step 4 deletes again what came after it,
+and everything after it in its partition is redelivered too and applied afresh, so the
+result is the same.
 
 A failed step (Kafka or ClickHouse unavailable) is not a data error: nothing is
 dead-lettered for it; what was not done yet waits for the next flush, the packs stay unacked,
@@ -35,7 +40,7 @@ import orjson
 
 from churnsignal.stream import packs
 from churnsignal.stream.deadletter import DeadLetter, source_of
-from churnsignal.stream.fold import DAILY, PendingAlert, StepResult
+from churnsignal.stream.fold import ALERTS, DAILY, Forgotten, PendingAlert, StepResult
 from churnsignal.stream.identity import Resolution
 from churnsignal.stream.rows import daily_rows
 from churnsignal.stream.store import StateStore
@@ -53,6 +58,8 @@ class Outputs(Protocol):
     async def forward(self, forwards: Forwards) -> None: ...
     async def publish(self, alerts: list[PendingAlert]) -> None: ...
     async def write_states(self, values: dict[bytes, bytes | None]) -> None: ...
+    async def delete_account(self, account: str) -> dict[str, int]: ...
+    async def forgotten(self, done: list[Forgotten]) -> None: ...
 
 
 @dataclass
@@ -63,6 +70,7 @@ class Taken:
     alerts: list[PendingAlert]
     letters: list[DeadLetter]
     forwards: Forwards
+    forgotten: list[Forgotten] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +85,7 @@ class Pending:
     alerts: list[PendingAlert] = field(default_factory=list)
     letters: list[DeadLetter] = field(default_factory=list)
     forwards: Forwards = field(default_factory=lambda: defaultdict(list))
+    forgotten: list[Forgotten] = field(default_factory=list)
     count: int = 0  # rows and touched days waiting: the flush trigger and memory bound
     since: float = 0.0
     alerts_since: float = 0.0
@@ -90,10 +99,21 @@ class Pending:
 
     def take(self) -> Taken:
         taken = Taken(dict(self.rows), self.touched, self.events, self.alerts, self.letters,
-                      dict(self.forwards))
+                      dict(self.forwards), self.forgotten)
         self.rows, self.touched, self.events, self.alerts = defaultdict(list), {}, [], []
         self.letters, self.forwards, self.count = [], defaultdict(list), 0
+        self.forgotten = []
         return taken
+
+    def drop_account(self, account: str) -> None:
+        """A forgotten account: what earlier steps left waiting for it is not written."""
+        for table, rows in self.rows.items():
+            at = 1 if table == ALERTS else 0  # alerts are keyed by alert_id first
+            kept = [row for row in rows if row[at] != account]
+            self.count -= len(rows) - len(kept)
+            rows[:] = kept
+        self.count -= len(self.touched.pop(account, ()))
+        self.alerts = [a for a in self.alerts if a.alert.account_id != account]
 
     def restore(self, taken: Taken) -> None:
         """Put back what a failed flush did not make durable, before what came since."""
@@ -107,6 +127,7 @@ class Pending:
         self.letters[:0] = taken.letters
         for partition, items in taken.forwards.items():
             self.forwards[partition][:0] = items
+        self.forgotten[:0] = taken.forgotten
         now = time.monotonic()
         self.since = min(self.since, now) if self.events else now
         self.alerts_since = now
@@ -135,6 +156,10 @@ class Checkpoint:
         p = self.pending
         if not p.events:
             p.since = time.monotonic()
+        for done in result.forgotten:  # before this step's rows: those came after it
+            if done.account is not None:
+                p.drop_account(done.account)
+        p.forgotten.extend(result.forgotten)
         for table, data in result.rows.items():
             if data:
                 p.rows[table].extend(data)
@@ -220,6 +245,12 @@ class Checkpoint:
                                  if (state := store.get(account)) is not None
                                  for row in daily_rows(state, days)]
             try:
+                for done in taken.forgotten:
+                    # Once per request: a retry must not delete rows of the new state that
+                    # an earlier attempt wrote after it.
+                    if done.account is not None and not done.deleted:
+                        done.rows = await self._step(self.outputs.delete_account(done.account))
+                        done.deleted = True
                 refused = await self._step(self.outputs.write_rows(taken.rows))
                 taken.rows, taken.touched = {}, {}
                 taken.letters.extend(_refused_letters(refused or []))
@@ -242,6 +273,9 @@ class Checkpoint:
                     store.unstored(values)
                     raise
                 store.stored(values)
+                if taken.forgotten:
+                    await self._step(self.outputs.forgotten(taken.forgotten))
+                    taken.forgotten = []
             except BaseException:
                 p.restore(taken)
                 raise

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 from churnsignal.app.metrics import Metrics
@@ -16,7 +17,7 @@ from churnsignal.stream import packs, patches
 from churnsignal.stream.changelog import write_states
 from churnsignal.stream.checkpoint import Forwards
 from churnsignal.stream.deadletter import DeadLetter
-from churnsignal.stream.fold import PendingAlert
+from churnsignal.stream.fold import Forgotten, PendingAlert
 
 log = logging.getLogger("churnsignal")
 
@@ -81,3 +82,44 @@ class WorkerOutputs:
         if values:
             await write_states(patches.aiokafka_producer(self.producer), self.s.state_topic,
                                self.s.partitions, values)
+
+    async def delete_account(self, account: str) -> dict[str, int]:
+        return await self.sink.delete_account(account)
+
+    async def forgotten(self, done: list[Forgotten]) -> None:
+        """Forget requests carried out (their states stored): audited in ClickHouse, counted,
+        logged, then confirmed on their own partition of the ingested topic, where the
+        command waits for them."""
+        now = time.time()
+        audit = []
+        for d in done:
+            r = d.request
+            home = r["phase"] == "states" and d.partition == r.get("home")
+            if home or d.states or d.identities or d.scrubbed or d.rows:
+                audit.append((
+                    str(r["request_id"]), r["phase"], d.partition, r["kind"],
+                    str(r["subject"]), _at(float(r.get("requested_at", now))), _at(now),
+                    d.states, d.identities, d.parked, d.scrubbed, d.rows,
+                    sum(d.rows.values())))
+        if audit:
+            refused = await self.sink.write({"deletions_data": audit})
+            if refused:  # our own rows: a bug, never the data; retried, not dead-lettered
+                raise RuntimeError(f"deletions_data refused the audit: {refused[0].error}")
+        futures = [await self.ingested.send(value=packs.encode(now, [packs.control_item(
+            packs.FORGOTTEN, d.summary())]), partition=d.partition) for d in done]
+        await asyncio.gather(*futures)
+        m = self.metrics
+        for d in done:
+            r = d.request
+            if r["phase"] == "states" and d.partition == r.get("home"):
+                m.forget_requests.labels(kind=r["kind"]).inc()
+            for what, n in (("state", d.states), ("identity", d.identities),
+                            ("waiting_event", d.parked), ("user_trace", d.scrubbed),
+                            ("row", sum(d.rows.values()))):
+                if n:
+                    m.forgotten.labels(what=what).inc(n)
+            log.info("forgotten", extra={"forget": d.summary()})
+
+
+def _at(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)

@@ -34,6 +34,20 @@ def partition_for(account_id: str, partitions: int) -> int:
 # A fourth element on an item marks history: a billing or support event older than the
 # horizon, whose facts are written as rows but which never changes an account's state.
 HISTORY = 1
+# Control items, never events: a request to forget an account or a user (``churnsignal
+# forget``, produced straight to the ingested topic so it is ordered after what is already
+# there), and the worker's confirmation that it was carried out (read by the command).
+FORGET = 2
+FORGOTTEN = 3
+
+
+def control_item(marker: int, body: dict[str, Any]) -> list[Any]:
+    """A FORGET or FORGOTTEN item: no source, no offset (nothing to dedup it by)."""
+    return [None, -1, body, marker]
+
+
+def is_control(item: list[Any]) -> bool:
+    return len(item) > 3 and item[3] in (FORGET, FORGOTTEN)
 
 
 def encode(now: float, items: list[list[Any]]) -> bytes:

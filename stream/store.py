@@ -126,6 +126,10 @@ class MemoryStateStore:
         self.cache: dict[str, State] = {}
         self.dirty: set[str] = set()
         self.deleted: set[str] = set()  # tombstones to write at the next checkpoint
+        # Deleted keys whose tombstone the state topic has not acknowledged yet: their
+        # stored bytes stay (a rebalance before the ack makes them the truth again), but
+        # nothing reads them (a forgotten account's next event starts afresh).
+        self.gone: set[str] = set()
         self.max_cached = max_cached
         self.loads = PartitionLoads()
 
@@ -135,7 +139,7 @@ class MemoryStateStore:
     def get(self, account_id: str) -> AccountState | None:
         state = self.cache.get(account_id)
         if state is None:
-            raw = self.data.get(account_id.encode())
+            raw = self._raw(account_id)
             if raw is not None:
                 state = self.cache[account_id] = AccountState.from_bytes(raw)
         return state  # type: ignore[return-value]
@@ -145,7 +149,7 @@ class MemoryStateStore:
         loading cannot become the agent's working copy."""
         state = self.cache.get(account_id)
         if state is None:
-            raw = self.data.get(account_id.encode())
+            raw = self._raw(account_id)
             return AccountState.from_bytes(raw) if raw is not None else None
         return state if isinstance(state, AccountState) else None
 
@@ -153,12 +157,13 @@ class MemoryStateStore:
         self.cache[state.account_id] = state
         self.dirty.add(state.account_id)
         self.deleted.discard(state.account_id)
+        self.gone.discard(state.account_id)
 
     def identity(self, key: str) -> IdentityState:
         """An identity's state (same topic, keys starting with ``~``), new if unknown."""
         state = self.cache.get(key)
         if state is None:
-            raw = self.data.get(key.encode())
+            raw = self._raw(key)
             state = IdentityState.from_bytes(raw) if raw is not None else IdentityState(key)
             self.cache[key] = state
         return state  # type: ignore[return-value]
@@ -166,7 +171,7 @@ class MemoryStateStore:
     def peek_identity(self, key: str) -> IdentityState | None:
         state = self.cache.get(key)
         if state is None:
-            raw = self.data.get(key.encode())
+            raw = self._raw(key)
             return IdentityState.from_bytes(raw) if raw is not None else None
         return state if isinstance(state, IdentityState) else None
 
@@ -174,13 +179,14 @@ class MemoryStateStore:
         self.cache[state.key] = state
         self.dirty.add(state.key)
         self.deleted.discard(state.key)
+        self.gone.discard(state.key)
 
     def may_wait(self, key: str) -> bool:
         """Whether an identity may have events waiting, without decoding a stored one."""
         state = self.cache.get(key)
         if state is not None:
             return isinstance(state, IdentityState) and is_waiting(state)
-        raw = self.data.get(key.encode())
+        raw = self._raw(key)
         return raw is not None and waiting_bytes(raw)
 
     def delete(self, key: str) -> None:
@@ -188,6 +194,11 @@ class MemoryStateStore:
         self.cache.pop(key, None)
         self.dirty.discard(key)
         self.deleted.add(key)
+        self.gone.add(key)
+
+    def _raw(self, key: str) -> bytes | None:
+        """A key's stored bytes, unless it was deleted since."""
+        return None if key in self.gone else self.data.get(key.encode())
 
     def snapshot(self, key: str) -> Snapshot:
         """What ``restore`` needs to undo a fold of ``key``: a copy only when the working
@@ -205,6 +216,7 @@ class MemoryStateStore:
     def keys_in(self, partition: int) -> list[str]:
         """Accounts and identities of one partition."""
         keys = {k.decode() for k in self.data}
+        keys -= self.gone
         keys.update(self.cache)
         return [k for k in keys if packs.partition_for(k, self.partitions) == partition]
 
@@ -243,6 +255,7 @@ class MemoryStateStore:
             if value is None:
                 self.data.pop(key, None)
                 name = key.decode()
+                self.gone.discard(name)
                 cached = self.cache.get(name)
                 if name not in self.dirty and isinstance(cached, IdentityState) and is_blank(
                         cached):
@@ -274,4 +287,5 @@ class MemoryStateStore:
         self.cache.clear()
         self.dirty.clear()
         self.deleted.clear()
+        self.gone.clear()
 

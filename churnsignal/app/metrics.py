@@ -95,3 +95,10 @@ class Metrics:
             "churnsignal_ingest_paused_partitions",
             "Source partitions the ingest paused at records it cannot read and cannot skip "
             "safely (a corrupt batch header); they resume when reassigned.", registry=r)
+        self.forget_requests = Counter(
+            "churnsignal_forget_requests", "Forget requests (`churnsignal forget`) carried "
+            "out, by kind (account, user); a repeat is counted again.", ["kind"], registry=r)
+        self.forgotten = Counter(
+            "churnsignal_forgotten", "What forget requests deleted: account states, identity "
+            "keys, events waiting under them, account states a user was removed from "
+            "(user_traces), ClickHouse rows.", ["what"], registry=r)
