@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from churnsignal.schemas import segment, stripe, zendesk
 from churnsignal.schemas._util import show
-from churnsignal.schemas.events import EVENT_ADAPTER, EVENT_TYPES, family_of
+from churnsignal.schemas.events import EVENT_ADAPTER, EVENT_TYPES, SNAPSHOT_TYPES, family_of
 from churnsignal.schemas.results import Accepted, Decoded, Rejected, Skipped
 
 Source = Literal["auto", "canonical", "stripe", "segment", "zendesk"]
@@ -146,7 +146,9 @@ def _decode_object(payload: dict[str, Any], opts: DecodeOptions, now: float,
     if ts > now + opts.max_future_s:
         return Rejected("future_timestamp",
                         f"occurred_at {event.occurred_at.isoformat()} is beyond the allowed skew")
-    if ts < now - opts.max_age_s:
+    if ts < now - opts.max_age_s and event.type not in SNAPSHOT_TYPES:
+        # A backfill snapshot is history by nature (a subscription that started years ago):
+        # it always reaches the state, which keeps the newest subscription facts by time.
         # History, not garbage: a billing or support event still carries facts worth writing
         # (status, MRR, invoice, ticket); a usage event older than the horizon carries none.
         return Skipped("too_old", links, event=None if family_of(event.type) == "usage" else event)

@@ -21,6 +21,9 @@ PAYMENT_TYPES = ("invoice_paid", "payment_failed", "payment_action_required", "i
 CARD_TYPES = ("card_expiring", "payment_method_updated")
 TICKET_TYPES = ("ticket_opened", "ticket_updated", "ticket_solved", "ticket_reopened")
 FEEDBACK_TYPES = ("satisfaction_rating", "nps_response")
+# A subscription as a backfill describes it (``churnsignal import subscriptions``): history,
+# so the policy horizon does not apply to it.
+SNAPSHOT_TYPES = ("subscription_snapshot",)
 
 SubscriptionStatus = Literal["trialing", "active", "past_due", "unpaid", "paused", "canceled",
                              "incomplete", "incomplete_expired"]
@@ -51,6 +54,23 @@ class SubscriptionData(_Strict):
     cancellation_reason: Name | None = Field(
         None, description="Why it ended (Stripe cancellation_details.reason: cancellation_requested, "
         "payment_failed, payment_disputed); payment_* means involuntary churn.")
+
+
+class SnapshotData(_Strict):
+    subscription_id: Id = Field(description="Stable id of the subscription (Stripe sub_..., or "
+                                "account and start for a file without one).")
+    status: SubscriptionStatus = Field(description="Status as of the snapshot's occurred_at.")
+    plan: Name | None = None
+    mrr_cents: int = Field(0, ge=0, description="Monthly recurring revenue, minor units.")
+    currency: Annotated[str, Field(max_length=3)] | None = None
+    started_at: AwareDatetime = Field(description="When the subscription started paying (or "
+                                      "its trial began, for a trialing one).")
+    ended_at: AwareDatetime | None = Field(None, description="When it ended; unset while it "
+                                           "runs (a scheduled end is current_period_end).")
+    cancel_at_period_end: bool = False
+    current_period_end: AwareDatetime | None = None
+    cancellation_reason: Name | None = Field(
+        None, description="As SubscriptionData's: payment_* means involuntary churn.")
 
 
 class PaymentData(_Strict):
@@ -101,6 +121,14 @@ class SubscriptionEvent(_Envelope):
     data: SubscriptionData = Field(default_factory=SubscriptionData)
 
 
+class SnapshotEvent(_Envelope):
+    """A subscription as a backfill saw it at ``occurred_at``: a later live subscription event
+    wins over it, an older one does not undo it."""
+
+    type: Literal["subscription_snapshot"]
+    data: SnapshotData
+
+
 class PaymentEvent(_Envelope):
     type: Literal["invoice_paid", "payment_failed", "payment_action_required", "invoice_upcoming",
                   "charge_failed", "dispute_created"]
@@ -123,12 +151,13 @@ class FeedbackEvent(_Envelope):
 
 
 Event = Annotated[
-    UsageEvent | SubscriptionEvent | PaymentEvent | CardEvent | TicketEvent | FeedbackEvent,
+    UsageEvent | SubscriptionEvent | PaymentEvent | CardEvent | TicketEvent | FeedbackEvent
+    | SnapshotEvent,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 EVENT_TYPES = frozenset(USAGE_TYPES + SUBSCRIPTION_TYPES + PAYMENT_TYPES + CARD_TYPES
-                        + TICKET_TYPES + FEEDBACK_TYPES)
+                        + TICKET_TYPES + FEEDBACK_TYPES + SNAPSHOT_TYPES)
 
 
 USAGE_TYPE_SET = frozenset(USAGE_TYPES)  # for membership tests on the hot path

@@ -49,6 +49,7 @@ COLUMNS = {
     "alerts_data": ALERT_COLUMNS,
     "billing_events_data": BILLING_COLUMNS,
     "support_events_data": SUPPORT_COLUMNS,
+    "deletions_data": ddl.DELETIONS_COLUMNS,
 }
 
 Row = Sequence[Any]
@@ -454,6 +455,48 @@ class ClickHouseSink:
 
     def _masked(self, text: str) -> str:
         return text.replace(self.dsn, mask_dsn(self.dsn))
+
+    # -- forgetting an account (``churnsignal forget``) ---------------------------------
+
+    def _delete_account_now(self, account: str) -> dict[str, int]:
+        client = self._ensure()
+        # Every table with an account_id column, found rather than listed, so a table added
+        # later is forgotten too; the audit is kept.
+        tables = [row[0] for row in client.query(
+            "SELECT table FROM system.columns WHERE database = currentDatabase() "
+            "AND name = 'account_id' AND table IN (SELECT name FROM system.tables WHERE "
+            "database = currentDatabase() AND engine LIKE '%MergeTree') "
+            "AND table != 'deletions_data' ORDER BY table").result_rows]
+        deleted: dict[str, int] = {}
+        where = "WHERE account_id = {account:String}"
+        params = {"account": account}
+        for table in tables:
+            # Table names come from system.columns; the account is a bound parameter.
+            found = int(client.query(f"SELECT count() FROM `{table}` FINAL {where}",  # noqa: S608
+                                     parameters=params).result_rows[0][0])
+            if not found:
+                continue
+            try:  # a lightweight delete: the rows vanish from reads at once
+                client.command(f"DELETE FROM `{table}` {where}",  # noqa: S608
+                               parameters=params)
+            except Exception as exc:  # e.g. a table with projections: a mutation instead
+                log.info("lightweight delete on %s failed (%s); using a mutation", table, exc)
+                client.command(f"ALTER TABLE `{table}` DELETE {where} "
+                               "SETTINGS mutations_sync = 2", parameters=params)
+            deleted[table] = found
+        return deleted
+
+    async def delete_account(self, account: str) -> dict[str, int]:
+        """Delete every row of ``account`` from every table keyed by account; returns the
+        rows deleted per table (as the views count them). Raises ``SinkUnavailable`` when
+        ClickHouse fails (the caller tries again later: deleting is idempotent)."""
+        try:
+            deleted: dict[str, int] = await asyncio.wait_for(
+                self._call(self._delete_account_now, account), self.write_timeout_s * 3)
+        except Exception as exc:
+            raise self._unavailable(f"deleting rows: {type(exc).__name__}: "
+                                    f"{self._masked(str(exc))[:300]}", 1.0) from exc
+        return deleted
 
     def query(self, sql: str, parameters: Mapping[str, Any] | None = None) -> Any:
         return self._ensure().query(sql, parameters=parameters)

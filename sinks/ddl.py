@@ -5,11 +5,21 @@ that only grows, so at-least-once delivery and replays rewrite rows instead of a
 Analysts query the views without the suffix, which apply FINAL so plain SQL is exact.
 """
 
+# The SQL here is built only from our own literals and integers (days), never from input.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
+import os
 
-def statements(ttl_days: int = 400) -> list[str]:
-    """DDL in dependency order. ``ttl_days`` bounds score snapshots (the largest table)."""
+FROM_ENV = -1
+
+
+def statements(ttl_days: int = 400, past_due_churn_days: int | None = FROM_ENV) -> list[str]:
+    """DDL in dependency order. ``ttl_days`` bounds score snapshots (the largest table);
+    ``past_due_churn_days`` (default: CHURNSIGNAL_VIEWS__PAST_DUE_CHURN_DAYS) defines churn."""
+    if past_due_churn_days == FROM_ENV:
+        past_due_churn_days = past_due_churn_days_from_env()
     dedup = "SETTINGS non_replicated_deduplication_window = 1000"
     return [
         # One row per account and event-time day; version = the account's event count.
@@ -68,9 +78,13 @@ def statements(ttl_days: int = 400) -> list[str]:
             type LowCardinality(String), status LowCardinality(String), plan String,
             mrr_cents Int64, mrr_before_cents Int64, cancel_at_period_end Bool,
             invoice_id String, amount_cents Nullable(Int64), attempt_count Nullable(UInt32),
-            final_attempt Bool, involuntary Bool, version UInt64
+            final_attempt Bool, involuntary Bool, version UInt64,
+            currency LowCardinality(String)
         ) ENGINE = ReplacingMergeTree(version)
         PARTITION BY toYYYYMM(occurred_at) ORDER BY (account_id, occurred_at, event_id) {dedup}""",
+        # Billing rows carry their currency (lower case ISO 4217; '' when the event had none).
+        """ALTER TABLE billing_events_data
+            ADD COLUMN IF NOT EXISTS currency LowCardinality(String)""",
         """CREATE OR REPLACE VIEW billing_events AS SELECT * FROM billing_events_data FINAL""",
         # Every applied support event (tickets, CSAT, NPS), keyed by event id.
         f"""CREATE TABLE IF NOT EXISTS support_events_data (
@@ -83,59 +97,136 @@ def statements(ttl_days: int = 400) -> list[str]:
         PARTITION BY toYYYYMM(occurred_at) ORDER BY (account_id, occurred_at, event_id)
         TTL toDateTime(occurred_at) + INTERVAL {int(ttl_days)} DAY {dedup}""",
         """CREATE OR REPLACE VIEW support_events AS SELECT * FROM support_events_data FINAL""",
-        *business_views(),
+        *business_views(past_due_churn_days),
+        *audit_tables(),
     ]
 
 
-def business_views() -> list[str]:
+def past_due_churn_days_from_env() -> int | None:
+    """CHURNSIGNAL_VIEWS__PAST_DUE_CHURN_DAYS as the settings read it (env only, like them)."""
+    from churnsignal.app.settings import ViewSettings
+
+    raw = os.environ.get("CHURNSIGNAL_VIEWS__PAST_DUE_CHURN_DAYS")
+    return ViewSettings.model_validate({"past_due_churn_days": raw}).past_due_churn_days
+
+
+# Statuses of a paying customer (a trial that never converts is not one).
+PAID = "('active', 'past_due', 'unpaid', 'paused')"
+# Row order within an account: event time, then version, then id (a stable tie-break).
+ORDER = "at, version, event_id"
+_UPTO_HERE = f"PARTITION BY account_id ORDER BY {ORDER} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW"
+
+
+def business_views(past_due_churn_days: int | None = None) -> list[str]:
     """What the business asks, as views over the tables above (definitions in docs/clickhouse.md).
 
-    A customer is an account from its first paid subscription status (active, past_due,
-    unpaid, paused; a trial that never converts is not a customer) until a final cancellation.
+    Every churn figure reads one timeline per account (``account_timeline``): subscription
+    status rows (live events and backfill snapshots) and paid invoices (evidence that the
+    subscription is active: a quiet renewal), plus, with ``past_due_churn_days``, a churn at
+    the end of a delinquency that lasted that long. A customer is an account whose latest
+    timeline row is a paid status, not lapsed; a churn is a row that ends being one.
     """
+    n = past_due_churn_days
+    lapsed = "false" if n is None else f"(delinquent AND at >= run_start + INTERVAL {int(n)} DAY)"
+    # A delinquency that lasted N days without a payment or another status ending it: the
+    # customer churns (involuntarily) at its N-th day.
+    lapses = "" if n is None else f"""
+            UNION ALL
+            SELECT d.account_id AS account_id, d.churn_at AS at, toUInt64(0) AS version,
+                   '' AS event_id, 'canceled' AS status, true AS involuntary,
+                   d.currency AS currency, toInt64(0) AS mrr, toUInt8(0) AS is_customer
+            FROM (SELECT account_id, grp, any(run_start) + INTERVAL {int(n)} DAY AS churn_at,
+                         any(account_currency) AS currency
+                  FROM billing_evidence WHERE delinquent GROUP BY account_id, grp) AS d
+            LEFT JOIN (SELECT account_id, grp, min(at) AS group_start FROM billing_evidence
+                       GROUP BY account_id, grp) AS g
+                ON g.account_id = d.account_id AND g.grp = d.grp + 1
+            WHERE (g.account_id = '' OR g.group_start > d.churn_at) AND d.churn_at <= now64(3)"""
     return [
-        """CREATE OR REPLACE VIEW account_lifecycle AS
+        # Status evidence per account, in order: subscription rows, and paid invoices as
+        # 'active'; MRR carried from the latest subscription row; the delinquency run
+        # (past_due/unpaid rows since the last other row) each row belongs to.
+        f"""CREATE OR REPLACE VIEW billing_evidence AS
+        SELECT *, minIf(at, delinquent) OVER (PARTITION BY account_id, grp) AS run_start
+        FROM (
+            SELECT *,
+                   sum(toUInt64(NOT delinquent)) OVER ({_UPTO_HERE}) AS grp,
+                   argMaxIf(row_mrr, ({ORDER}), from_subscription) OVER ({_UPTO_HERE})
+                       AS mrr_cents,
+                   argMaxIf(currency, ({ORDER}), currency != '')
+                       OVER (PARTITION BY account_id) AS account_currency
+            FROM (SELECT account_id, occurred_at AS at, version, event_id,
+                         if(status != '', status, 'active') AS status,
+                         status != '' AS from_subscription,
+                         status IN ('past_due', 'unpaid') AS delinquent,
+                         mrr_cents AS row_mrr, involuntary, currency
+                  FROM billing_events
+                  WHERE status != '' OR (type = 'invoice_paid' AND ifNull(amount_cents, 0) > 0)))""",
+        f"""CREATE OR REPLACE VIEW account_timeline AS
+        SELECT account_id, at, version, event_id, status, involuntary, currency, is_customer,
+               if(is_customer, mrr, 0) AS mrr_cents,
+               lagInFrame(is_customer, 1, toUInt8(0)) OVER w AS was_customer,
+               lagInFrame(if(is_customer, mrr, 0), 1, toInt64(0)) OVER w AS mrr_before_cents
+        FROM (
+            SELECT account_id, at, version, event_id, status, involuntary,
+                   account_currency AS currency, mrr_cents AS mrr,
+                   toUInt8(status IN {PAID} AND NOT {lapsed}) AS is_customer
+            FROM billing_evidence{lapses})
+        WINDOW w AS (PARTITION BY account_id ORDER BY {ORDER}
+                     ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)""",
+        f"""CREATE OR REPLACE VIEW account_lifecycle AS
         SELECT account_id,
-               minIf(occurred_at, status IN ('active', 'past_due', 'unpaid', 'paused'))
-                   AS started_at,
-               argMax(status, (occurred_at, version)) AS last_status,
-               if(last_status = 'canceled', maxIf(occurred_at, status = 'canceled'), NULL)
-                   AS ended_at,
-               argMaxIf(involuntary, occurred_at, status = 'canceled') AS involuntary,
-               argMaxIf(mrr_before_cents, occurred_at, status = 'canceled') AS mrr_lost_cents,
-               argMax(mrr_cents, (occurred_at, version)) AS mrr_cents
-        FROM billing_events WHERE status != '' GROUP BY account_id""",
-        # Months from the first subscription event to now, for the monthly views.
+               minIfOrNull(at, is_customer) AS started_at,
+               argMax(status, ({ORDER})) AS last_status,
+               argMax(is_customer, ({ORDER})) AS customer_now,
+               if(started_at IS NOT NULL AND NOT customer_now,
+                  maxIf(at, was_customer AND NOT is_customer), NULL) AS ended_at,
+               argMaxIf(involuntary, ({ORDER}), was_customer AND NOT is_customer)
+                   AS involuntary,
+               argMaxIf(mrr_before_cents, ({ORDER}), was_customer AND NOT is_customer)
+                   AS mrr_lost_cents,
+               argMax(mrr_cents, ({ORDER})) AS mrr_cents,
+               any(currency) AS currency
+        FROM account_timeline GROUP BY account_id""",
+        # Months from the first timeline row to now, for the monthly views.
         """CREATE OR REPLACE VIEW calendar_months AS
         SELECT toDateTime64(addMonths(first, number), 3, 'UTC') AS month
-        FROM (SELECT toStartOfMonth(min(occurred_at)) AS first FROM billing_events
-              WHERE status != '' HAVING count() > 0) AS f
-        ARRAY JOIN range(toUInt32(dateDiff('month', first, today())) + 1) AS number""",
-        # Logo churn: customers lost in the month / customers at its start; split by kind.
+        FROM (SELECT toStartOfMonth(min(at)) AS first FROM account_timeline
+              HAVING count() > 0) AS f
+        ARRAY JOIN range(toUInt32(greatest(0, dateDiff('month', first, today()))) + 1)
+            AS number""",
+        # Logo churn: customers at the month's start that churned in it / customers at its
+        # start; split by the kind of their first churn in the month.
         """CREATE OR REPLACE VIEW churn_monthly AS
-        SELECT m.month AS month,
-               countIf(l.started_at < m.month
-                       AND (l.ended_at IS NULL OR l.ended_at >= m.month)) AS customers_at_start,
-               countIf(l.started_at < m.month AND l.ended_at >= m.month
-                       AND l.ended_at < addMonths(m.month, 1)) AS churned,
-               countIf(l.started_at < m.month AND l.ended_at >= m.month
-                       AND l.ended_at < addMonths(m.month, 1) AND l.involuntary)
-                   AS churned_involuntary,
+        SELECT month, countIf(at_start) AS customers_at_start,
+               countIf(at_start AND churns > 0) AS churned,
+               countIf(at_start AND churns > 0 AND first_involuntary) AS churned_involuntary,
                churned - churned_involuntary AS churned_voluntary,
                if(customers_at_start = 0, NULL, churned / customers_at_start) AS logo_churn_rate
-        FROM calendar_months AS m
-        CROSS JOIN (SELECT * FROM account_lifecycle WHERE started_at IS NOT NULL) AS l
+        FROM (
+            SELECT m.month AS month, t.account_id AS account_id,
+                   argMaxIf(t.is_customer, (t.at, t.version, t.event_id), t.at < m.month)
+                       AS at_start,
+                   countIf(t.was_customer AND NOT t.is_customer AND t.at >= m.month
+                           AND t.at < addMonths(m.month, 1)) AS churns,
+                   argMinIf(t.involuntary, (t.at, t.version, t.event_id),
+                            t.was_customer AND NOT t.is_customer AND t.at >= m.month
+                            AND t.at < addMonths(m.month, 1)) AS first_involuntary
+            FROM calendar_months AS m CROSS JOIN account_timeline AS t
+            GROUP BY month, account_id)
         GROUP BY month ORDER BY month""",
-        # MRR movements of accounts paying at the month's start: churned (to 0),
-        # contraction and expansion; new MRR is apart and not part of retention.
+        # MRR movements per currency (never summed across currencies), from each account's
+        # MRR at the month's start and at its end: churned (to 0), contraction, expansion;
+        # new MRR (accounts at 0 at the start: new and reactivated) is apart.
         """CREATE OR REPLACE VIEW mrr_monthly AS
-        SELECT month, sum(mrr_start) AS mrr_start_cents,
-               sumIf(mrr_start, mrr_end = 0) AS churned_mrr_cents,
+        SELECT month, currency, sum(mrr_start) AS mrr_start_cents,
+               sumIf(mrr_start, mrr_start > 0 AND mrr_end = 0) AS churned_mrr_cents,
                sumIf(mrr_start - mrr_end, mrr_end > 0 AND mrr_end < mrr_start)
                    AS contraction_mrr_cents,
                sumIf(mrr_end - mrr_start, mrr_start > 0 AND mrr_end > mrr_start)
                    AS expansion_mrr_cents,
                sumIf(mrr_end, mrr_start = 0) AS new_mrr_cents,
+               sum(mrr_end) AS mrr_end_cents,
                if(mrr_start_cents = 0, NULL,
                   (churned_mrr_cents + contraction_mrr_cents) / mrr_start_cents) AS gross_mrr_churn,
                if(mrr_start_cents = 0, NULL,
@@ -145,27 +236,30 @@ def business_views() -> list[str]:
                   (mrr_start_cents - churned_mrr_cents - contraction_mrr_cents
                    + expansion_mrr_cents) / mrr_start_cents) AS net_revenue_retention
         FROM (
-            SELECT m.month AS month, b.account_id AS account_id,
-                   argMaxIf(b.mrr_cents, (b.occurred_at, b.version), b.occurred_at < m.month)
+            SELECT m.month AS month, t.account_id AS account_id, any(t.currency) AS currency,
+                   argMaxIf(t.mrr_cents, (t.at, t.version, t.event_id), t.at < m.month)
                        AS mrr_start,
-                   argMaxIf(b.mrr_cents, (b.occurred_at, b.version),
-                            b.occurred_at < addMonths(m.month, 1)) AS mrr_end
-            FROM calendar_months AS m
-            CROSS JOIN (SELECT account_id, occurred_at, version, mrr_cents FROM billing_events
-                        WHERE status != '') AS b
+                   argMaxIf(t.mrr_cents, (t.at, t.version, t.event_id),
+                            t.at < addMonths(m.month, 1)) AS mrr_end
+            FROM calendar_months AS m CROSS JOIN account_timeline AS t
             GROUP BY month, account_id)
-        GROUP BY month ORDER BY month""",
-        # Retention by signup (first paid) month: share of the cohort still a customer
-        # k months after the cohort's month started.
+        GROUP BY month, currency ORDER BY month, currency""",
+        # Retention by first-paid month: share of the cohort a customer at the start of the
+        # k-th month after its own (k = 0: the whole cohort); reactivated ones count again.
         """CREATE OR REPLACE VIEW cohort_retention AS
-        SELECT toStartOfMonth(started_at) AS cohort, k AS months_since, count() AS customers,
-               countIf(ended_at IS NULL OR ended_at >= addMonths(toStartOfMonth(started_at), k))
-                   AS retained,
+        SELECT cohort, k AS months_since, count() AS customers, countIf(kept) AS retained,
                retained / customers AS retention
-        FROM account_lifecycle
-        ARRAY JOIN range(toUInt32(dateDiff('month', toStartOfMonth(started_at), today())) + 1)
-            AS k
-        WHERE started_at IS NOT NULL
+        FROM (
+            SELECT c.account_id AS account_id, c.cohort AS cohort, c.k AS k,
+                   c.k = 0 OR argMaxIf(t.is_customer, (t.at, t.version, t.event_id),
+                                       t.at < addMonths(c.cohort, c.k)) AS kept
+            FROM (SELECT account_id, toStartOfMonth(started_at) AS cohort, k
+                  FROM account_lifecycle
+                  ARRAY JOIN range(toUInt32(greatest(0, dateDiff(
+                      'month', toStartOfMonth(started_at), today()))) + 1) AS k
+                  WHERE started_at IS NOT NULL) AS c
+            INNER JOIN account_timeline AS t ON t.account_id = c.account_id
+            GROUP BY account_id, cohort, k)
         GROUP BY cohort, months_since ORDER BY cohort, months_since""",
         """CREATE OR REPLACE VIEW risk_by_band AS
         SELECT band, count() AS accounts, sum(mrr_cents) AS mrr_cents
@@ -208,3 +302,25 @@ def business_views() -> list[str]:
 
 TABLES = ("account_daily_data", "account_scores_data", "alerts_data", "billing_events_data",
           "support_events_data")
+
+
+# The audit of `churnsignal forget`: one row per request, phase and partition that deleted
+# something (and always one from the request's home partition, so a repeat that found
+# nothing is recorded too). A redelivered request rewrites its row (the same key); the one
+# that counted the most rows wins.
+DELETIONS_COLUMNS = ("request_id", "phase", "partition", "kind", "subject", "requested_at",
+                     "done_at", "states", "identities", "parked", "scrubbed", "rows",
+                     "rows_total")
+
+
+def audit_tables() -> list[str]:
+    return [
+        """CREATE TABLE IF NOT EXISTS deletions_data (
+            request_id String, phase LowCardinality(String), partition UInt16,
+            kind LowCardinality(String), subject String,
+            requested_at DateTime64(3, 'UTC'), done_at DateTime64(3, 'UTC'),
+            states UInt32, identities UInt32, parked UInt32, scrubbed UInt32,
+            rows Map(String, UInt64), rows_total UInt64
+        ) ENGINE = ReplacingMergeTree(rows_total) ORDER BY (request_id, phase, partition)""",
+        """CREATE OR REPLACE VIEW deletions AS SELECT * FROM deletions_data FINAL""",
+    ]

@@ -22,10 +22,10 @@ QUERIES: dict[str, SavedQuery] = {
         "SELECT month, customers_at_start, churned, churned_voluntary, churned_involuntary, "
         "logo_churn_rate FROM churn_monthly ORDER BY month"),
     "mrr_churn": SavedQuery(
-        "MRR churn by month: gross, net, and net revenue retention",
-        "SELECT month, mrr_start_cents, churned_mrr_cents, contraction_mrr_cents, "
+        "MRR churn by month and currency: gross, net, and net revenue retention",
+        "SELECT month, currency, mrr_start_cents, churned_mrr_cents, contraction_mrr_cents, "
         "expansion_mrr_cents, new_mrr_cents, gross_mrr_churn, net_mrr_churn, "
-        "net_revenue_retention FROM mrr_monthly ORDER BY month"),
+        "net_revenue_retention FROM mrr_monthly ORDER BY month, currency"),
     "at_risk": SavedQuery(
         "Current customers and their MRR by risk band (cancelled accounts left out)",
         "SELECT band, accounts, mrr_cents FROM risk_by_band "

@@ -9,6 +9,9 @@ A record that cannot be folded (an exception anywhere in its account's fold, sco
 is isolated: the account's batch is undone (``StateStore.snapshot``/``restore``), folded
 again one record at a time, and only the records that fail alone are returned as failures,
 with the account's state exactly as if they had never been seen.
+
+A FORGET item (``churnsignal forget``) splits the pack: what came before it is folded, then
+forgotten, and what comes after starts afresh (``_forget``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from churnsignal.stream.identity import DEFAULT_GRACE_S, Resolution, resolve, sw
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.rows import alert_row, fact_rows, history_row, score_row
 from churnsignal.stream.scoring import score
+from churnsignal.stream.state import id_hash
 from churnsignal.stream.store import StateStore
 
 SCORES = "account_scores_data"
@@ -63,6 +67,27 @@ class Failure:
     data: dict[str, Any]  # the canonical event
 
 
+@dataclass(slots=True)
+class Forgotten:
+    """What one partition did for one phase of a forget request (``_forget``); the
+    checkpoint adds the ClickHouse rows it deleted, audits and confirms it."""
+
+    request: dict[str, Any]  # request_id, kind, subject, phase, requested_at
+    partition: int
+    account: str | None = None  # whose ClickHouse rows go (the account's home partition)
+    states: int = 0  # account states deleted
+    identities: int = 0  # identity keys deleted (links and waiting events)
+    parked: int = 0  # events that waited under those identities, deleted with them
+    scrubbed: int = 0  # account states a forgotten user's traces were removed from
+    rows: dict[str, int] = field(default_factory=dict)  # table -> rows deleted
+    deleted: bool = False  # ClickHouse rows deleted (once per request and flush attempt)
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.request, "partition": self.partition, "account": self.account,
+                "states": self.states, "identities": self.identities, "parked": self.parked,
+                "scrubbed": self.scrubbed, "rows": self.rows}
+
+
 @dataclass
 class StepResult:
     rows: dict[str, list[Any]] = field(default_factory=lambda: {
@@ -78,6 +103,7 @@ class StepResult:
     errors: int = 0  # accounts whose re-score raised (nothing to dead-letter: no record)
     waiting_identities: int | None = None  # after a tick's sweep: identities still waiting
     newest: float = 0.0  # newest event time applied
+    forgotten: list[Forgotten] = field(default_factory=list)
 
 
 def steps(batch: list[Any], partition_of: Any, is_tick: Any) -> list[list[Any]]:
@@ -266,10 +292,31 @@ def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: i
     if pack.get("tick"):
         _tick(store, partition, wall, policy, clock, identity, result, shadow)
         return result
+    segment: list[Any] = []
+    folded = False
+    for item in pack["items"]:
+        if not packs.is_control(item):
+            segment.append(item)
+            continue
+        if segment:  # what came before the request is folded, then forgotten with it
+            _fold_items(store, segment, wall, partition, offset, policy, clock, identity,
+                        result, shadow)
+            segment, folded = [], True
+        if item[3] == packs.FORGET:
+            _forget(store, item[2], partition, result)
+    if segment or not folded:
+        _fold_items(store, segment, wall, partition, offset, policy, clock, identity, result,
+                    shadow)
+    return result
+
+
+def _fold_items(store: StateStore, items: list[Any], wall: float, partition: int,
+                offset: int, policy: Policy, clock: PartitionClock, identity: IdentityLimits,
+                result: StepResult, shadow: Policy | None) -> None:
     grouped: dict[str, list[Item]] = defaultdict(list)
     identities: dict[str, list[Any]] = defaultdict(list)
     newest: dict[str, float] = {}
-    for item in pack["items"]:
+    for item in items:
         source, item_offset, data = item[0], item[1], item[2]
         if len(item) > 3 and item[3] == packs.HISTORY:
             _history(store, source, item_offset, data, result)
@@ -288,8 +335,8 @@ def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: i
         if ts > newest.get(source or "", 0.0):
             newest[source or ""] = ts
     clock.on_pack(wall, newest)
-    for account_id, items in grouped.items():
-        _fold_account(store, account_id, items, wall, policy, partition, offset, result,
+    for account_id, batch in grouped.items():
+        _fold_account(store, account_id, batch, wall, policy, partition, offset, result,
                       shadow)
     for key, waiting in identities.items():
         snapshot = store.snapshot(key)
@@ -306,5 +353,65 @@ def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: i
         if resolution.changed:
             store.put_identity(state)
         result.identities.append(resolution)
-    result.newest = max(newest.values(), default=0.0)
-    return result
+    result.newest = max(result.newest, *newest.values(), 0.0)
+
+
+def _forget(store: StateStore, request: dict[str, Any], partition: int,
+            result: StepResult) -> None:
+    """Carry out one phase of a forget request in this partition (``churnsignal forget``).
+
+    Phase ``identities`` (every partition): delete the identity keys named (a user's) and
+    those linking to a forgotten target (an account, or a user's keys), with the events
+    waiting under them. Phase ``states``, sent only once every partition confirmed the
+    first, so no forward of an old link is still on its way: an account's state (in its
+    home partition), or a user's traces in every account state (its forwarding high-waters,
+    so the user's new identity may restart its sequence at 0, and its hash among each day's
+    distinct users; the day's count is an aggregate and stays)."""
+    done = Forgotten(request, partition)
+    phase, kind, subject = request["phase"], request["kind"], str(request["subject"])
+    keys = set(request.get("keys", ()))
+    if phase == "identities":
+        links = set(request.get("links", ()))
+        for key in store.keys_in(partition):
+            if not is_identity(key):
+                continue
+            state = store.peek_identity(key)
+            if state is None or (key not in keys and state.link not in links):
+                continue
+            done.identities += 1
+            done.parked += len(state.parked)
+            store.delete(key)
+    elif kind == "account" and partition == request.get("home"):
+        done.account = subject
+        if store.peek(subject) is not None:
+            done.states += 1
+        store.delete(subject)
+        _drop_pending(result, subject)
+    elif kind == "user":
+        user = id_hash(subject) & 0xFFFFFFFF  # as state._count_user keeps it
+        for key in store.keys_in(partition):
+            if is_identity(key):
+                continue
+            seen = store.peek(key)
+            if seen is None or not (keys & seen.hw.keys() or any(
+                    user in users for users in seen.day_users.values())):
+                continue
+            account = store.get(key)
+            assert account is not None
+            for k in keys:
+                account.hw.pop(k, None)
+            for users in account.day_users.values():
+                if user in users:
+                    users.remove(user)
+            store.put(account)
+            done.scrubbed += 1
+    result.forgotten.append(done)
+
+
+def _drop_pending(result: StepResult, account: str) -> None:
+    """Rows and alerts of a forgotten account folded earlier in this step are not written."""
+    for table, rows in result.rows.items():
+        at = 1 if table == ALERTS else 0  # alerts are keyed by alert_id first
+        rows[:] = [row for row in rows if row[at] != account]
+    result.touched.pop(account, None)
+    result.alerts = [a for a in result.alerts if a.alert.account_id != account]

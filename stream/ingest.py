@@ -359,7 +359,7 @@ class Ingestor:
         self.producer = AIOKafkaProducer(acks="all", linger_ms=5, max_request_size=4_000_000,
                                          **conn)
         self.consumer = AIOKafkaConsumer(
-            *s.topics.sources(),
+            *s.topics.sources(), s.topics.snapshots,  # snapshots: `churnsignal import`
             group_id=s.ingest_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -498,7 +498,9 @@ class Ingestor:
         for tp, records in batch.items():
             topic = tp.topic
             source = f"{topic}/{tp.partition}"
-            pinned = s.ingest.sources.get(topic, "auto")
+            # The import writes canonical snapshots: anything else there is a mistake.
+            pinned = s.ingest.sources.get(
+                topic, "canonical" if topic == s.topics.snapshots else "auto")
             consumed = len(records)
             next_offset = records[-1].offset + 1
             for rec in records:

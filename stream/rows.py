@@ -20,7 +20,7 @@ ALERT_COLUMNS = ("alert_id", "account_id", "kind", "band", "previous_band", "sco
 
 BILLING_COLUMNS = ("account_id", "event_id", "occurred_at", "type", "status", "plan", "mrr_cents",
                    "mrr_before_cents", "cancel_at_period_end", "invoice_id", "amount_cents",
-                   "attempt_count", "final_attempt", "involuntary", "version")
+                   "attempt_count", "final_attempt", "involuntary", "version", "currency")
 SUPPORT_COLUMNS = ("account_id", "event_id", "occurred_at", "type", "ticket_id", "status",
                    "priority", "channel", "first_response_s", "resolution_s", "csat", "nps",
                    "version")
@@ -82,6 +82,8 @@ def fact_row(account: str, event: Any, mrr_before: int, involuntary: bool,
             getattr(d, "channel", "") or "", getattr(d, "first_response_s", None),
             getattr(d, "resolution_s", None), getattr(d, "csat", "") or "",
             getattr(d, "score", None), seq)
+    if t == "subscription_snapshot":
+        raise ValueError("a snapshot makes several rows: snapshot_rows")
     status = getattr(d, "status", None) or _IMPLIED_STATUS.get(t, "")
     subscription = t.startswith("subscription_") or t == "trial_will_end"
     mrr = mrr_before
@@ -94,7 +96,42 @@ def fact_row(account: str, event: Any, mrr_before: int, involuntary: bool,
         bool(getattr(d, "cancel_at_period_end", False)), getattr(d, "invoice_id", "") or "",
         getattr(d, "amount_cents", None), getattr(d, "attempt_count", None),
         t == "payment_failed" and d.next_attempt_at is None,
-        involuntary and status == "canceled", seq)
+        involuntary and status == "canceled", seq, _currency(d))
+
+
+def _currency(data: Any) -> str:
+    return str(getattr(data, "currency", None) or "").lower()
+
+
+def snapshot_rows(account: str, event: Any, seq: int) -> list[tuple[object, ...]]:
+    """The billing rows of a backfill snapshot: its start (active, or trialing), its end
+    (canceled, when it ended by the snapshot's time) and, for a past-due, unpaid or paused
+    subscription, that status at the snapshot's time. Keyed by the subscription id (and
+    the time), so importing the same subscription again rewrites the same rows."""
+    d, at = event.data, event.occurred_at
+    key = f"snapshot:{d.subscription_id}"
+    currency = _currency(d)
+    plan = d.plan or ""
+    ended = d.ended_at is not None and d.ended_at <= at
+    status = "canceled" if ended else d.status
+    if status in ("incomplete", "incomplete_expired"):
+        return []  # never paid: not a customer at any time
+    start = "trialing" if status == "trialing" else "active"
+
+    def row(suffix: str, when: Any, row_status: str, mrr: int, mrr_before: int,
+            involuntary: bool) -> tuple[object, ...]:
+        return (account, f"{key}:{suffix}", when, "subscription_snapshot", row_status, plan,
+                mrr, mrr_before, bool(d.cancel_at_period_end) and not ended, "", None, None,
+                False, involuntary, seq, currency)
+
+    rows = [row("start", d.started_at, start, d.mrr_cents, 0, False)]
+    if ended:
+        rows.append(row("end", max(d.ended_at, d.started_at), "canceled", 0, d.mrr_cents,
+                        d.cancellation_reason in _INVOLUNTARY_REASONS))
+    elif status in ("past_due", "unpaid", "paused"):
+        rows.append(row(f"{status}:{at.isoformat()}", at, status, d.mrr_cents, d.mrr_cents,
+                        False))
+    return rows
 
 
 def fact_rows(out: Outcome) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
@@ -103,6 +140,9 @@ def fact_rows(out: Outcome) -> tuple[list[tuple[object, ...]], list[tuple[object
     support: list[tuple[object, ...]] = []
     account = out.state.account_id
     for event, mrr_before, involuntary, seq in out.facts:
+        if event.type == "subscription_snapshot":
+            billing.extend(snapshot_rows(account, event, seq))
+            continue
         table, row = fact_row(account, event, mrr_before, involuntary, seq)
         (support if table == SUPPORT_TABLE else billing).append(row)
     return billing, support

@@ -242,6 +242,10 @@ def apply_event(state: AccountState, event: Any, source: str | None, offset: int
         _track_types(state, policy)
     ts = event.occurred_at.timestamp()
     day = day_of(ts)
+    if event.type == "subscription_snapshot":  # a backfill fact, not activity: no bucket
+        state.seq += 1
+        _apply_snapshot(state, event, ts)
+        return day
     today = day_of(now)
     state.seq += 1
     if not state.first_seen or ts < state.first_seen:
@@ -361,11 +365,13 @@ def _apply_billing(state: AccountState, event: Any, ts: float) -> None:
         if ts < state.sub_seen_at:
             return
         state.sub_seen_at = ts
-        if d.status is not None:
-            if d.status == "canceled" and (state.failed_payments or d.cancellation_reason in (
-                    "payment_failed", "payment_disputed")):
-                state.involuntary_end = True
-            state.sub_status = d.status
+        ended = d.status == "canceled" or (d.status is None and t == "subscription_deleted")
+        if d.status is not None or ended:
+            # Decided afresh by each subscription event: a reactivated account that later
+            # cancels of its own accord is not involuntary because of an earlier ending.
+            state.involuntary_end = ended and bool(
+                state.failed_payments or d.cancellation_reason in _INVOLUNTARY)
+            state.sub_status = d.status or state.sub_status
         if t == "subscription_paused":
             state.sub_status = "paused"
         elif t == "subscription_resumed" and state.sub_status == "paused":
@@ -382,6 +388,39 @@ def _apply_billing(state: AccountState, event: Any, ts: float) -> None:
         state.pause_resumes_at = (
             d.pause_resumes_at.timestamp() if d.pause_resumes_at else None
         )
+
+
+def _apply_snapshot(state: AccountState, event: Any, ts: float) -> None:
+    """A subscription as a backfill saw it at ``ts``: it seeds status, plan and MRR like a
+    subscription event of that time, so a newer live event wins and an older one (applied
+    before or after it) does not undo it."""
+    d = event.data
+    ended = d.ended_at is not None and d.ended_at.timestamp() <= ts
+    # Scored at its subscription's own last moment: an import of long-ended subscriptions
+    # is history, never live enough to page anyone.
+    state.last_event = max(state.last_event, d.ended_at.timestamp() if ended else ts)
+    if not state.first_seen or ts < state.first_seen:
+        state.first_seen = ts
+    if ts < state.sub_seen_at:
+        return
+    state.sub_seen_at = ts
+    status = "canceled" if ended else d.status
+    if status == "canceled":
+        state.involuntary_end = d.cancellation_reason in _INVOLUNTARY
+        # A cancellation the import reports is past news: mark it as already alerted on.
+        state.alert_band = "critical"
+    state.sub_status = status
+    state.plan = d.plan or state.plan
+    state.mrr_cents = d.mrr_cents
+    state.mrr_peak.append([float(day_of(ts)), float(d.mrr_cents)])
+    del state.mrr_peak[:-12]
+    state.cancel_at_period_end = d.cancel_at_period_end and not ended
+    period_end = d.current_period_end or (d.ended_at if not ended else None)
+    state.period_end = period_end.timestamp() if period_end is not None else None
+    state.pause_resumes_at = None
+
+
+_INVOLUNTARY = ("payment_failed", "payment_disputed")
 
 
 def _apply_support(state: AccountState, event: Any, ts: float, policy: Policy) -> None:

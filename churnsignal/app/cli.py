@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -27,6 +27,8 @@ cli.add_typer(schemas_cli, name="schemas")
 log = logging.getLogger("churnsignal")
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from churnsignal.offline.backtest import Report
 
 def _fail(exc: BaseException) -> None:
@@ -287,56 +289,157 @@ def backtest(
 
 @cli.command()
 def calibrate(
-    events: Annotated[Path, typer.Option(help="Events export (CSV/TSV/Parquet).")],
-    subscriptions: Annotated[Path, typer.Option(help="Subscriptions export.")],
+    events: Annotated[str, typer.Option(help="Events, as backtest reads them: CSV/TSV/Parquet "
+                                        "export (with --subscriptions), JSONL of Stripe/"
+                                        "Segment/Zendesk/canonical payloads, or a Kafka topic "
+                                        "range kafka:TOPIC[,TOPIC...][?from=DATE&to=DATE].")],
     until: Annotated[str, typer.Option(help="Learn only from what was known before this date "
                                        "(YYYY-MM-DD), labels included.")],
     out: Annotated[Path, typer.Option(help="Policy YAML to write.")],
+    subscriptions: Annotated[Path | None, typer.Option(
+        help="account_id, start_date, end_date (empty while active), mrr, plan?; optional "
+             "when billing events carry the subscriptions (JSONL, Kafka).")] = None,
     policy: Annotated[Path | None, typer.Option(help="Starting policy (default: shipped).")]
     = None,
     horizon_days: Annotated[int, typer.Option(help="Churn within this many days counts.")] = 30,
     target_high_share: Annotated[float, typer.Option(
-        help="Share of account-days at high risk or above the thresholds aim for.")] = 0.03,
+        help="Without --target-precision or --alert-budget: share of account-days at high "
+             "risk or above.")] = 0.03,
+    target_precision: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Set 'high' at the lowest score whose precision on the "
+        "validation period reaches P (0-1).")] = None,
+    alert_budget: Annotated[float | None, typer.Option(
+        min=0.0, help="Set 'high' so that about N accounts per 100 escalate per week on the "
+        "validation period.")] = None,
+    event_types: Annotated[int, typer.Option(
+        min=0, max=32, help="Most used event types tracked per day as model features.")] = 8,
+    force: Annotated[bool, typer.Option(
+        help="Write the policy even if it does not beat the best baseline on validation.")]
+    = False,
 ) -> None:
-    """Fit signal weights and band thresholds from labelled history; write a policy YAML."""
+    """Fit a churn model and band thresholds on labelled history; write a policy YAML."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     _need_backtest_extra()
     from churnsignal.offline import history
     from churnsignal.offline.backtest import Inputs
+    from churnsignal.offline.calibrate import NotBetterThanBaseline, summary, write_policy
     from churnsignal.offline.calibrate import calibrate as fit
-    from churnsignal.offline.calibrate import write_policy
+    from churnsignal.offline.history_kafka import is_kafka
     from churnsignal.stream.policy import load_policy
 
+    if target_precision is not None and alert_budget is not None:
+        _fail(ValueError("choose --target-precision or --alert-budget, not both"))
+    console = Console()
     try:
-        inputs = Inputs(events, subscriptions, load_policy(policy), None, horizon_days)
-        gc_tuning.for_long_lived_state()
-        result = fit(inputs, history.iso_day(until), target_high_share=target_high_share)
+        inputs = Inputs(events if is_kafka(events) else Path(events), subscriptions,
+                        load_policy(policy), None, horizon_days)
+        with Progress(TextColumn("replaying"), BarColumn(bar_width=None),
+                      TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("", total=None)
+
+            def step(t: float) -> None:
+                from datetime import UTC, datetime
+
+                bar.update(task, description=datetime.fromtimestamp(t, tz=UTC).date().isoformat())
+
+            gc_tuning.for_long_lived_state()
+            result = fit(inputs, history.iso_day(until), target_high_share=target_high_share,
+                         target_precision=target_precision, alert_budget=alert_budget,
+                         event_types=event_types, force=force, progress=step)
+    except NotBetterThanBaseline as exc:
+        _print_calibration(console, exc.calibration)
+        typer.secho(f"churnsignal: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(3) from None
     except ChurnsignalError as exc:
         typer.secho(f"churnsignal: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(3) from None
-    write_policy(result.policy, out, result.kept_shipped)
-    table = Table(title=f"Calibration on the validation period ({result.validation_rows} "
-                  f"account-days; trained on {result.train_rows}, {result.train_churners} "
-                  "churners)")
-    for column in ("", "before", "after"):
-        table.add_column(column, justify="right")
-    table.add_row("ROC AUC", f"{result.auc_before:.3f}", f"{result.auc_after:.3f}")
-    table.add_row("PR AUC", f"{result.pr_auc_before:.3f}", f"{result.pr_auc_after:.3f}")
-    t = result.policy.thresholds
-    table.add_row("thresholds (medium/high/critical)", "", f"{t.medium}/{t.high}/{t.critical}")
-    for name, weight in sorted(result.weights.items(), key=lambda kv: -kv[1]):
-        if weight and name not in result.kept_shipped:
-            table.add_row(f"weight {name}", "", f"{weight:g}")
-    for name, why in result.kept_shipped.items():  # the history could not inform these
-        weight = result.policy.signals.model_dump()[name]["weight"]
-        table.add_row(f"kept {name}", "", f"{weight:g} (not fitted: {why})")
-    table.add_row("key events", "", ", ".join(result.key_events) or "none")
-    for name, coef in sorted(result.type_decline_coefficients.items(), key=lambda kv: -kv[1]):
-        table.add_row(f"decline of {name!r} (coefficient)", "", f"{coef:+.3f}")
-    Console().print(table)
+    _print_calibration(console, result)
+    if result.refusal is not None:  # written with --force
+        typer.secho(f"churnsignal: --force: written although {result.refusal.split(': ', 1)[1]}",
+                    err=True, fg=typer.colors.YELLOW)
+    write_policy(result.policy, out, result.kept_shipped, summary(result))
     typer.echo(str(out))
+
+
+def _print_calibration(console: Console, result: object) -> None:
+    """The calibration report: the fit, the model beside the baselines on the validation
+    period, its strongest coefficients, the bands both ways, and the rule weights kept."""
+    from rich.table import Table
+
+    from churnsignal.app.report import _pct
+    from churnsignal.offline.calibrate import NAMES, Calibration
+    from churnsignal.offline.evaluation import SCORE
+
+    assert isinstance(result, Calibration)
+    r = result
+    c = r.comparison
+    horizon = r.policy.model.horizon_days if r.policy.model is not None else "?"
+    fit = Table(title=f"Calibration: churn within {horizon} days")
+    fit.add_column("figure")
+    fit.add_column("value")
+    fit.add_row("training rows / churners", f"{r.train_rows:,} / {r.train_churners}")
+    fit.add_row("validation rows / churners", f"{r.validation_rows:,} / {r.validation_churners}")
+    fit.add_row("written model fitted on", f"{r.fitted_rows:,} rows (training + validation), "
+                f"calibrated on validation")
+    fit.add_row("event types tracked", ", ".join(r.event_types) or "none")
+    fit.add_row("C (L2), by validation ROC AUC",
+                f"{r.c:g}  (" + ", ".join(f"{k:g}: {v:.3f}" for k, v in r.c_auc.items()) + ")")
+    fit.add_row("training ROC AUC", f"{r.train_auc:.3f}")
+    fit.add_row("features kept / dropped", f"{len(r.features)} / {len(r.dropped)}")
+    for name, why in r.dropped.items():
+        fit.add_row(f"dropped {name}", why)
+    for note in r.notes:
+        fit.add_row("note", note)
+    console.print(fit)
+
+    systems = c.systems
+    table = Table(title=f"Validation: calibrated model against baselines ({c.level:.0%} "
+                  f"intervals, {c.resamples} resamples of {c.accounts} accounts)")
+    table.add_column("figure")
+    for name in systems:
+        table.add_column(NAMES.get(name, name), justify="right")
+
+    def cell(value: float | None, ci: tuple[float, float] | None, fmt: str) -> str:
+        if value is None:
+            return "n/a"
+        return fmt.format(value) + ("" if ci is None else "\n" + f"{fmt}–{fmt}".format(*ci))
+
+    table.add_row("ROC AUC", *(cell(f.roc_auc, f.roc_auc_ci, "{:.3f}") for f in systems.values()))
+    table.add_row("PR AUC", *(cell(f.pr_auc, f.pr_auc_ci, "{:.3f}") for f in systems.values()))
+    table.add_row("top-decile lift", *(cell(f.top_decile_lift, f.top_decile_lift_ci, "{:.2f}")
+                                       for f in systems.values()))
+    console.print(table)
+    console.print(c.verdict, style="bold")
+    if systems[SCORE].roc_auc is not None:
+        console.print(f"(the validation figures are the training fit's, on days it never saw; "
+                      f"the written model is refitted with C={r.c:g} on every row)")
+
+    coefs = Table(title="Strongest coefficients (per standard deviation; + raises the risk)")
+    for column in ("feature", "coefficient", "reason"):
+        coefs.add_column(column)
+    for co in r.coefficients[:10]:
+        coefs.add_row(co.feature, f"{co.coefficient:+.4f}", co.code)
+    console.print(coefs)
+
+    bands = Table(title=f"Bands on the validation period (high: {r.band_rule}; precision: "
+                  "the training fit's, on as many account-days)")
+    for column in ("band", "score >=", "precision", "account-days", "alerts / 100 accts / wk"):
+        bands.add_column(column, justify="right")
+    for b in r.bands:
+        volume = "n/a" if b.alerts_per_100_per_week is None else \
+            f"{b.alerts_per_100_per_week:.2f}"
+        bands.add_row(b.band + (" (pages)" if b.pages else ""), f"{b.threshold:g}",
+                      _pct(b.precision), _pct(b.share), volume)
+    console.print(bands)
+    weights = r.policy.signals.model_dump()
+    console.print("Rule weights kept from the starting policy (the model scores; a "
+                  "cancellation, a scheduled cancellation and exhausted retries still alert "
+                  "at once by rule):")
+    for name, why in r.kept_shipped.items():
+        console.print(f"  kept {name}: {weights[name]['weight']:g} (not learnt: {why})")
 
 
 def _need_backtest_extra() -> None:
@@ -381,7 +484,58 @@ def _print_backtest(report: Report) -> None:
         table.add_row(f"churn caught first by {reason}", _pct(share))
     for reason, n in d["payloads_skipped"].items():
         table.add_row(f"payloads not replayed: {reason}", f"{n:,}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    _print_baselines(console, r)
+
+
+def _print_baselines(console: Console, r: Report) -> None:
+    """The score beside each baseline on the same checkpoints, then the verdict and deciles."""
+    from rich.table import Table
+
+    from churnsignal.app.report import _pct
+    from churnsignal.offline.evaluation import BASELINES
+
+    if r.score_figures is None:
+        return
+    systems = {"score": r.score_figures, **r.baselines}
+    names = {"score": "score", **BASELINES}
+    c = r.comparison
+    sampled = (f"; 1 in {c['stride']} checkpoints of each account" if c["stride"] > 1 else "")
+    table = Table(title=f"Score against baselines ({c['level']:.0%} intervals: {c['resamples']} "
+                  f"resamples of {c['accounts']} accounts{sampled})")
+    table.add_column("figure")
+    for name in systems:
+        table.add_column(names.get(name, name), justify="right")
+
+    def cell(value: float | None, ci: tuple[float, float] | None, fmt: str) -> str:
+        if value is None:
+            return "n/a"
+        return fmt.format(value) + ("" if ci is None else "\n" + f"{fmt}–{fmt}".format(*ci))
+
+    table.add_row("ROC AUC", *(cell(f.roc_auc, f.roc_auc_ci, "{:.3f}")
+                               for f in systems.values()))
+    table.add_row("PR AUC", *(cell(f.pr_auc, f.pr_auc_ci, "{:.3f}") for f in systems.values()))
+    table.add_row("top-decile lift", *(cell(f.top_decile_lift, f.top_decile_lift_ci, "{:.2f}")
+                                       for f in systems.values()))
+    console.print(table)
+    console.print(c["verdict"], style="bold", markup=False)
+    if not r.score_figures.deciles:
+        return
+    deciles = Table(title="Churn rate / cumulative recall by decile of risk (1: riskiest)")
+    deciles.add_column("decile")
+    deciles.add_column("checkpoints", justify="right")
+    for name in systems:
+        deciles.add_column(names.get(name, name), justify="right")
+
+    def recall(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.0%}"
+
+    for i, first in enumerate(r.score_figures.deciles):
+        deciles.add_row(str(first.decile), f"{first.checkpoints:,.0f}", *(
+            f"{_pct(f.deciles[i].churn_rate)} / {recall(f.deciles[i].cumulative_recall)}"
+            for f in systems.values()))
+    console.print(deciles)
 
 
 @config_cli.command("show")
@@ -400,6 +554,105 @@ def schemas_export(directory: Path) -> None:
 
     for path in export(directory):
         typer.echo(str(path))
+
+
+import_cli = typer.Typer(no_args_is_help=True, help="Backfill history churnsignal did not see.")
+cli.add_typer(import_cli, name="import")
+
+
+@import_cli.command("subscriptions")
+def import_subscriptions(
+    file: Annotated[Path, typer.Argument(help="CSV/TSV/Parquet: account_id, start_date, "
+                                         "end_date (empty while active), mrr (currency units), "
+                                         "plan?, currency?, subscription_id?")],
+    as_of: Annotated[str | None, typer.Option(
+        help="When the file described the subscriptions (ISO date or time); default: the "
+        "file's modification time, so importing the same file again changes nothing.")] = None,
+) -> None:
+    """Seed accounts' subscriptions (start, end, plan, MRR): through Kafka to the worker, or,
+    on the embedded defaults, straight into ClickHouse (stop the worker first)."""
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from churnsignal.offline.importer import ImportSummary, produce, snapshots, write_direct
+
+    console = Console(stderr=True)
+    try:
+        settings = load_settings()
+        if as_of is None:
+            moment = file.stat().st_mtime if file.is_file() else 0.0
+        else:
+            parsed = datetime.fromisoformat(as_of)
+            moment = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+        summary = ImportSummary(topic=settings.topics.snapshots)
+        events = snapshots(file, moment, summary)
+        direct = settings.embedded_broker
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("importing subscriptions", total=len(events))
+
+            def step(n: int) -> None:
+                progress.advance(task, n)
+
+            if direct:
+                asyncio.run(write_direct(settings.effective_clickhouse_dsn(), events, step))
+            else:
+                asyncio.run(produce(settings, events, step))
+    except (ChurnsignalError, OSError, ValueError) as exc:
+        _fail(exc)
+    where = ("ClickHouse (embedded defaults)" if direct
+             else f"topic {summary.topic} (the worker applies them)")
+    typer.echo(f"rows read: {summary.rows}")
+    typer.echo(f"subscriptions: {summary.subscriptions} -> {where}")
+    typer.echo(f"accounts: {len(summary.accounts)}")
+    typer.echo(f"as of: {datetime.fromtimestamp(summary.as_of, tz=UTC).isoformat()}")
+    skipped = sum(summary.skipped.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.skipped.items()))
+    typer.echo(f"skipped: {skipped}" + (f" ({reasons})" if reasons else ""))
+
+
+forget_cli = typer.Typer(no_args_is_help=True, help="Delete what churnsignal holds about an "
+                         "account or a user (the workers carry it out; this waits for them).")
+cli.add_typer(forget_cli, name="forget")
+
+
+def _forget(kind: Literal["account", "user"], subject: str, timeout: float,
+            as_json: bool) -> None:
+    from churnsignal.app.forget import forget
+
+    try:
+        report = asyncio.run(forget(load_settings(), kind, subject, timeout))
+    except ChurnsignalError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict()))
+    else:
+        for line in report.lines():
+            typer.echo(line)
+
+
+@forget_cli.command("account")
+def forget_account(
+    account_id: Annotated[str, typer.Argument(help="The account id, as events carry it.")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the workers.")] = 120.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Delete an account's state, the identity links to it and its ClickHouse rows."""
+    _forget("account", account_id, timeout, as_json)
+
+
+@forget_cli.command("user")
+def forget_user(
+    user_id: Annotated[str, typer.Argument(help="The user id (Segment userId or "
+                                                "anonymousId, Zendesk user id).")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the workers.")] = 120.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Delete a user's identity links, the events waiting under them and the user's traces
+    in account states (per-day user counts are aggregates and stay)."""
+    _forget("user", user_id, timeout, as_json)
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ async def read_to_end(consumer: Any, ends: dict[Any, int], *, todo: set[Any] | N
 def topic_plan(settings: Settings) -> dict[str, int]:
     """Every topic churnsignal reads or writes, with its partition count."""
     t = settings.topics
-    names = [*t.sources(), t.alerts, t.dlq, settings.ingested_topic, settings.state_topic]
+    names = [*t.sources(), t.snapshots, t.alerts, t.dlq, settings.ingested_topic, settings.state_topic]
     return dict.fromkeys(names, settings.partitions)
 
 

@@ -285,25 +285,39 @@ def mrr_churn_section(result: QueryResult, today: date | None = None,
             "No month has begun with paying customers yet: MRR churn appears at the start of "
             "the month after the first payment.")
         return Section("mrr_churn", title, note, empty=empty)
-    months = [month_label(r["month"], today) for r in rows]
-    start = [money(r["mrr_start_cents"], currency) for r in rows]
-    lost = [money(r["churned_mrr_cents"] + r["contraction_mrr_cents"], currency) for r in rows]
-    gross = go.Scatter(name="Gross MRR churn", x=months, y=[r["gross_mrr_churn"] for r in rows],
-                       mode="lines+markers", line={"color": "#b2182b", "width": 3},
-                       customdata=list(zip(lost, start, strict=True)),
-                       hovertemplate="%{x}: %{y:.1%} (%{customdata[0]} of %{customdata[1]})"
-                                     "<extra>gross MRR churn</extra>")
-    net = go.Scatter(name="Net MRR churn", x=months, y=[r["net_mrr_churn"] for r in rows],
-                     mode="lines+markers", line={"color": "#ef8a62", "width": 1.5},
-                     hovertemplate="%{x}: %{y:.1%}<extra>net MRR churn</extra>")
-    nrr = go.Scatter(name="Net revenue retention (right)", x=months, yaxis="y2",
-                     y=[r["net_revenue_retention"] for r in rows], mode="lines+markers",
-                     line={"color": "#2166ac", "width": 2, "dash": "dot"},
-                     hovertemplate="%{x}: %{y:.1%}<extra>net revenue retention</extra>")
-    churn_axis = percent_axis([*gross.y, *net.y])
-    nrr_axis = percent_axis(nrr.y)
+    # MRR is never summed across currencies: one set of lines per currency.
+    by_currency: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_currency.setdefault(str(r.get("currency") or currency or ""), []).append(r)
+    several = len(by_currency) > 1
+    traces: list[Any] = []
+    for code, group in by_currency.items():
+        cur = code or currency
+        tag = f" ({code.upper()})" if several and code else ""
+        months = [month_label(r["month"], today) for r in group]
+        start = [money(r["mrr_start_cents"], cur) for r in group]
+        lost = [money(r["churned_mrr_cents"] + r["contraction_mrr_cents"], cur) for r in group]
+        traces.append(go.Scatter(
+            name="Gross MRR churn" + tag, x=months, y=[r["gross_mrr_churn"] for r in group],
+            mode="lines+markers", line={"color": "#b2182b", "width": 3},
+            customdata=list(zip(lost, start, strict=True)),
+            hovertemplate="%{x}: %{y:.1%} (%{customdata[0]} of %{customdata[1]})"
+                          "<extra>gross MRR churn" + tag + "</extra>"))
+        traces.append(go.Scatter(
+            name="Net MRR churn" + tag, x=months, y=[r["net_mrr_churn"] for r in group],
+            mode="lines+markers", line={"color": "#ef8a62", "width": 1.5},
+            hovertemplate="%{x}: %{y:.1%}<extra>net MRR churn" + tag + "</extra>"))
+        traces.append(go.Scatter(
+            name="Net revenue retention (right)" + tag, x=months, yaxis="y2",
+            y=[r["net_revenue_retention"] for r in group], mode="lines+markers",
+            line={"color": "#2166ac", "width": 2, "dash": "dot"},
+            hovertemplate="%{x}: %{y:.1%}<extra>net revenue retention" + tag + "</extra>"))
+    churn_values = [v for t in traces if t.yaxis != "y2" for v in t.y]
+    nrr_values = [v for t in traces if t.yaxis == "y2" for v in t.y]
+    churn_axis = percent_axis(churn_values)
+    nrr_axis = percent_axis(nrr_values)
     return Section("mrr_churn", title, note, _figure(
-        [gross, net, nrr], xaxis={"type": "category"},
+        traces, xaxis={"type": "category"},
         yaxis={**churn_axis, "title": "MRR churn"},
         yaxis2={**nrr_axis, "title": "net revenue retention", "overlaying": "y",
                 "side": "right", "showgrid": False, "tickmode": "auto"}))

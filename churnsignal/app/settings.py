@@ -20,6 +20,10 @@ class TopicNames(BaseModel):
     support: str = Field("support.events", description="Support events (Zendesk tickets, ...).")
     alerts: str = Field("churn.alerts", description="Churn-risk alerts emitted by churnsignal.")
     dlq: str = Field("churn.dlq", description="Dead-letter topic for undecodable input.")
+    snapshots: str = Field(
+        "billing.snapshots", description="Subscription snapshots `churnsignal import "
+        "subscriptions` produces (canonical subscription_snapshot events, keyed by account); "
+        "the ingest reads it as a source topic, exempt from the policy horizon.")
 
     def sources(self) -> list[str]:
         return [self.usage, self.billing, self.support]
@@ -132,6 +136,20 @@ class WebhookSettings(BaseModel):
         return v
 
 
+class ViewSettings(BaseModel):
+    """How the business views define churn (applied by `churnsignal migrate` and at start)."""
+
+    past_due_churn_days: int | None = Field(
+        None, ge=0, le=3650, description="A past-due or unpaid customer counts as churned "
+        "(involuntary) after this many days of delinquency, unless it pays or recovers first; "
+        "unset: churned only when the subscription is cancelled.")
+
+    @field_validator("past_due_churn_days", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+
 class HealthSettings(BaseModel):
     """When /healthz reports the worker stuck (Kubernetes restarts a pod on it)."""
 
@@ -210,6 +228,7 @@ class Settings(BaseSettings):
     sink: SinkSettings = Field(default_factory=SinkSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    views: ViewSettings = Field(default_factory=ViewSettings)
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

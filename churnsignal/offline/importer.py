@@ -1,0 +1,189 @@
+"""`churnsignal import subscriptions FILE`: a subscription backfill, as snapshot events on Kafka.
+
+The embedded ClickHouse engine (chdb) belongs to one process, so the import does not write
+ClickHouse itself: it produces one canonical ``subscription_snapshot`` per subscription to the
+snapshots topic (``CHURNSIGNAL_TOPICS__SNAPSHOTS``), keyed by account, and the worker folds
+them into the accounts' states and writes their billing rows, whether it runs now or starts
+later. Ids are derived from the content and the snapshot's time, so importing the same file
+again is a duplicate everywhere (state dedup, ReplacingMergeTree keys).
+
+Reading reuses the backtest's subscription format (``history.read_subscriptions``):
+``account_id``, ``start_date``, ``end_date`` (empty while active), ``mrr`` (currency units),
+optional ``plan``; and, read here only, optional ``currency`` and ``subscription_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from churnsignal.offline.history import (
+    Engine,
+    _format,
+    _literal,
+    _require,
+    _ts,
+    read_subscriptions,
+)
+from churnsignal.schemas.events import EVENT_ADAPTER
+
+MAX_ID = 200
+
+
+@dataclass
+class ImportSummary:
+    rows: int = 0  # rows in the file
+    subscriptions: int = 0  # snapshots produced
+    accounts: set[str] = field(default_factory=set)
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> rows
+    as_of: float = 0.0
+    topic: str = ""
+
+
+def _snapshot_id(account: str, subscription: str, payload: dict[str, Any], as_of: float) -> str:
+    """Same subscription, same content, same snapshot time: the same id (a re-import is a
+    duplicate); anything changed: a new snapshot that the state takes if it is the newest."""
+    digest = hashlib.sha256(orjson.dumps([account, subscription, payload, as_of],
+                                         option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    return f"snapshot-{digest}"
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).isoformat()
+
+
+def snapshots(path: Path, as_of: float, summary: ImportSummary,
+              engine: Engine | None = None) -> list[dict[str, Any]]:
+    """The canonical snapshot events of a subscriptions file, in start order per account
+    (the newest subscription of an account is applied last); skipped rows counted by reason."""
+    own = engine is None
+    engine = engine or Engine()
+    try:
+        columns = engine.columns(path)
+        _require(path, columns, ("account_id", "start_date"))
+        source = f"file({_literal(path)}, '{_format(path)}')"
+        [counts] = engine.rows(
+            f"SELECT count() AS n, countIf(ifNull(toString(account_id), '') = '') AS no_account, "  # noqa: S608
+            f"countIf(ifNull(toString(account_id), '') != '' AND {_ts('start_date')} IS NULL) AS no_start "
+            f"FROM {source}")
+        summary.rows = int(counts["n"])
+        summary.skipped.update({k: int(counts[k]) for k in ("no_account", "no_start")
+                                if counts[k]})
+        extra: dict[tuple[str, float], dict[str, str]] = {}
+        optional = [c for c in ("currency", "subscription_id") if c in columns]
+        if optional:
+            picks = ", ".join(f"ifNull(toString({c}), '') AS {c}" for c in optional)
+            for row in engine.rows(
+                    f"SELECT toString(account_id) AS a, {_ts('start_date')} AS s, {picks} "  # noqa: S608
+                    f"FROM {source} WHERE a != '' AND s IS NOT NULL"):
+                extra[(row["a"][:MAX_ID], row["s"])] = row
+        subs = read_subscriptions(engine, path)
+    finally:
+        if own:
+            engine.close()
+    events: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for account, periods in subs.periods.items():
+        for start, end, mrr, plan in sorted(periods, key=lambda p: p[0]):
+            more = extra.get((account, start), {})
+            reason = _skip_reason(start, end, mrr, as_of, more.get("currency", ""))
+            if reason:
+                summary.skipped[reason] += 1
+                continue
+            subscription = (more.get("subscription_id") or f"{account}@{_iso(start)}")[:MAX_ID]
+            if subscription in seen:
+                summary.skipped["duplicate_subscription"] += 1
+                continue
+            seen.add(subscription)
+            data: dict[str, Any] = {
+                "subscription_id": subscription, "mrr_cents": mrr, "plan": plan,
+                "status": "canceled" if end is not None and end <= as_of else "active",
+                "started_at": _iso(start), "ended_at": _iso(end) if end is not None else None,
+                "cancel_at_period_end": end is not None and end > as_of,
+                "current_period_end": _iso(end) if end is not None and end > as_of else None,
+                "currency": (more.get("currency") or "").lower() or None,
+            }
+            data = {k: v for k, v in data.items() if v is not None}
+            event = {"event_id": _snapshot_id(account, subscription, data, as_of),
+                     "account_id": account, "type": "subscription_snapshot",
+                     "occurred_at": _iso(as_of), "data": data}
+            try:
+                EVENT_ADAPTER.validate_python(event)  # what the worker will accept, checked now
+            except ValueError:
+                summary.skipped["invalid"] += 1
+                continue
+            events.append(event)
+            summary.accounts.add(account)
+    summary.subscriptions = len(events)
+    summary.as_of = as_of
+    return events
+
+
+def _skip_reason(start: float, end: float | None, mrr: int, as_of: float,
+                 currency: str) -> str | None:
+    if start > as_of:
+        return "starts_after_snapshot"
+    if end is not None and end < start:
+        return "ends_before_start"
+    if mrr < 0:
+        return "negative_mrr"
+    if currency and len(currency) != 3:
+        return "bad_currency"
+    return None
+
+
+async def produce(settings: Any, events: list[dict[str, Any]],
+                  progress: Callable[[int], None] = lambda n: None) -> None:
+    """Send the snapshots to the snapshots topic (created if missing), keyed by account, and
+    wait until Kafka acknowledged every one."""
+    from aiokafka import AIOKafkaProducer
+
+    from churnsignal.app.kafka_client import connection_options, ensure_topics
+
+    await ensure_topics(settings)
+    producer = AIOKafkaProducer(acks="all", linger_ms=20, **connection_options(settings))
+    await producer.start()
+    try:
+        topic = settings.topics.snapshots
+        for chunk in _chunks(events, 500):
+            futures = [await producer.send(topic, orjson.dumps(e), key=e["account_id"].encode())
+                       for e in chunk]
+            await asyncio.gather(*futures)
+            progress(len(chunk))
+    finally:
+        await producer.stop()
+
+
+def _chunks(items: list[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+async def write_direct(dsn: str, events: list[dict[str, Any]],
+                       progress: Callable[[int], None] = lambda n: None) -> None:
+    """The snapshots' billing rows straight into ClickHouse: for the embedded defaults when
+    no worker runs (its engine's directory is free then, and its broker keeps nothing
+    across runs). Same rows and keys as the worker writes, so a later import through the
+    worker rewrites them instead of adding to them."""
+    from churnsignal.sinks.clickhouse import ClickHouseSink
+    from churnsignal.stream.rows import BILLING_TABLE, snapshot_rows
+
+    sink = ClickHouseSink(dsn)
+    try:
+        for chunk in _chunks(events, 5000):
+            rows = [row for e in chunk for row in snapshot_rows(
+                e["account_id"], EVENT_ADAPTER.validate_python(e), 1)]
+            refused = await sink.write({BILLING_TABLE: rows})
+            if refused:
+                raise ValueError(f"ClickHouse refused {len(refused)} snapshot rows")
+            progress(len(chunk))
+    finally:
+        sink.close()
