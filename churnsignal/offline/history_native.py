@@ -20,11 +20,16 @@ import orjson
 
 from churnsignal.offline.history import HistoryError, Subscriptions, load_jsonl_subscriptions
 from churnsignal.schemas.decode import DecodeOptions, Source, decode
-from churnsignal.schemas.events import EVENT_ADAPTER
+from churnsignal.schemas.events import EVENT_ADAPTER, family_of
 from churnsignal.schemas.identity import fallback_account, is_identity
 from churnsignal.schemas.results import Accepted
 
 RUN_EVENTS = 200_000  # events held in memory before a sorted run goes to disk
+# Distinct usage names counted per day for calibrate's tracked event types: a history with
+# more (ids in names, say) is not a product's vocabulary; names first seen past it are not
+# counted, which can only leave out names rarer than those seen before.
+MAX_NAMES = 10_000
+DAY = 86_400
 
 
 class Spool:
@@ -93,6 +98,10 @@ class NativeHistory:
         self.billing: list[Any] = []  # subscription events: a few per account
         self.skipped: Counter[str] = Counter()
         self.last: float | None = None
+        # (day, lower-case usage name) -> actions: the names the state's per-type columns
+        # match first, counted while reading so calibrate needs no second pass
+        self.usage_names: Counter[tuple[int, str]] = Counter()
+        self._names: set[str] = set()
         self._now = datetime.now(UTC).timestamp()
 
     def add(self, payload: bytes, pinned: Source = "auto") -> None:
@@ -111,7 +120,27 @@ class NativeHistory:
         self.last = ts if self.last is None else max(self.last, ts)
         if event.type.startswith("subscription_"):
             self.billing.append(event)
+        elif family_of(event.type) == "usage":
+            self._count_name(event, ts)
         self.spool.add(ts, orjson.dumps(event.model_dump(mode="json", exclude_none=True)))
+
+    def _count_name(self, event: Any, ts: float) -> None:
+        # As the fold names usage (state._apply_usage): its name, else its type.
+        name = (getattr(event.data, "name", None) or event.type).lower()
+        if name not in self._names:
+            if len(self._names) >= MAX_NAMES:
+                return
+            self._names.add(name)
+        self.usage_names[(int(ts // DAY), name)] += getattr(event.data, "count", None) or 1
+
+    def top_usage_names(self, until: float, limit: int) -> list[str]:
+        """The ``limit`` most used usage names (lower-case) of the days begun before ``until``."""
+        totals: Counter[str] = Counter()
+        for (day, name), n in self.usage_names.items():
+            if day * DAY < until:
+                totals[name] += n
+        return [name for name, _ in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))
+                [:limit]]
 
     def add_jsonl(self, path: Path) -> NativeHistory:
         if not path.is_file():

@@ -121,15 +121,14 @@ def test_calibration_lifts_auc_out_of_time_and_refuses_tiny_data(tmp_path: Path)
     result = calibrate(inputs, until)
     figures(f"validation AUC {result.auc_before:.3f} -> {result.auc_after:.3f}, "
           f"PR AUC {result.pr_auc_before:.3f} -> {result.pr_auc_after:.3f}; {result.weights}")
-    figures(f"key events {result.key_events}; decline coefficients "
-            f"{result.type_decline_coefficients}")
+    figures(f"tracked types {result.event_types}; strongest coefficients "
+            f"{[(c.feature, c.coefficient) for c in result.coefficients[:4]]}")
     assert result.auc_after > result.auc_before
-    assert result.weights["low_feature_breadth"] > POLICY.signals.low_feature_breadth.weight
-    # the core action that key-event droppers stop is learnt, per event type; the view that
-    # everyone keeps is not
-    assert "Report Exported" in result.key_events
-    assert "Dashboard Viewed" not in result.key_events
-    assert result.weights["key_event_decline"] > 0
+    # the core action that key-event droppers stop is learnt, per event type: days since
+    # the last export is the model's strongest risk
+    assert "report exported" in result.event_types
+    assert result.coefficients[0].feature == "type:report exported:days_since"
+    assert result.coefficients[0].coefficient > 0
     # the written policy loads in the worker unchanged
     out = tmp_path / "policy.yaml"
     done = subprocess.run([sys.executable, "-m", "churnsignal", "calibrate", "--events",
@@ -140,8 +139,8 @@ def test_calibration_lifts_auc_out_of_time_and_refuses_tiny_data(tmp_path: Path)
     written = load_policy(out)
     assert written.signals.low_feature_breadth.weight == pytest.approx(
         result.weights["low_feature_breadth"])
-    assert "report exported" in written.usage.key_events
-    assert "key events" in done.stdout
+    assert written.model is not None and "report exported" in written.model.event_types
+    assert "event types tracked" in done.stdout
     # honest about small data: five accounts are not a basis for weights
     small = tmp_path / "small"
     generate(small, accounts=5, days=200, seed=3)
