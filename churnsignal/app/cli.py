@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -396,22 +396,10 @@ def _print_calibration(console: Console, result: object) -> None:
     console.print(fit)
 
     systems = c.systems
-    table = Table(title=f"Validation: calibrated model against baselines ({c.level:.0%} "
-                  f"intervals, {c.resamples} resamples of {c.accounts} accounts)")
-    table.add_column("figure")
-    for name in systems:
-        table.add_column(NAMES.get(name, name), justify="right")
-
-    def cell(value: float | None, ci: tuple[float, float] | None, fmt: str) -> str:
-        if value is None:
-            return "n/a"
-        return fmt.format(value) + ("" if ci is None else "\n" + f"{fmt}–{fmt}".format(*ci))
-
-    table.add_row("ROC AUC", *(cell(f.roc_auc, f.roc_auc_ci, "{:.3f}") for f in systems.values()))
-    table.add_row("PR AUC", *(cell(f.pr_auc, f.pr_auc_ci, "{:.3f}") for f in systems.values()))
-    table.add_row("top-decile lift", *(cell(f.top_decile_lift, f.top_decile_lift_ci, "{:.2f}")
-                                       for f in systems.values()))
-    console.print(table)
+    console.print(_comparison_table(
+        f"Validation: calibrated model against baselines ({c.level:.0%} intervals, "
+        f"{c.resamples} resamples of {c.accounts} accounts)",
+        {NAMES.get(name, name): figures for name, figures in systems.items()}))
     console.print(c.verdict, style="bold")
     if systems[SCORE].roc_auc is not None:
         console.print(f"(the validation figures are the training fit's, on days it never saw; "
@@ -502,23 +490,10 @@ def _print_baselines(console: Console, r: Report) -> None:
     names = {"score": "score", **BASELINES}
     c = r.comparison
     sampled = (f"; 1 in {c['stride']} checkpoints of each account" if c["stride"] > 1 else "")
-    table = Table(title=f"Score against baselines ({c['level']:.0%} intervals: {c['resamples']} "
-                  f"resamples of {c['accounts']} accounts{sampled})")
-    table.add_column("figure")
-    for name in systems:
-        table.add_column(names.get(name, name), justify="right")
-
-    def cell(value: float | None, ci: tuple[float, float] | None, fmt: str) -> str:
-        if value is None:
-            return "n/a"
-        return fmt.format(value) + ("" if ci is None else "\n" + f"{fmt}–{fmt}".format(*ci))
-
-    table.add_row("ROC AUC", *(cell(f.roc_auc, f.roc_auc_ci, "{:.3f}")
-                               for f in systems.values()))
-    table.add_row("PR AUC", *(cell(f.pr_auc, f.pr_auc_ci, "{:.3f}") for f in systems.values()))
-    table.add_row("top-decile lift", *(cell(f.top_decile_lift, f.top_decile_lift_ci, "{:.2f}")
-                                       for f in systems.values()))
-    console.print(table)
+    console.print(_comparison_table(
+        f"Score against baselines ({c['level']:.0%} intervals: {c['resamples']} resamples of "
+        f"{c['accounts']} accounts{sampled})",
+        {names.get(name, name): figures for name, figures in systems.items()}))
     console.print(c["verdict"], style="bold", markup=False)
     if not r.score_figures.deciles:
         return
@@ -653,6 +628,29 @@ def forget_user(
     """Delete a user's identity links, the events waiting under them and the user's traces
     in account states (per-day user counts are aggregates and stay)."""
     _forget("user", user_id, timeout, as_json)
+
+
+def _comparison_table(title: str, systems: dict[str, Any]) -> Any:
+    """ROC AUC, PR AUC and top-decile lift of each system (evaluation.Figures), with their
+    intervals: the one table backtest and calibrate both print."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("figure")
+    for name in systems:
+        table.add_column(name, justify="right")
+
+    def cell(value: float | None, ci: tuple[float, float] | None, fmt: str) -> str:
+        if value is None:
+            return "n/a"
+        return fmt.format(value) + ("" if ci is None else "\n" + f"{fmt}–{fmt}".format(*ci))
+
+    figures = systems.values()
+    table.add_row("ROC AUC", *(cell(f.roc_auc, f.roc_auc_ci, "{:.3f}") for f in figures))
+    table.add_row("PR AUC", *(cell(f.pr_auc, f.pr_auc_ci, "{:.3f}") for f in figures))
+    table.add_row("top-decile lift", *(cell(f.top_decile_lift, f.top_decile_lift_ci, "{:.2f}")
+                                       for f in figures))
+    return table
 
 
 def main() -> None:
