@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from churnsignal.stream.policy import BASE_COLUMNS, Policy
-from churnsignal.stream.state import DAY, USAGE, USERS, AccountState, day_of
+from churnsignal.stream.state import DAY, SUPPORT, USAGE, USERS, AccountState, day_of
 
 WINDOWS = (7, 28, 84)
 TENURE_CAP_DAYS = 3650.0
@@ -68,6 +68,10 @@ BASE: tuple[Feature, ...] = (
     Feature("cancel_scheduled", "identity", "cancellation_scheduled",
             "cancels at the end of the billing period"),
     Feature("paused", "identity", "paused", "subscription paused"),
+    Feature("support_events_28d", "log1p", "support_burden",
+            "{:.0f} support events (tickets, ratings) in 28 days"),
+    Feature("support_events_84d", "log1p", "support_burden",
+            "{:.0f} support events (tickets, ratings) in 84 days"),
     Feature("open_tickets", "log1p", "support_burden", "{:.0f} open tickets"),
     Feature("urgent_tickets", "log1p", "support_burden", "{:.0f} high-priority tickets open"),
     Feature("reopened_30d", "log1p", "support_burden", "{:.0f} tickets reopened in 30 days"),
@@ -111,6 +115,7 @@ def values(state: AccountState, now: float, policy: Policy) -> dict[str, float]:
     counts = {7: 0, 28: 0, 84: 0}
     active = {28: 0, 84: 0}
     prior = 0  # days 29-84
+    support = {28: 0, 84: 0}  # support events: how much help the account needed
     users_sum = users_days = users_max = 0
     type_counts = [0] * n_types
     type_last = [-1] * n_types
@@ -122,6 +127,7 @@ def values(state: AccountState, now: float, policy: Policy) -> dict[str, float]:
             break
         used = b[USAGE]
         counts[84] += used
+        support[84] += b[SUPPORT]
         if used:
             active[84] += 1
             if n_types:
@@ -130,6 +136,7 @@ def values(state: AccountState, now: float, policy: Policy) -> dict[str, float]:
                         type_last[i] = age
         if age < w28:
             counts[28] += used
+            support[28] += b[SUPPORT]
             if used:
                 active[28] += 1
                 if b[USERS]:
@@ -177,6 +184,8 @@ def values(state: AccountState, now: float, policy: Policy) -> dict[str, float]:
                                  < max(state.period_end or 0.0, now + 30 * DAY)) else 0.0,
         "cancel_scheduled": 1.0 if state.cancel_at_period_end else 0.0,
         "paused": 1.0 if state.sub_status == "paused" else 0.0,
+        "support_events_28d": _scaled(support[28], w28, tenure),
+        "support_events_84d": _scaled(support[84], w84, tenure),
         "open_tickets": float(len(state.open_tickets)),
         "urgent_tickets": float(sum(state.open_tickets.values())),
         "reopened_30d": float(sum(1 for t in state.reopened if t >= month_ago)),

@@ -151,6 +151,20 @@ def test_random_churn_is_no_worse_than_the_trailing_event_count(tmp_path: Path) 
     figures(f"random: calibrate would have refused: {run.calibration.refusal is not None}")
 
 
+def test_support_burden_beats_every_baseline_out_of_time(tmp_path: Path) -> None:
+    """Churn after heavy support load (native JSONL: tickets and ratings, no subscriptions
+    file): usage and the rules say little; the support features do."""
+    generate(tmp_path, accounts=240, days=DAYS, seed=1, churn_share=0.45,
+             mechanisms={"support": 1.0}, noise=0.0, native=True)
+    events = tmp_path / "events.jsonl"
+    result = calibrate(Inputs(events, None, POLICY, None), UNTIL.timestamp(), force=True)
+    report = run_backtest(Inputs(events, None, result.policy, UNTIL.timestamp()))
+    best = max(f.roc_auc or 0.0 for f in report.baselines.values())
+    figures(f"calibrate support: out of time model {report.roc_auc:.3f}, best baseline "
+            f"{best:.3f}")
+    assert report.roc_auc is not None and report.roc_auc > best + 0.1
+
+
 def _calibrate_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "churnsignal", "calibrate", *args],
                           capture_output=True, text=True, timeout=300,
