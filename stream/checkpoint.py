@@ -42,7 +42,14 @@ from churnsignal.stream import packs
 from churnsignal.stream.deadletter import DeadLetter, source_of
 from churnsignal.stream.fold import ALERTS, DAILY, Forgotten, PendingAlert, StepResult
 from churnsignal.stream.identity import Resolution
-from churnsignal.stream.rows import daily_rows
+from churnsignal.stream.rows import (
+    ALERT_COLUMNS,
+    BILLING_COLUMNS,
+    DAILY_COLUMNS,
+    SCORE_COLUMNS,
+    SUPPORT_COLUMNS,
+    daily_rows,
+)
 from churnsignal.stream.store import StateStore
 
 ALERT_FLUSH_S = 0.1  # a waiting alert brings the flush forward, at most this often
@@ -284,12 +291,21 @@ class Checkpoint:
             return len(taken.events)
 
 
+_ACCOUNT_COLUMN = {table: columns.index("account_id") for table, columns in (
+    ("account_daily_data", DAILY_COLUMNS), ("account_scores_data", SCORE_COLUMNS),
+    ("alerts_data", ALERT_COLUMNS), ("billing_events_data", BILLING_COLUMNS),
+    ("support_events_data", SUPPORT_COLUMNS))}
+
+
 def _refused_letters(refused: list[Any]) -> list[DeadLetter]:
     """Rows a ClickHouse table refused for good: the row, the table and the server's word."""
     letters = []
     for r in refused:
         row = r.row
-        account = str(row[0]) if row else ""
+        # Keyed by account, as every other dead letter: its column, wherever the table has it
+        # (an alert row starts with the alert id).
+        at = _ACCOUNT_COLUMN.get(str(r.table), 0)
+        account = str(row[at]) if len(row) > at else ""
         letters.append(DeadLetter(
             "sink_rejected", str(r.error), "sink", "", None, None, None, account.encode(),
             orjson.dumps(list(row), default=str), (("dlq_table", str(r.table).encode()),)))

@@ -191,7 +191,8 @@ def test_a_checkpoint_writes_in_order_and_acks_only_what_is_durable(
                                     ["usage.events/3", 2, usage(2, 1)]]), 2, 40, POLICY,
                        PartitionClock())
     checkpoint.add(result, ["pack-40"], 2)
-    out.refuse = [Refused("account_scores_data", ("acme", "x"), "Value out of range")]
+    out.refuse = [Refused("account_scores_data", ("acme", "x"), "Value out of range"),
+                  Refused("alerts_data", ("alert-1", "acme", "escalated"), "Bad band")]
     out.fail = "states"
     with pytest.raises(ConnectionError):
         asyncio.run(checkpoint.flush())
@@ -204,7 +205,10 @@ def test_a_checkpoint_writes_in_order_and_acks_only_what_is_durable(
     assert state_letter["dlq_offset"] == b"2" and state_letter["dlq_step"] == b"state"
     assert b'"event_id":"e2"' in by_reason["processing_error"].value
     assert set(state_letter) >= {"dlq_reason", "dlq_detail", "dlq_timestamp"}
-    assert dict(by_reason["sink_rejected"].headers())["dlq_table"] == b"account_scores_data"
+    refused = [d for d in out.letters if d.reason == "sink_rejected"]
+    assert [dict(d.headers())["dlq_table"] for d in refused] == [b"account_scores_data",
+                                                                 b"alerts_data"]
+    assert [d.key for d in refused] == [b"acme", b"acme"]  # the account, whatever the table
 
     out.fail, out.refuse, out.calls = None, [], []
     assert asyncio.run(checkpoint.flush()) == 1
