@@ -22,11 +22,21 @@ type adds one count per active day (``policy.model.event_types``, at most 32): a
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from churnsignal.stream.policy import BASE_COLUMNS, Policy
-from churnsignal.stream.state import DAY, SUPPORT, USAGE, USERS, AccountState, day_of
+from churnsignal.stream.state import (
+    DAY,
+    SUPPORT,
+    USAGE,
+    USERS,
+    AccountState,
+    day_of,
+    open_failures,
+)
 
 WINDOWS = (7, 28, 84)
 TENURE_CAP_DAYS = 3650.0
@@ -38,6 +48,7 @@ class Feature:
     transform: str  # log1p | identity
     code: str  # the reason code its contribution counts toward
     detail: str  # a template for the raw value
+    absent: float = 0.0  # its raw value for an account that never had it
 
 
 # The base features, in order; per-type features follow (``names``).
@@ -61,7 +72,12 @@ BASE: tuple[Feature, ...] = (
     Feature("mrr", "log1p", "contraction", "MRR {:,.0f}"),
     Feature("mrr_drop", "identity", "contraction", "MRR {:.0%} below its peak"),
     Feature("onboarding_open", "identity", "onboarding_stalled", "not activated yet"),
-    Feature("failed_payments_30d", "log1p", "payment_failed", "{:.0f} failed payments in 30 days"),
+    Feature("failed_payments_30d", "log1p", "payment_failed",
+            "{:.0f} failed payments in 30 days, not paid since"),
+    Feature("failed_payments_84d", "log1p", "payment_failed",
+            "{:.0f} failed payment attempts in 84 days (paid since or not)"),
+    Feature("days_since_failed_payment", "log1p", "payment_failed",
+            "{:.0f} days since the last failed payment", absent=float(WINDOWS[-1])),
     Feature("retry_pending", "identity", "payment_failed", "payment retries pending"),
     Feature("past_due", "identity", "payment_failed_final", "subscription past due or unpaid"),
     Feature("card_expiring", "identity", "card_expiring", "card expires before renewal"),
@@ -94,7 +110,8 @@ def catalogue(event_types: list[str]) -> list[Feature]:
     for name in event_types:
         for kind, transform, detail in TYPE_FEATURES:
             out.append(Feature(type_feature(name, kind), transform, "key_event_decline",
-                               detail.replace("{}", name.replace("{", "(").replace("}", ")"))))
+                               detail.replace("{}", name.replace("{", "(").replace("}", ")")),
+                               absent=float(WINDOWS[-1]) if kind == "days_since" else 0.0))
     return out
 
 
@@ -112,43 +129,36 @@ def values(state: AccountState, now: float, policy: Policy) -> dict[str, float]:
     tenure = max(0.0, (now - state.first_seen) / DAY) if state.first_seen else 0.0
     types = state.types
     n_types = len(types)
-    counts = {7: 0, 28: 0, 84: 0}
-    active = {28: 0, 84: 0}
-    prior = 0  # days 29-84
-    support = {28: 0, 84: 0}  # support events: how much help the account needed
-    users_sum = users_days = users_max = 0
+    # The days of the 84-day window as columns (C-level slicing and sums; this runs for
+    # every account a flush scores): days are in order, so windows are index ranges.
+    days = state.days
+    keys = list(days)
+    hi = bisect_right(keys, today)  # days ahead of the scoring time (a fast clock) count not
+    lo = bisect_left(keys, today - w84 + 1, 0, hi)
+    i28 = bisect_left(keys, today - w28 + 1, lo, hi) - lo
+    i7 = bisect_left(keys, today - w7 + 1, lo, hi) - lo
+    cols: list[tuple[int, ...]] = list(zip(*list(days.values())[lo:hi], strict=True)) if hi > lo else []
+    usage = cols[USAGE] if cols else ()
+    sup = cols[SUPPORT] if cols else ()
+    used28 = usage[i28:]
+    counts = {7: sum(usage[i7:]), 28: sum(used28), 84: sum(usage)}
+    active = {28: len(used28) - used28.count(0), 84: len(usage) - usage.count(0)}
+    prior = counts[84] - counts[28]  # days 29-84
+    support = {28: sum(sup[i28:]), 84: sum(sup)}  # how much help the account needed
+    daily_users = [u for u, x in zip(cols[USERS][i28:], used28, strict=True) if x and u] if cols else []
+    users_sum, users_days = sum(daily_users), len(daily_users)
+    users_max = max(daily_users, default=0)
     type_counts = [0] * n_types
     type_last = [-1] * n_types
-    for d, b in reversed(state.days.items()):  # newest first
-        age = today - d
-        if age < 0:
-            continue  # ahead of the scoring time (a producer's clock running fast)
-        if age >= w84:
+    for i in range(n_types):
+        if BASE_COLUMNS + i >= len(cols):
             break
-        used = b[USAGE]
-        counts[84] += used
-        support[84] += b[SUPPORT]
-        if used:
-            active[84] += 1
-            if n_types:
-                for i in range(n_types):
-                    if b[BASE_COLUMNS + i] and type_last[i] < 0:
-                        type_last[i] = age
-        if age < w28:
-            counts[28] += used
-            support[28] += b[SUPPORT]
-            if used:
-                active[28] += 1
-                if b[USERS]:
-                    users_sum += b[USERS]
-                    users_days += 1
-                    users_max = max(users_max, b[USERS])
-            for i in range(n_types):
-                type_counts[i] += b[BASE_COLUMNS + i]
-            if age < w7:
-                counts[7] += used
-        else:
-            prior += used
+        col = cols[BASE_COLUMNS + i]
+        type_counts[i] = sum(col[i28:])
+        for k in range(len(col) - 1, -1, -1):  # newest first: one step for a type used today
+            if col[k] and usage[k]:
+                type_last[i] = today - keys[lo + k]
+                break
     events_28 = _scaled(counts[28], w28, tenure)
     users = users_sum / users_days if users_days else 0.0
     prior_days = w84 - w28
@@ -177,7 +187,12 @@ def values(state: AccountState, now: float, policy: Policy) -> dict[str, float]:
         "mrr_drop": 1 - state.mrr_cents / peak if peak > 0 and state.mrr_cents < peak else 0.0,
         "onboarding_open": 1.0 if (state.activated_at is None and tenure <= ob.watch_until_days
                                    and state.first_seen) else 0.0,
-        "failed_payments_30d": float(sum(1 for t in state.failed_payments if t >= month_ago)),
+        "failed_payments_30d": float(len(open_failures(state, now))),
+        "failed_payments_84d": float(sum(1 for t in state.failed_payments
+                                         if now - w84 * DAY <= t <= now)),
+        "days_since_failed_payment": min(
+            (max(0.0, (now - t) / DAY) for t in state.failed_payments if t <= now),
+            default=float(w84)),
         "retry_pending": 1.0 if state.retry_pending else 0.0,
         "past_due": 1.0 if state.sub_status in ("past_due", "unpaid") else 0.0,
         "card_expiring": 1.0 if (state.card_expires_at is not None and state.card_expires_at
@@ -194,11 +209,19 @@ def values(state: AccountState, now: float, policy: Policy) -> dict[str, float]:
         "nps_detractor_90d": 1.0 if (state.nps is not None and state.nps <= 6
                                      and (state.nps_at or 0.0) >= quarter_ago) else 0.0,
     }
-    for i, name in enumerate(types):
-        out[type_feature(name, "events_28d")] = _scaled(type_counts[i], w28, tenure)
-        last = type_last[i]
-        out[type_feature(name, "days_since")] = float(last if last >= 0 else w84)
+    if n_types:
+        scale28 = w28 / min(float(w28), max(1.0, tenure))  # _scaled's, once for every type
+        for (count_name, since_name), count, last in zip(_type_names(tuple(types)),
+                                                          type_counts, type_last, strict=True):
+            out[count_name] = count * scale28
+            out[since_name] = float(last if last >= 0 else w84)
     return out
+
+
+@lru_cache(maxsize=64)
+def _type_names(types: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Per tracked type, the names of its two features (built once per set of types)."""
+    return [(type_feature(t, "events_28d"), type_feature(t, "days_since")) for t in types]
 
 
 TRANSFORMS: dict[str, Callable[[float], float]] = {

@@ -12,27 +12,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from churnsignal.stream.features import TRANSFORMS, Feature, catalogue, values
+from churnsignal.stream.features import Feature, catalogue, values
 from churnsignal.stream.policy import Model, Policy
 from churnsignal.stream.reasons import IMMEDIATE, REASONS, Reason, Score
 from churnsignal.stream.state import AccountState
 
-_CATALOGUES: dict[int, tuple[Model, list[Feature]]] = {}
+# Per model (policies are few): its features with their reason codes and details, its
+# reason codes in first-seen order with each feature's index into them, and its terms as
+# plain tuples (the per-account loops then do no lookups by name).
+_Term = tuple[str, bool, float, float, float]  # name, log1p?, mean, scale, coefficient
 
 
-def _features(model: Model) -> list[Feature]:
-    """The model's features with their reason codes and details (cached per model)."""
-    held = _CATALOGUES.get(id(model))
-    if held is None or held[0] is not model:
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    model: Model
+    features: list[Feature]
+    codes: list[str]
+    code_of: list[int]
+    terms: list[_Term]
+
+
+_COMPILED: dict[int, _Compiled] = {}
+
+
+def _compiled(model: Model) -> _Compiled:
+    held = _COMPILED.get(id(model))
+    if held is None or held.model is not model:
         known = {f.name: f for f in catalogue(model.event_types)}
         feats = [known.get(name, Feature(name, "identity", "low_engagement", name + " {:.2f}"))
                  for name in model.features]
-        if len(_CATALOGUES) > 64:  # policies are few; never grow without bound
-            _CATALOGUES.clear()
-        _CATALOGUES[id(model)] = held = (model, feats)
-    return held[1]
+        codes = list(dict.fromkeys(f.code for f in feats))
+        index = {code: k for k, code in enumerate(codes)}
+        terms = [(name, transform == "log1p", mean, scale, coef) for name, transform, mean,
+                 scale, coef in zip(model.features, model.transforms, model.means,
+                                    model.scales, model.coefficients, strict=True)]
+        if len(_COMPILED) > 64:  # never grow without bound
+            _COMPILED.clear()
+        _COMPILED[id(model)] = held = _Compiled(model, feats, codes,
+                                                [index[f.code] for f in feats], terms)
+    return held
 
 
 def sigmoid(x: float) -> float:
@@ -46,10 +67,13 @@ def logit_parts(model: Model, raw: Mapping[str, float]) -> tuple[float, list[flo
     """The logit and each feature's contribution to it."""
     parts = []
     total = model.intercept
-    for name, transform, mean, scale, coef in zip(
-            model.features, model.transforms, model.means, model.scales, model.coefficients,
-            strict=True):
-        c = coef * (TRANSFORMS[transform](raw.get(name, 0.0)) - mean) / scale
+    get = raw.get
+    log1p = math.log1p
+    for name, log, mean, scale, coef in _compiled(model).terms:
+        x = get(name, 0.0)
+        if log:  # TRANSFORMS["log1p"], inline
+            x = log1p(x) if x > 0.0 else 0.0
+        c = coef * (x - mean) / scale
         parts.append(c)
         total += c
     return total, parts
@@ -76,20 +100,26 @@ def model_score(state: AccountState, now: float, policy: Policy,
     logit, parts = logit_parts(model, raw)
     slope, offset = model.calibration
     total = round(100.0 * sigmoid(slope * logit + offset), 1)
-    by_code: dict[str, float] = {}
-    top: dict[str, tuple[float, Feature]] = {}
-    for feature, c in zip(_features(model), parts, strict=True):
-        by_code[feature.code] = by_code.get(feature.code, 0.0) + c
-        if c > top.get(feature.code, (0.0, feature))[0]:
-            top[feature.code] = (c, feature)
-    raising = {code: c for code, c in by_code.items() if c > 0 and code in top}
-    share = sum(raising.values())
+    # Contributions summed per reason code, and each code's strongest risk-raising feature
+    # (lists indexed by the model's codes: this runs for every account a flush scores).
+    compiled = _compiled(model)
+    feats, codes, code_of = compiled.features, compiled.codes, compiled.code_of
+    by_code = [0.0] * len(codes)
+    best = [0.0] * len(codes)
+    best_at = [-1] * len(codes)
+    for j, c in enumerate(parts):
+        k = code_of[j]
+        by_code[k] += c
+        if c > best[k]:
+            best[k], best_at[k] = c, j
+    raising = [(k, c) for k, c in enumerate(by_code) if c > 0 and best_at[k] >= 0]
+    share = sum(c for _, c in raising)
     reasons = []
-    for code, c in raising.items():
-        feature = top[code][1]
+    for k, c in raising:
+        feature = feats[best_at[k]]
         value = raw.get(feature.name, 0.0)
-        kind, play = REASONS[code]
-        reasons.append(Reason(code, value, total * c / share, kind, play,
+        kind, play = REASONS[codes[k]]
+        reasons.append(Reason(codes[k], value, total * c / share, kind, play,
                               _detail(feature, value)))
     present = {r.code for r in reasons}
     for code in IMMEDIATE & rules.keys() - present:  # decided by rule, whatever the model

@@ -13,6 +13,7 @@ from churnsignal.stream.state import (
     AccountState,
     day_of,
     generic_activation,
+    open_failures,
 )
 
 
@@ -95,7 +96,7 @@ def signals(state: AccountState, now: float, policy: Policy) -> dict[str, Raw]:
     ob = policy.onboarding
     if ob.stalled_after_days <= age_days <= ob.watch_until_days and not _activated(state, policy):
         out["onboarding_stalled"] = (1.0, "not activated after {:.0f} days", (age_days,))
-    failures = len(state.failed_payments)
+    failures = len(open_failures(state, now))
     if failures or status in ("past_due", "unpaid"):
         if status == "unpaid" or (failures and not state.retry_pending):
             out["payment_failed_final"] = (float(failures), "{} failed payment(s), retries "

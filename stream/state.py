@@ -16,6 +16,7 @@ from functools import lru_cache
 from operator import attrgetter, itemgetter
 from typing import Any
 
+import cramjam
 import orjson
 
 from churnsignal.schemas.events import family_of
@@ -25,6 +26,12 @@ DAY = 86_400.0
 # 3: per-type day columns (``types``) and the policy that scored; 2 (still read): days as
 # offsets + bucket columns; 1 (still read): rows per day
 STATE_VERSION = 3
+# A state whose JSON is longer than this is stored LZ4-compressed behind one marker byte (a
+# JSON state starts with "{"): a busy account with tracked event types, 90 days of them,
+# users and tickets is 5-7 KB of JSON and about 2.4 KB compressed, for ~8 us; the typical
+# state (about 1 KB) is left as it is.
+COMPRESS_ABOVE = 2048
+_LZ4 = b"\x04"
 _PRIORITY_LEVEL = {"low": 0, "normal": 0, "high": 1, "urgent": 1}
 
 # Bucket columns: one list per day, indexed by these positions.
@@ -68,6 +75,8 @@ class AccountState:
     cancel_at_period_end: bool = False
     period_end: float | None = None
     pause_resumes_at: float | None = None
+    # failed payment attempts in the horizon, settled or not (the newest FAILURES_KEPT);
+    # those after paid_at are the open ones (``open_failures``)
     failed_payments: list[float] = field(default_factory=list)
     retry_pending: bool = False
     payment_seen_at: float = 0.0  # event time of the newest failure or payment applied
@@ -131,10 +140,15 @@ class AccountState:
         # The dedup ring as 8-byte words in base64: 11 characters an id instead of ~15
         # decimal digits (the ring is most of a busy account's state).
         data["ids"] = _pack_ids(self.ids)
-        return orjson.dumps(data)
+        raw = orjson.dumps(data)
+        if len(raw) > COMPRESS_ABOVE:
+            return _LZ4 + bytes(cramjam.lz4.compress_block(raw))
+        return raw
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> AccountState:
+        if raw[:1] == _LZ4:
+            raw = bytes(cramjam.lz4.decompress_block(raw[1:]))
         data: dict[str, Any] = orjson.loads(raw)
         version = data.pop("v", 1)
         base = data.pop("d0", 0)
@@ -345,15 +359,16 @@ def _apply_billing(state: AccountState, event: Any, ts: float) -> None:
     # Billing relays often key by customer or not at all, so these may arrive out of order:
     # only the newest payment event decides whether the provider is still retrying.
     if t in ("payment_failed", "charge_failed"):
+        if ts not in state.failed_payments:
+            # a failure that a later payment already settled still counts as history
+            state.failed_payments = sorted([*state.failed_payments, ts])[-FAILURES_KEPT:]
         if ts <= state.paid_at:
-            return  # a failure that a later payment already settled
-        state.failed_payments.append(ts)
+            return
         if t == "payment_failed" and ts >= state.payment_seen_at:
             state.retry_pending = d.next_attempt_at is not None
         state.payment_seen_at = max(state.payment_seen_at, ts)
     elif t == "invoice_paid":
         state.paid_at = max(state.paid_at, ts)
-        state.failed_payments = [f for f in state.failed_payments if f > ts]
         if ts >= state.payment_seen_at:
             state.retry_pending = False
         state.payment_seen_at = max(state.payment_seen_at, ts)
@@ -370,7 +385,7 @@ def _apply_billing(state: AccountState, event: Any, ts: float) -> None:
             # Decided afresh by each subscription event: a reactivated account that later
             # cancels of its own accord is not involuntary because of an earlier ending.
             state.involuntary_end = ended and bool(
-                state.failed_payments or d.cancellation_reason in _INVOLUNTARY)
+                open_failures(state, ts) or d.cancellation_reason in _INVOLUNTARY)
             state.sub_status = d.status or state.sub_status
         if t == "subscription_paused":
             state.sub_status = "paused"
@@ -421,6 +436,13 @@ def _apply_snapshot(state: AccountState, event: Any, ts: float) -> None:
 
 
 _INVOLUNTARY = ("payment_failed", "payment_disputed")
+FAILURES_KEPT = 16  # failed attempts remembered (Stripe makes at most ~8 per invoice)
+
+
+def open_failures(state: AccountState, now: float) -> list[float]:
+    """Failed attempts no later payment settled, in the 30 days before ``now``."""
+    since = max(state.paid_at, now - 30 * DAY)
+    return [t for t in state.failed_payments if t > since]
 
 
 def _apply_support(state: AccountState, event: Any, ts: float, policy: Policy) -> None:
@@ -475,8 +497,9 @@ def prune(state: AccountState, now: float, policy: Policy) -> None:
         for d in [d for d in state.day_users if d < grace]:
             del state.day_users[d]
     month_ago = now - 30 * DAY
-    if state.failed_payments and min(state.failed_payments) < month_ago:
-        state.failed_payments = [t for t in state.failed_payments if t >= month_ago]
+    horizon_ago = now - policy.windows.horizon_days * DAY
+    if state.failed_payments and min(state.failed_payments) < horizon_ago:
+        state.failed_payments = [t for t in state.failed_payments if t >= horizon_ago]
     if state.reopened:
         state.reopened = [t for t in state.reopened if t >= month_ago]
     if state.slow_resolutions:

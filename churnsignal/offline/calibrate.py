@@ -21,7 +21,8 @@ after it has not ended yet). The steps:
    ``MIN_SIGNAL_ACCOUNTS`` training accounts had (zero variance included) are dropped, and
    the report says which and why. An L2-regularised logistic regression on the standardised
    features (means and scales of the training rows) is fitted for each C of ``C_GRID``;
-   the C with the best validation ROC AUC is chosen (ties: the stronger regularisation),
+   the strongest regularisation whose validation ROC AUC is within one standard error
+   (bootstrap over accounts) of the best is chosen (the one-standard-error rule),
    and that fit, Platt-scaled on the validation rows, gives the report's figures that need
    labels (the comparison, the bands' precision): it never saw those days.
    The written model is then refitted with that C on every row (training, embargo and
@@ -72,7 +73,7 @@ from churnsignal.stream.features import TRANSFORMS, Feature, catalogue, values
 from churnsignal.stream.policy import BANDS, Model, Policy
 from churnsignal.stream.reasons import IMMEDIATE
 from churnsignal.stream.scoring import score, signals
-from churnsignal.stream.state import AccountState
+from churnsignal.stream.state import AccountState, open_failures
 
 EVENT_TYPES = 8  # most used usage names tracked per day (Model allows up to 32)
 # Inverse L2 strength (sklearn's C: the penalty is 1 / (2C) of the squared coefficients
@@ -295,7 +296,7 @@ def _rule(state: AccountState, now: float, policy: Policy) -> int:
     """2: cancelled (the model scores 100); 1: a rule that pages at once applies; else 0."""
     if state.sub_status == "canceled":
         return 2
-    if state.cancel_at_period_end or state.failed_payments or \
+    if state.cancel_at_period_end or open_failures(state, now) or \
             state.sub_status in ("past_due", "unpaid"):
         return 1 if IMMEDIATE & signals(state, now, policy).keys() else 0
     return 0
@@ -387,7 +388,7 @@ def calibrate(inputs: Inputs, until: float, *, target_high_share: float = 0.03,
     # figures that need labels (comparison, precision), as estimates for the written model.
     means, scales = _standard(x[train])
     z = (x - means) / scales
-    fit, c, c_auc = _fit(z[train], y[train], z[valid], y[valid])
+    fit, c, c_auc = _fit(z[train], y[train], z[valid], y[valid], account[valid])
     logit = fit.intercept_[0] + z @ fit.coef_[0]
     scores = _scores(logit, _platt(logit[valid], y[valid], backwards=(1.0, 0.0)), rule)
     train_auc = float(roc_auc_score(y[train], logit[train]))
@@ -458,7 +459,8 @@ def _screen(x: Any, accounts: Any, feats: list[Feature]) -> tuple[list[int], dic
         common = float(np.median(x[:, j]))
         seen = int(np.unique(accounts[x[:, j] != common]).size)
         if seen == 0:
-            dropped[f.name] = ("no account in the training period had it" if common == 0 else
+            absent = common == 0 or np.isclose(common, TRANSFORMS[f.transform](f.absent))
+            dropped[f.name] = ("no account in the training period had it" if absent else
                                "the same value at every training checkpoint")
         elif seen < MIN_SIGNAL_ACCOUNTS:
             dropped[f.name] = (f"only {seen} account(s) in the training period had it "
@@ -485,23 +487,29 @@ def _scores(logit: Any, calibration: tuple[float, float], rule: Any) -> Any:
     return np.where(rule == 2, 100.0, np.round(100.0 * probability, 1))
 
 
-def _fit(z_train: Any, y_train: Any, z_valid: Any, y_valid: Any
+def _fit(z_train: Any, y_train: Any, z_valid: Any, y_valid: Any, accounts_valid: Any
          ) -> tuple[Any, float, dict[float, float]]:
-    """The fit of the C with the best validation ROC AUC (ties: the smaller C)."""
+    """The fit of the strongest regularisation whose validation ROC AUC is within one
+    standard error of the best C's (the one-standard-error rule: a validation period of a
+    few dozen churners cannot tell close Cs apart, and the simpler model carries better to
+    the next months). The standard error is the best C's, by bootstrap over accounts."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
 
-    best: tuple[float, float, Any] | None = None
-    aucs: dict[float, float] = {}
-    for c in C_GRID:  # ascending: a larger C must do strictly better to be chosen
+    fits: dict[float, Any] = {}
+    decisions: dict[str, Any] = {}
+    for c in C_GRID:
         model = LogisticRegression(C=c, max_iter=2000)
         model.fit(z_train, y_train)
-        auc = float(roc_auc_score(y_valid, model.decision_function(z_valid)))
-        aucs[c] = round(auc, 4)
-        if best is None or auc > best[0] + 1e-4:
-            best = (auc, c, model)
-    assert best is not None
-    return best[2], best[1], aucs
+        fits[c] = model
+        decisions[f"{c:g}"] = model.decision_function(z_valid)
+    first = f"{C_GRID[0]:g}"
+    figures = compare(Scored(accounts_valid, y_valid, decisions), first).systems
+    aucs = {c: round(float(figures[f"{c:g}"].roc_auc or 0.0), 4) for c in C_GRID}
+    best = max(C_GRID, key=lambda c: (aucs[c], -c))
+    ci = figures[f"{best:g}"].roc_auc_ci
+    se = (ci[1] - ci[0]) / (2 * 1.96) if ci is not None else 0.0
+    chosen = next(c for c in C_GRID if aucs[c] >= aucs[best] - se)  # ascending: strongest first
+    return fits[chosen], chosen, aucs
 
 
 def _platt(logit: Any, y: Any, backwards: tuple[float, float] | None

@@ -261,3 +261,50 @@ def test_usage_windows_sum_the_recent_and_baseline_days_only() -> None:
         state.days[day] = bucket
     # today 100, recent window 94..100, baseline 72..93
     assert usage_windows(state, 94, 72, 100) == (6 + 1 + 2, 4, 2 + 0 + 1, 1, 5)
+
+
+def test_state_stays_under_4_kb_at_worst_with_tracked_types_users_tickets_and_failures() -> None:
+    """The worst case of the defaults: a model tracking 8 event types, 400 events a day by 25
+    users over the whole horizon, a failed payment every 9 days and a ticket every 5. Its
+    JSON is ~7 KB; stored LZ4-compressed it stays under 4 KB and reads back equal. A typical
+    state stays plain JSON."""
+    from churnsignal.stream.policy import Model
+    from churnsignal.stream.state import COMPRESS_ABOVE
+
+    names = [f"f{i}" for i in range(10)]
+    model = Model(horizon_days=30, event_types=names[:8], features=["events_28d"],
+                  transforms=["log1p"], means=[0.0], scales=[1.0], coefficients=[-1.0],
+                  intercept=0.0, calibration=(1.0, 0.0))
+    policy = Policy(model=model)
+
+    def event(n: int, ts: float, kind: str, data: dict[str, object],
+              user: str | None) -> object:
+        return EVENT_ADAPTER.validate_python({
+            "event_id": f"evt_{n:024d}", "account_id": "acme", "type": kind, "user_id": user,
+            "occurred_at": datetime.fromtimestamp(ts, tz=UTC).isoformat(), "data": data})
+
+    items: list[tuple[str, int, object]] = []
+    n = 0
+    for age in range(120, -1, -1):
+        for i in range(400):
+            n += 1
+            items.append(("usage/0", n, event(n, NOW - age * DAY + i * 60, "feature_used",
+                                              {"feature": names[i % 10]}, f"user-{i % 25}")))
+        if age % 9 == 0:
+            n += 1
+            items.append(("billing/0", n, event(n, NOW - age * DAY + 3600, "payment_failed", {
+                "invoice_id": f"in_{n}", "amount_cents": 4900, "next_attempt_at": None},
+                None)))
+        if age % 5 == 0:
+            n += 1
+            items.append(("support/0", n, event(n, NOW - age * DAY + 7200, "ticket_opened", {
+                "ticket_id": f"t{n}", "priority": "high"}, "user-1")))
+    out = apply_batch(None, "acme", items, NOW, policy)
+    raw = out.state.to_bytes()
+    assert len(out.state.types) == 8 and len(out.state.failed_payments) > 5
+    assert len(raw) < 4096 and not raw.startswith(b"{"), len(raw)
+    assert AccountState.from_bytes(raw) == out.state
+    small = apply_batch(None, "acme", history({age: 10 for age in range(0, 20)}), NOW,
+                        POLICY).state.to_bytes()
+    assert small.startswith(b"{") and len(small) <= COMPRESS_ABOVE
+    assert AccountState.from_bytes(small).seq == 200

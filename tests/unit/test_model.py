@@ -86,6 +86,42 @@ def test_young_accounts_are_scaled_to_the_window_not_mistaken_for_quiet() -> Non
     assert feats["trend_28d"] == 0.0  # no past of its own to compare with
 
 
+def billing(n: int, age_days: float, kind: str, **data: Any) -> Any:
+    return EVENT_ADAPTER.validate_python({
+        "event_id": f"b{n}", "account_id": "acme", "type": kind,
+        "occurred_at": datetime.fromtimestamp(NOW - age_days * DAY, tz=UTC).isoformat(),
+        "data": {"invoice_id": f"in_{n}", "amount_cents": 4900, **data}})
+
+
+def test_failed_payments_settled_since_stay_history_not_an_open_failure() -> None:
+    """A failure a later payment settled no longer pages, but counts as payment trouble (84
+    days, and how recent); a failure arriving after the payment that settled it is history
+    too; failures older than the horizon are forgotten."""
+    policy = Policy()
+    items = [("b/0", 1, billing(1, 100, "payment_failed", next_attempt_at=None)),
+             ("b/0", 2, billing(2, 40, "payment_failed",
+                                next_attempt_at=datetime.fromtimestamp(NOW, tz=UTC).isoformat())),
+             ("b/0", 3, billing(3, 37, "invoice_paid")),
+             ("b/0", 4, billing(4, 38, "payment_failed", next_attempt_at=None)),  # late
+             ("b/0", 5, billing(5, 6, "payment_failed",
+                                next_attempt_at=datetime.fromtimestamp(NOW, tz=UTC).isoformat()))]
+    state = apply_batch(None, "acme", items, NOW, policy).state
+    assert len(state.failed_payments) == 3  # 100 days ago: beyond the 90-day horizon
+    feats = values(state, NOW, policy)
+    assert feats["failed_payments_30d"] == 1  # only the one after the payment
+    assert feats["failed_payments_84d"] == 3
+    assert feats["days_since_failed_payment"] == pytest.approx(6.0)
+    codes = {r.code for r in rescore(state, NOW, policy).scored.reasons}  # type: ignore[union-attr]
+    assert "payment_failed" in codes and "payment_failed_final" not in codes
+    paid = apply_batch(state, "acme", [("b/0", 6, billing(6, 1, "invoice_paid"))], NOW,
+                       policy).state
+    feats = values(paid, NOW, policy)
+    assert feats["failed_payments_30d"] == 0 and feats["failed_payments_84d"] == 3
+    assert not {"payment_failed", "payment_failed_final"} & {
+        r.code for r in rescore(paid, NOW, policy).scored.reasons}  # type: ignore[union-attr]
+    assert values(AccountState("x"), NOW, policy)["days_since_failed_payment"] == 84
+
+
 def test_the_model_score_is_its_probability_and_reasons_share_it() -> None:
     m = model(["events_28d", "days_since_usage", "open_tickets"], [-1.0, 0.8, 0.5],
               intercept=1.0)
