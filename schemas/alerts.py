@@ -6,7 +6,9 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ALERT_SCHEMA_VERSION: Final = 1
+# 2: ``plan`` (the account attribute routing rules read). Version 1 alerts (without it)
+# still validate, and a consumer of version 1 that ignores unknown fields reads version 2.
+ALERT_SCHEMA_VERSION: Final = 2
 
 
 class AlertReason(BaseModel):
@@ -25,7 +27,7 @@ class Alert(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    schema_version: Literal[1] = ALERT_SCHEMA_VERSION
+    schema_version: Literal[1, 2] = ALERT_SCHEMA_VERSION
     alert_id: str = Field(description="Deterministic: the same history gives the same id.")
     account_id: str
     kind: Literal["escalated", "deescalated"]
@@ -38,3 +40,5 @@ class Alert(BaseModel):
     triggered_at: float = Field(description="Event time (Unix s) of the trigger, or the tick.")
     emitted_at: float = Field(description="Processing time (Unix s).")
     policy_version: str
+    plan: str | None = Field(None, description="The account's plan (from billing) when the "
+                             "alert fired; None when unknown. Since schema version 2.")

@@ -34,6 +34,7 @@ from churnsignal.app.settings import mask_dsn
 from churnsignal.errors import SinkUnavailable
 from churnsignal.sinks import ddl
 from churnsignal.stream.rows import (
+    ACTION_COLUMNS,
     ALERT_COLUMNS,
     BILLING_COLUMNS,
     DAILY_COLUMNS,
@@ -50,6 +51,7 @@ COLUMNS = {
     "billing_events_data": BILLING_COLUMNS,
     "support_events_data": SUPPORT_COLUMNS,
     "deletions_data": ddl.DELETIONS_COLUMNS,
+    "alert_actions_data": ACTION_COLUMNS,
 }
 
 Row = Sequence[Any]

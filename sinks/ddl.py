@@ -71,6 +71,17 @@ def statements(ttl_days: int = 400, past_due_churn_days: int | None = FROM_ENV) 
         ) ENGINE = ReplacingMergeTree
         PARTITION BY toYYYYMM(emitted_at) ORDER BY (account_id, alert_id) {dedup}""",
         """CREATE OR REPLACE VIEW alerts AS SELECT * FROM alerts_data FINAL""",
+        # Acknowledgements and snoozes (POST /api/accounts/ID/ack|snooze), one row per
+        # request, with the alert they answer when known and the band the account was at
+        # (what calibration learns from; the alert_outcomes view shows them beside alerts).
+        f"""CREATE TABLE IF NOT EXISTS alert_actions_data (
+            account_id String, action_id String, alert_id String,
+            action LowCardinality(String), band LowCardinality(String),
+            until Nullable(DateTime64(3, 'UTC')), at DateTime64(3, 'UTC'), by String,
+            note String
+        ) ENGINE = ReplacingMergeTree
+        PARTITION BY toYYYYMM(at) ORDER BY (account_id, action_id) {dedup}""",
+        """CREATE OR REPLACE VIEW alert_actions AS SELECT * FROM alert_actions_data FINAL""",
         # Every applied billing event (subscription changes carry status and MRR after and
         # before), keyed by event id: the source of churn and revenue figures.
         f"""CREATE TABLE IF NOT EXISTS billing_events_data (
@@ -265,16 +276,23 @@ def business_views(past_due_churn_days: int | None = None) -> list[str]:
         SELECT band, count() AS accounts, sum(mrr_cents) AS mrr_cents
         FROM account_risk WHERE sub_status != 'canceled' GROUP BY band""",
         # Each escalation and what became of its account: churned after it, recovered
-        # (now low or medium risk), or still at risk.
+        # (now low or medium risk), or still at risk; and the latest ack or snooze that
+        # named it ('' when none).
         """CREATE OR REPLACE VIEW alert_outcomes AS
         SELECT a.alert_id AS alert_id, a.account_id AS account_id, a.band AS band,
                a.reasons[1] AS top_reason, a.triggered_at AS triggered_at,
                a.mrr_at_risk_cents AS mrr_at_risk_cents,
                multiIf(l.ended_at IS NOT NULL AND l.ended_at >= a.triggered_at, 'churned',
-                       r.band IN ('low', 'medium'), 'recovered', 'still_at_risk') AS outcome
+                       r.band IN ('low', 'medium'), 'recovered', 'still_at_risk') AS outcome,
+               x.action AS action, x.action_at AS action_at, x.action_until AS action_until,
+               x.action_by AS action_by
         FROM alerts AS a
         LEFT JOIN account_lifecycle AS l ON l.account_id = a.account_id
         LEFT JOIN account_risk AS r ON r.account_id = a.account_id
+        LEFT JOIN (SELECT alert_id, argMax(action, at) AS action, max(at) AS action_at,
+                          argMax(until, at) AS action_until, argMax(by, at) AS action_by
+                   FROM alert_actions WHERE alert_id != '' GROUP BY alert_id) AS x
+            ON x.alert_id = a.alert_id
         WHERE a.kind = 'escalated'""",
         # Invoices with a failed payment, by month of the first failure: share later paid.
         """CREATE OR REPLACE VIEW payment_recovery AS

@@ -27,7 +27,6 @@ from churnsignal.app.health import Liveness
 from churnsignal.app.kafka_client import faust_credentials
 from churnsignal.app.metrics import Metrics
 from churnsignal.app.settings import Settings
-from churnsignal.app.webhook import WebhookNotifier
 from churnsignal.errors import SinkUnavailable
 from churnsignal.schemas.decode import DecodeOptions
 from churnsignal.sinks.clickhouse import ClickHouseSink
@@ -144,7 +143,12 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         activation_events=policy.onboarding.activation_events,
     )
     ingestor = Ingestor(s, metrics, options)
-    notifier = WebhookNotifier(s.webhook, metrics) if s.webhook.url is not None else None
+    # Alert delivery reads the alerts topic in its own consumer groups (churnsignal.notify);
+    # nothing is handed over in memory, so the outputs get no notifier.
+    from churnsignal.notify.service import worker_notifier
+
+    delivery = worker_notifier(s, metrics, policy.alerting.min_band, policy.notify)
+    notifier = None
     runtime = Runtime(app, s, policy, metrics, sink, ingestor, store)
     outputs = WorkerOutputs(s, metrics, sink, app.producer, ingested, alerts_topic, notifier,
                             runtime.stats)
@@ -165,10 +169,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         except Exception as exc:  # an outage at start: writes retry until it is back
             log.warning("ClickHouse not writable yet (%s); writes will retry", exc)
 
-    if notifier is not None:
+    if delivery is not None:
         @app.task
-        async def post_alerts() -> None:
-            await notifier.run()
+        async def deliver_alerts() -> None:
+            await delivery.run()
 
     def _record(result: StepResult) -> None:
         m = metrics
@@ -303,8 +307,6 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     async def drain_for_shutdown() -> None:
         runtime.closing = True  # packs Faust still hands the agent are not applied
         await drain()
-        if notifier is not None:
-            await notifier.drain(timeout=min(10.0, s.webhook.timeout_s * 2))
 
     # Faust starts an instance as well as a class (_prepare_subservice); its annotation
     # says class only.

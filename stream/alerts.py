@@ -46,6 +46,31 @@ def held_band(current: str, scored: Score, policy: Policy) -> Band:
     return band
 
 
+ACK_ACTIONS = ("ack", "snooze")
+
+
+def acknowledge(state: AccountState, action: str, until: float = 0.0) -> None:
+    """Someone took an alert in hand (POST /api/accounts/ID/ack or /snooze): escalations to
+    the account's current band or below stay quiet until it rises above that band, falls to
+    low, or (a snooze) ``until`` passes. De-escalations still go out (they resolve incidents),
+    except those of escalations that stayed quiet."""
+    if action not in ACK_ACTIONS:
+        raise ValueError(f"unknown action {action!r}")
+    state.ack_band = state.band
+    state.ack_until = float(until) if action == "snooze" else 0.0
+
+
+def quieted(state: AccountState, band: str, now: float) -> bool:
+    """Whether an escalation to ``band`` is held back by an ack or a snooze (one that no
+    longer applies is cleared)."""
+    if not state.ack_band:
+        return False
+    if (state.ack_until and now >= state.ack_until) or _rank(band) > _rank(state.ack_band):
+        state.ack_band, state.ack_until = "", 0.0
+        return False
+    return True
+
+
 def decide(state: AccountState, scored: Score, now: float, trigger_event_id: str | None,
            triggered_at: float, policy: Policy, *, alerting: bool = True) -> Alert | None:
     """Update the band bookkeeping in ``state``; return the alert to emit, if any.
@@ -65,13 +90,16 @@ def decide(state: AccountState, scored: Score, now: float, trigger_event_id: str
     if switched and not codes & IMMEDIATE:
         state.alert_band = band
         return None
+    if state.ack_band and band == "low":  # recovered: an ack or snooze ends
+        state.ack_band, state.ack_until = "", 0.0
     if not alerting:
         return None
     rules = policy.alerting
     alert_kind: str | None = None
     if _rank(band) > _rank(state.alert_band) and _rank(band) >= _rank(rules.min_band):
         cooled = now - state.last_alert_at >= rules.cooldown_hours * 3600
-        if cooled or codes & IMMEDIATE or state.alerts == 0:
+        if (cooled or codes & IMMEDIATE or state.alerts == 0) and not quieted(
+                state, band, now):
             alert_kind = "escalated"
     elif _rank(band) < _rank(state.alert_band) and _rank(state.alert_band) >= _rank(
         rules.min_band
@@ -102,4 +130,5 @@ def decide(state: AccountState, scored: Score, now: float, trigger_event_id: str
         triggered_at=triggered_at,
         emitted_at=now,
         policy_version=policy.version,
+        plan=state.plan,
     )

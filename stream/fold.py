@@ -22,11 +22,12 @@ from typing import Any
 
 from churnsignal.schemas.identity import fallback_account, is_identity
 from churnsignal.stream import packs
+from churnsignal.stream.alerts import acknowledge
 from churnsignal.stream.clock import PartitionClock
 from churnsignal.stream.engine import Item, Outcome, apply_batch, rescore
 from churnsignal.stream.identity import DEFAULT_GRACE_S, Resolution, resolve, sweep
 from churnsignal.stream.policy import Policy
-from churnsignal.stream.rows import alert_row, fact_rows, history_row, score_row
+from churnsignal.stream.rows import action_row, alert_row, fact_rows, history_row, score_row
 from churnsignal.stream.scoring import score
 from churnsignal.stream.state import id_hash
 from churnsignal.stream.store import StateStore
@@ -36,6 +37,7 @@ ALERTS = "alerts_data"
 BILLING = "billing_events_data"
 SUPPORT = "support_events_data"
 DAILY = "account_daily_data"
+ACTIONS = "alert_actions_data"
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +306,8 @@ def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: i
             segment, folded = [], True
         if item[3] == packs.FORGET:
             _forget(store, item[2], partition, result)
+        elif item[3] == packs.ACK:
+            _acknowledge(store, item[2], result)
     if segment or not folded:
         _fold_items(store, segment, wall, partition, offset, policy, clock, identity, result,
                     shadow)
@@ -406,6 +410,21 @@ def _forget(store: StateStore, request: dict[str, Any], partition: int,
             store.put(account)
             done.scrubbed += 1
     result.forgotten.append(done)
+
+
+def _acknowledge(store: StateStore, request: dict[str, Any], result: StepResult) -> None:
+    """An ack or snooze (``stream.alerts.acknowledge``) of an account this partition holds,
+    and its row in ``alert_actions_data`` (with the band it was taken at; "" for an account
+    without state, which is left without one)."""
+    account = str(request["account_id"])
+    band = ""
+    if store.peek(account) is not None:
+        state = store.get(account)
+        assert state is not None
+        acknowledge(state, str(request["action"]), float(request.get("until") or 0.0))
+        store.put(state)
+        band = state.band
+    result.rows.setdefault(ACTIONS, []).append(action_row(request, band))
 
 
 def _drop_pending(result: StepResult, account: str) -> None:

@@ -39,15 +39,18 @@ HISTORY = 1
 # there), and the worker's confirmation that it was carried out (read by the command).
 FORGET = 2
 FORGOTTEN = 3
+# An acknowledgement or snooze of an account's alerts (POST /api/accounts/ID/ack|snooze),
+# produced to the account's partition and folded into its state in order with its events.
+ACK = 4
 
 
 def control_item(marker: int, body: dict[str, Any]) -> list[Any]:
-    """A FORGET or FORGOTTEN item: no source, no offset (nothing to dedup it by)."""
+    """A FORGET, FORGOTTEN or ACK item: no source, no offset (nothing to dedup it by)."""
     return [None, -1, body, marker]
 
 
 def is_control(item: list[Any]) -> bool:
-    return len(item) > 3 and item[3] in (FORGET, FORGOTTEN)
+    return len(item) > 3 and item[3] in (FORGET, FORGOTTEN, ACK)
 
 
 def encode(now: float, items: list[list[Any]]) -> bytes:

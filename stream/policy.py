@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from churnsignal.errors import ConfigError
+from churnsignal.notify.routing import NotifyPolicy
 
 Band = Literal["low", "medium", "high", "critical"]
 BASE_COLUMNS = 7  # a state's day bucket: events, usage, sessions, users, billing, support, key
@@ -183,6 +184,9 @@ class Policy(_Frozen):
     # None: the rules above (no history needed). Set by calibrate: a fitted model scores,
     # the rules that must fire at once still do (stream.scoring).
     model: Model | None = None
+    # Named alert destinations and routing rules (churnsignal.notify.routing); None: the
+    # environment's destinations receive every alert.
+    notify: NotifyPolicy | None = None
 
     @cached_property
     def tracked_types(self) -> list[str]:

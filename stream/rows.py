@@ -18,6 +18,9 @@ ALERT_COLUMNS = ("alert_id", "account_id", "kind", "band", "previous_band", "sco
                  "reasons", "plays", "mrr_at_risk_cents", "trigger_event_id", "triggered_at",
                  "emitted_at", "policy_version")
 
+ACTION_COLUMNS = ("account_id", "action_id", "alert_id", "action", "band", "until", "at", "by",
+                  "note")
+
 BILLING_COLUMNS = ("account_id", "event_id", "occurred_at", "type", "status", "plan", "mrr_cents",
                    "mrr_before_cents", "cancel_at_period_end", "invoice_id", "amount_cents",
                    "attempt_count", "final_attempt", "involuntary", "version", "currency")
@@ -64,6 +67,16 @@ def alert_row(alert: Alert) -> tuple[object, ...]:
             float(alert.score), [r.code for r in alert.reasons], [r.play for r in alert.reasons],
             alert.mrr_at_risk_cents, alert.trigger_event_id or "", _ts(alert.triggered_at),
             _ts(alert.emitted_at), alert.policy_version)
+
+
+def action_row(request: dict[str, Any], band: str) -> tuple[object, ...]:
+    """An ack or snooze (``churnsignal.notify.ack.request_body``), with the account's band
+    when it was folded."""
+    until = request.get("until")
+    return (str(request["account_id"]), str(request["action_id"]),
+            str(request.get("alert_id") or ""), str(request["action"]), band,
+            _ts(float(until)) if until else None, _ts(float(request["at"])),
+            str(request.get("by") or ""), str(request.get("note") or ""))
 
 
 BILLING_TABLE = "billing_events_data"

@@ -102,6 +102,11 @@ class AccountState:
     scored_at: float = 0.0
     policy: str = ""  # the policy version that scored it last (a switch re-baselines bands)
     types: list[str] = field(default_factory=list)  # the per-type columns after the base ones
+    # acknowledged / snoozed (POST /api/accounts/ID/ack|snooze; stream.alerts.acknowledge):
+    # escalations up to ack_band stay quiet until it rises above it, falls to low, or
+    # (a snooze) ack_until passes; "" and 0.0: none (older states read as none)
+    ack_band: str = ""
+    ack_until: float = 0.0
 
     def clone(self) -> AccountState:
         """An independent copy (to undo a fold that failed half way): ~10 us at 90 days,

@@ -21,9 +21,11 @@ import unicodedata
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from faust.web import View as FaustView
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from churnsignal.app.health import HEARTBEAT_S
+from churnsignal.notify.ack import BadRequest
 from churnsignal.sinks.ddl import TABLES
 
 if TYPE_CHECKING:
@@ -146,7 +148,7 @@ def register_views(rt: Runtime) -> None:
                                  headers={"WWW-Authenticate": challenge})
             try:
                 return await handler(self, request, **kwargs)
-            except BadParameter as exc:
+            except (BadParameter, BadRequest) as exc:
                 return self.json({"error": str(exc), "parameter": exc.parameter}, status=400)
 
         return guarded
@@ -221,8 +223,66 @@ def register_views(rt: Runtime) -> None:
             "reasons_at": [r.as_dict() for r in scored.reasons],
             "last_event": state.last_event, "last_active": state.last_active,
             "sub_status": state.sub_status, "plan": state.plan, "mrr_cents": state.mrr_cents,
-            "alerts": state.alerts,
+            "alerts": state.alerts, "ack_band": state.ack_band or None,
+            "ack_until": state.ack_until or None,
         })
+
+    async def act(view: Any, request: Any, account_id: str, action: str) -> Any:
+        """Ack or snooze: an ACK item to the account's partition of the ingested topic,
+        folded by the worker that owns it (churnsignal.notify.ack); 202 once Kafka has it."""
+        from churnsignal.notify.ack import iso, parse_until, request_body
+        from churnsignal.stream import packs
+
+        allowed = {"alert_id", "by", "note"} | ({"until"} if action == "snooze" else set())
+        params = check_params(request.query.items(), allowed)
+        account_id = check_account_id(account_id)
+        now = time.time()
+        until = parse_until(params.get("until"), now) if action == "snooze" else None
+        body = request_body(account_id, action, now, until=until,
+                            alert_id=params.get("alert_id"), by=params.get("by"),
+                            note=params.get("note"))
+        if not body["alert_id"]:  # the account's latest alert, when ClickHouse has it
+            try:
+                found = await rt.sink.aquery(
+                    "SELECT alert_id FROM alerts_data WHERE account_id = {a:String} "
+                    "ORDER BY emitted_at DESC LIMIT 1", {"a": account_id})
+                body["alert_id"] = str(found.result_rows[0][0]) if found.result_rows else ""
+            except Exception as exc:  # recorded without it
+                log.info("%s of %s: latest alert unknown (%s)", action, account_id,
+                         type(exc).__name__)
+        partition = packs.partition_for(account_id, settings.partitions)
+        value = packs.encode(now, [packs.control_item(packs.ACK, body)])
+        try:
+            await app.producer.send_and_wait(settings.ingested_topic, None, value, partition,
+                                             None, None)
+        except Exception as exc:
+            log.warning("%s of %s not sent (%s)", action, account_id, type(exc).__name__)
+            return view.json({"error": f"Kafka unavailable ({type(exc).__name__})"},
+                             status=503)
+        log.info("%s of account %s requested", action, account_id,
+                 extra={"account_id": account_id, "action_id": body["action_id"]})
+        return view.json({
+            "account_id": account_id, "action": action, "action_id": body["action_id"],
+            "alert_id": body["alert_id"] or None,
+            "until": iso(until) if until is not None else None, "partition": partition,
+            "status": "accepted: the worker owning the account applies it in order with its "
+                      "events"}, status=202)
+
+    class AckView(FaustView):
+        @api
+        async def post(self: Any, request: Any, account_id: str) -> Any:
+            """POST /api/accounts/ID/ack: no more escalations up to the account's current
+            band until it rises above it or falls to low."""
+            return await act(self, request, account_id, "ack")
+
+    class SnoozeView(FaustView):
+        @api
+        async def post(self: Any, request: Any, account_id: str) -> Any:
+            """POST /api/accounts/ID/snooze?until=ISO: as ack, until then."""
+            return await act(self, request, account_id, "snooze")
+
+    app.page("/api/accounts/{account_id}/ack")(AckView)
+    app.page("/api/accounts/{account_id}/snooze")(SnoozeView)
 
     @app.page("/api/summary")
     @api

@@ -1,4 +1,8 @@
-"""Optional alert delivery to an HTTP webhook (Slack-compatible or the alert JSON as is).
+"""The older, in-memory alert webhook (Slack-compatible or the alert JSON as is).
+
+No longer used by the worker: ``CHURNSIGNAL_WEBHOOK__URL`` is now delivered durably from the
+alerts topic by ``churnsignal.notify`` (see ``churnsignal.notify.config``). Kept for callers
+of this module; what follows describes how it behaves.
 
 Alerts are durable on ``churn.alerts`` first; the webhook is a convenience on top. So the
 stream never waits for it: alerts go into a bounded queue that one background task drains,
