@@ -10,6 +10,13 @@ again is a duplicate everywhere (state dedup, ReplacingMergeTree keys).
 Reading reuses the backtest's subscription format (``history.read_subscriptions``):
 ``account_id``, ``start_date``, ``end_date`` (empty while active), ``mrr`` (currency units),
 optional ``plan``; and, read here only, optional ``currency`` and ``subscription_id``.
+
+A CSV from the Stripe Dashboard's subscription export is recognised by its header (``id``,
+``Customer ID``, ``Status`` and a ``Start``/``Created (UTC)`` column; see STRIPE_EXPORT) and
+mapped row by row to the Stripe subscription it describes, then through the same mapping
+``churnsignal sync stripe`` uses (``stripe_sync.snapshot_of``): same statuses, trials, MRR
+normalised per month from the interval, and the account from ``account_id (metadata)``, else
+the customer id (as the stream falls back to it).
 """
 
 from __future__ import annotations
@@ -64,6 +71,9 @@ def snapshots(path: Path, as_of: float, summary: ImportSummary,
               engine: Engine | None = None) -> list[dict[str, Any]]:
     """The canonical snapshot events of a subscriptions file, in start order per account
     (the newest subscription of an account is applied last); skipped rows counted by reason."""
+    header = stripe_export_header(path)
+    if header is not None:
+        return _stripe_export_snapshots(path, as_of, summary)
     own = engine is None
     engine = engine or Engine()
     try:
@@ -187,3 +197,138 @@ async def write_direct(dsn: str, events: list[dict[str, Any]],
             progress(len(chunk))
     finally:
         sink.close()
+
+
+# The Stripe Dashboard's subscriptions export (Billing > Subscriptions > Export). Stripe does not
+# document its columns; these are the names its CSV files carry as seen in exports in use
+# (dates are UTC, "YYYY-MM-DD HH:MM"). Spellings that differ between export versions are listed
+# in order of preference. Amounts are read in currency units, as the Dashboard shows them
+# ("49.00"); a value in minor units cannot be told apart from it, so an export whose amounts are
+# cents must be converted first (or use the plain format, whose ``mrr`` is in currency units).
+STRIPE_EXPORT: dict[str, tuple[str, ...]] = {
+    "id": ("id",),
+    "customer": ("Customer ID",),
+    "status": ("Status",),
+    "created": ("Created (UTC)",),
+    "start_date": ("Start Date (UTC)", "Start (UTC)"),
+    "trial_start": ("Trial Start (UTC)",),
+    "trial_end": ("Trial End (UTC)",),
+    "canceled_at": ("Canceled At (UTC)",),
+    "ended_at": ("Ended At (UTC)",),
+    "current_period_end": ("Current Period End (UTC)",),
+    "cancel_at_period_end": ("Cancel At Period End",),
+    "cancellation_reason": ("Cancellation Reason",),
+    "plan": ("Plan", "Product", "Plan price ID", "Price ID"),
+    "quantity": ("Quantity",),
+    "amount": ("Amount", "Plan Amount", "Price"),
+    "interval": ("Interval", "Plan Interval"),
+    "interval_count": ("Interval Count", "Plan Interval Count"),
+    "currency": ("Currency", "Plan Currency"),
+}
+_INTERVALS = {"day": "day", "daily": "day", "week": "week", "weekly": "week", "month": "month",
+              "monthly": "month", "year": "year", "yearly": "year", "annual": "year",
+              "annually": "year"}
+
+
+def stripe_export_header(path: Path) -> list[str] | None:
+    """The header of a Stripe Dashboard subscriptions export, or None for any other file."""
+    import csv
+
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), [])
+    names = set(header)
+    if {"id", "Customer ID", "Status"} <= names and names & {
+            "Start Date (UTC)", "Start (UTC)", "Created (UTC)"} and "account_id" not in names:
+        return header
+    return None
+
+
+def _pick(row: dict[str, str], field_name: str) -> str:
+    for column in STRIPE_EXPORT[field_name]:
+        value = (row.get(column) or "").strip()
+        if value:
+            return value
+    return ""
+
+
+def _export_time(value: str) -> int | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("/", "-"))
+    except ValueError:
+        return None
+    return int((parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp())
+
+
+def stripe_export_subscription(row: dict[str, str], account_key: str = "account_id"
+                               ) -> dict[str, Any]:
+    """The Stripe subscription object (the fields the snapshot mapping reads) one export row
+    describes. Pure."""
+    amount = _pick(row, "amount").replace(",", "")
+    try:
+        unit_amount: int | None = round(float(amount) * 100) if amount else None
+    except ValueError:
+        unit_amount = None
+    interval = _INTERVALS.get(_pick(row, "interval").lower())
+    count = _pick(row, "interval_count")
+    quantity = _pick(row, "quantity")
+    price: dict[str, Any] = {"id": _pick(row, "plan") or None, "unit_amount": unit_amount,
+                             "recurring": {"interval": interval,
+                                           "interval_count": int(count) if count.isdigit()
+                                           else 1}}
+    metadata = (row.get(f"{account_key} (metadata)") or "").strip()
+    return {
+        "id": _pick(row, "id") or None, "object": "subscription",
+        "customer": _pick(row, "customer") or None,
+        "status": _pick(row, "status").lower().replace(" ", "_") or None,
+        "created": _export_time(_pick(row, "created")),
+        "start_date": _export_time(_pick(row, "start_date")) or _export_time(
+            _pick(row, "created")),
+        "trial_start": _export_time(_pick(row, "trial_start")),
+        "trial_end": _export_time(_pick(row, "trial_end")),
+        "canceled_at": _export_time(_pick(row, "canceled_at")),
+        "ended_at": _export_time(_pick(row, "ended_at")),
+        "cancel_at_period_end": _pick(row, "cancel_at_period_end").lower() == "true",
+        "current_period_end": _export_time(_pick(row, "current_period_end")),
+        "currency": _pick(row, "currency").lower() or None,
+        "cancellation_details": {"reason": _pick(row, "cancellation_reason") or None},
+        "metadata": {account_key: metadata} if metadata else {},
+        "items": {"data": [{"quantity": int(quantity) if quantity.isdigit() else 1,
+                            "price": price}]} if unit_amount is not None and interval else
+        {"data": []},
+    }
+
+
+def _stripe_export_snapshots(path: Path, as_of: float, summary: ImportSummary
+                             ) -> list[dict[str, Any]]:
+    import csv
+
+    from churnsignal.offline.stripe_sync import account_of, ordered_snapshots, snapshot_of
+
+    events: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        for row in csv.DictReader(fh):
+            summary.rows += 1
+            sub = stripe_export_subscription(row)
+            if not sub["items"]["data"]:
+                summary.skipped["no_amount_or_interval"] += 1  # MRR unknown: not guessed
+                continue
+            account = account_of(sub, {})
+            result = snapshot_of(sub, account, as_of) if account else "no_account"
+            if isinstance(result, str):
+                summary.skipped[result] += 1
+                continue
+            if result["data"]["subscription_id"] in seen:
+                summary.skipped["duplicate_subscription"] += 1
+                continue
+            seen.add(result["data"]["subscription_id"])
+            events.append(result)
+            summary.accounts.add(result["account_id"])
+    events = ordered_snapshots(events)
+    summary.subscriptions = len(events)
+    summary.as_of = as_of
+    return events
