@@ -2,7 +2,10 @@
 
 Every system reads the same pre-produced data set on the same broker: a bare aiokafka consumer
 (the ceiling), the textbook Faust windowed count, the same count in Quix Streams, and
-churnsignal end to end (decode, validate, state, score, alerts, ClickHouse, offsets).
+churnsignal end to end (decode, validate, state, score, alerts, ClickHouse, offsets), under
+the shipped rules policy and under a model policy as calibrate writes one (every feature, the
+data set's event types tracked per day): what a calibrated deployment costs. The same data
+set is then replayed as `churnsignal backtest` replays a history, under both policies.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import orjson
 import psutil
+import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +35,8 @@ from rich.table import Table
 from churnsignal.app.embedded import free_port, wait_for_port
 from churnsignal.app.kafka_client import ensure_topics
 from churnsignal.app.settings import Settings
+from churnsignal.stream.features import catalogue
+from churnsignal.stream.policy import Model, Policy
 from churnsignal.tools.demo import http_json, start_worker, stop_process
 from churnsignal.tools.synthetic import (
     DAY,
@@ -42,6 +48,22 @@ from churnsignal.tools.synthetic import (
 )
 
 PEERS = ("ceiling", "faust-agent", "faust", "quix")
+MODEL_TYPES = 8  # calibrate's default number of tracked event types
+MODEL = "churnsignal-model"
+
+
+def model_policy(names: list[str]) -> Policy:
+    """The costliest model policy calibrate writes at its defaults: every feature of the
+    catalogue over ``MODEL_TYPES`` tracked event types. The coefficients are arbitrary (small,
+    alternating signs): the bench measures cost, not ranking."""
+    types = [n.lower() for n in names[:MODEL_TYPES]]
+    feats = catalogue(types)
+    model = Model(event_types=types, features=[f.name for f in feats],
+                  transforms=[f.transform for f in feats],
+                  means=[0.0] * len(feats), scales=[1.0] * len(feats),
+                  coefficients=[0.1 if i % 2 else -0.1 for i in range(len(feats))],
+                  intercept=-2.0)
+    return Policy(version="bench-model", model=model)
 
 
 @dataclass
@@ -127,7 +149,7 @@ def _metrics(port: int) -> str:
 
 
 def run_churnsignal(settings: Settings, bootstrap: str, data: Dataset, timeout: float,
-                    keep: bool = False
+                    keep: bool = False, policy_file: Path | None = None
                     ) -> tuple[float, dict[str, Any], subprocess.Popen[bytes] | None]:
     """Worker process on the data set; returns (events/s, facts, running worker if keep)."""
     state = Path(tempfile.mkdtemp(prefix="churnsignal-bench-"))
@@ -140,6 +162,8 @@ def run_churnsignal(settings: Settings, bootstrap: str, data: Dataset, timeout: 
            "CHURNSIGNAL_TOPICS__ALERTS": f"{app_id}.alerts",
            "CHURNSIGNAL_TOPICS__DLQ": f"{app_id}.dlq",
            "CHURNSIGNAL_RESCORE_INTERVAL_S": "600"}
+    if policy_file is not None:
+        env["CHURNSIGNAL_POLICY_FILE"] = str(policy_file)
     worker = start_worker(settings, bootstrap, state, port, extra_env=env)
     peak_rss = 0
     first = last = 0.0
@@ -266,14 +290,30 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     started = time.monotonic()
     asyncio.run(produce_dataset(bootstrap, data, records))
     console.print(f"produced in {time.monotonic() - started:.1f}s to {bootstrap}")
+    work = Path(tempfile.mkdtemp(prefix="churnsignal-bench-"))
+    history = work / "history.jsonl"
+    with history.open("wb") as fh:  # the same payloads, for the replay
+        for _, _, payload, _ in records:
+            fh.write(payload + b"\n")
+    names = sorted({orjson.loads(v).get("event", "") for kind, _, v, _ in records[:5000]
+                    if kind == "usage"} - {""})
     del records
-    eps: dict[str, list[float]] = {name: [] for name in (*peers, "churnsignal")}
+    model = model_policy(names)
+    model_file = work / "model-policy.yaml"
+    model_file.write_text(yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False))
+    eps: dict[str, list[float]] = {name: [] for name in (*peers, "churnsignal", MODEL)}
     facts: dict[str, Any] = {}
+    model_facts: dict[str, Any] = {}
     worker = None
     for run in range(runs):
         for name in peers:
             eps[name].append(run_peer(name, bootstrap, data, timeout=120 + events / 500))
             console.print(f"run {run + 1}/{runs} {name:<12} {eps[name][-1]:>10,.0f} events/s")
+        value, model_facts, _ = run_churnsignal(settings, bootstrap, data, 900,
+                                                policy_file=model_file)
+        eps[MODEL].append(value)
+        console.print(f"run {run + 1}/{runs} {'churnsignal, model policy':<12} "
+                      f"{value:>10,.0f} events/s")
         keep = run == runs - 1
         value, facts, worker = run_churnsignal(settings, bootstrap, data, 900, keep=keep)
         eps["churnsignal"].append(value)
@@ -288,12 +328,22 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
         if worker is not None:
             stop_process(worker)
     load_s, loaded = _time_state_load(settings, bootstrap, facts)
+    replay = {label: _time_replay(history, policy)
+              for label, policy in (("rules", Policy()), ("model", model))}
+    for label, value in replay.items():
+        console.print(f"replay (backtest) of the data set, {label} policy: {value:,.0f} events/s")
     results = {
         "ceiling_eps": median.get("ceiling"),
         "faust_agent_eps": median.get("faust-agent"),
         "faust_count_eps": median.get("faust"),
         "quix_count_eps": median.get("quix"),
         "churnsignal_eps": median["churnsignal"],
+        "churnsignal_model_policy_eps": median[MODEL],
+        "model_policy": {"features": len(model.model.features) if model.model else 0,
+                         "event_types": model.tracked_types},
+        "model_policy_state_bytes_per_account": model_facts.get("state_bytes_per_account"),
+        "replay_rules_eps": replay["rules"],
+        "replay_model_eps": replay["model"],
         "latency_p50_s": _pct(latencies, 0.50),
         "latency_p99_s": _pct(latencies, 0.99),
         "latency_samples": len(latencies),
@@ -320,7 +370,8 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     table.add_column("churnsignal / system", justify="right")
     labels = {"ceiling": "ceiling: aiokafka + orjson", "faust-agent": "plain Faust agent (no table)",
               "faust": "Faust windowed table count",
-              "quix": "Quix Streams windowed count", "churnsignal": "churnsignal end to end"}
+              "quix": "Quix Streams windowed count", "churnsignal": "churnsignal end to end",
+              MODEL: "churnsignal end to end, model policy"}
     for name, values in eps.items():
         table.add_row(labels[name], f"{median[name]:,.0f}",
                       f"{min(values):,.0f} - {max(values):,.0f}",
@@ -332,10 +383,25 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     console.print(f"peak RSS {results['peak_rss_mb']:.0f} MB; state "
                   f"{results['state_bytes_per_account']:.0f} bytes per account "
                   f"({results['accounts_tracked']:,} accounts)")
+    n_features = len(model.model.features) if model.model else 0
+    console.print(f"model policy: {n_features} features, "
+                  f"{len(model.tracked_types)} event types tracked; state "
+                  f"{results['model_policy_state_bytes_per_account'] or 0:.0f} bytes per account")
     console.print(f"reading all state back (what a worker taking every partition over "
                   f"does): {load_s:.2f}s for {loaded:,} keys")
     console.print(f"written: {out_dir / 'results.json'}")
     return results
+
+
+def _time_replay(history: Path, policy: Policy) -> float:
+    """Events per second of `churnsignal backtest` over the data set's payloads (read,
+    decode, fold, score at every day's end, evaluate)."""
+    from churnsignal.offline.backtest import Inputs, run_backtest
+
+    lines = sum(1 for _ in history.open("rb"))
+    started = time.perf_counter()
+    run_backtest(Inputs(history, None, policy, None))
+    return lines / (time.perf_counter() - started)
 
 
 def _time_state_load(settings: Settings, bootstrap: str, facts: dict[str, Any]
