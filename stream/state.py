@@ -150,11 +150,14 @@ class AccountState:
             return _LZ4 + bytes(cramjam.lz4.compress_block(raw))
         return raw
 
+    @staticmethod
+    def json_of(raw: bytes) -> bytes:
+        """The JSON of a stored state, compressed or not."""
+        return bytes(cramjam.lz4.decompress_block(raw[1:])) if raw[:1] == _LZ4 else raw
+
     @classmethod
     def from_bytes(cls, raw: bytes) -> AccountState:
-        if raw[:1] == _LZ4:
-            raw = bytes(cramjam.lz4.decompress_block(raw[1:]))
-        data: dict[str, Any] = orjson.loads(raw)
+        data: dict[str, Any] = orjson.loads(cls.json_of(raw))
         version = data.pop("v", 1)
         base = data.pop("d0", 0)
         if version >= 2:
