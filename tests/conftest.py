@@ -46,6 +46,17 @@ def broker_kind() -> str:
     return "external" if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") else "embedded"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The Apache Kafka pass (`make test-kafka`) runs only what touches a broker: a test
+    marked offline (a replay, ClickHouse alone) has run in the embedded pass already."""
+    if not os.environ.get("CHURNSIGNAL_TEST_KAFKA_DIR"):
+        return
+    offline = [item for item in items if item.get_closest_marker("offline")]
+    if offline:
+        config.hook.pytest_deselected(items=offline)
+        items[:] = [item for item in items if not item.get_closest_marker("offline")]
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     from tests.integration.helpers import FIGURES
 

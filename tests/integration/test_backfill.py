@@ -26,7 +26,7 @@ from churnsignal.stream.engine import apply_batch
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.rows import fact_rows
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.offline]
 
 POLICY = Policy()
 FIRST = datetime(2025, 6, 1, tzinfo=UTC)

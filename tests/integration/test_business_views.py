@@ -21,7 +21,7 @@ from churnsignal.stream.engine import apply_batch
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.rows import alert_row, fact_rows, score_row
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.offline]
 
 POLICY = Policy()
 NOV_20 = datetime(2026, 11, 20, tzinfo=UTC).timestamp()

@@ -18,7 +18,7 @@ from churnsignal.stream.engine import Item, apply_batch
 from churnsignal.stream.policy import Policy, load_policy
 from churnsignal.stream.state import DAY
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.offline]
 
 SHIPPED = load_policy()
 BILLING = ("cancellation_scheduled", "payment_failed_final", "payment_failed", "card_expiring")

@@ -89,6 +89,7 @@ def _mean_score(path: Path, until: float, horizon_end: float) -> float:
     return sum(scores) / len(scores) / 100
 
 
+@pytest.mark.offline
 def test_level_of_engagement_beats_the_trailing_event_count_out_of_time(
         tmp_path: Path) -> None:
     """Steadily light users leave, with no decline first: the rules never see it, the count
@@ -115,6 +116,7 @@ def test_level_of_engagement_beats_the_trailing_event_count_out_of_time(
     assert report.base_rate is not None and 0.5 < mean / report.base_rate < 2
 
 
+@pytest.mark.offline
 def test_event_types_beat_every_baseline_out_of_time(tmp_path: Path) -> None:
     """Churn driven by the mix of event types (errors hurt, exports help), not by volume:
     no baseline ranks it; the model's per-type features do, well clear of the interval."""
@@ -138,6 +140,7 @@ def test_event_types_beat_every_baseline_out_of_time(tmp_path: Path) -> None:
     assert measured is not None and 0.5 < measured < 4
 
 
+@pytest.mark.offline
 def test_random_churn_is_no_worse_than_the_trailing_event_count(tmp_path: Path) -> None:
     """Churn unrelated to anything recorded: nothing can rank it, and the model must not do
     worse than the baseline beyond the bootstrap interval."""
@@ -151,6 +154,7 @@ def test_random_churn_is_no_worse_than_the_trailing_event_count(tmp_path: Path) 
     figures(f"random: calibrate would have refused: {run.calibration.refusal is not None}")
 
 
+@pytest.mark.offline
 def test_support_burden_beats_every_baseline_out_of_time(tmp_path: Path) -> None:
     """Churn after heavy support load (native JSONL: tickets and ratings, no subscriptions
     file): usage and the rules say little; the support features do."""
@@ -183,6 +187,7 @@ def _native_out_of_time(directory: Path, mechanisms: Mapping[str, float], noise:
     return report, best
 
 
+@pytest.mark.offline
 def test_tenure_beats_every_baseline_out_of_time(tmp_path: Path) -> None:
     """Young accounts leave, old ones stay (a warehouse export: usage and subscriptions):
     the rules and last month's activity do not know an account's age; the model does."""
@@ -193,6 +198,7 @@ def test_tenure_beats_every_baseline_out_of_time(tmp_path: Path) -> None:
     assert "tenure_days" in run.policy.model.features  # type: ignore[union-attr]
 
 
+@pytest.mark.offline
 def test_price_beats_every_baseline_out_of_time(tmp_path: Path) -> None:
     """Accounts paying more per seat leave more: MRR and seats come from the subscription
     events; no usage baseline sees price."""
@@ -200,6 +206,7 @@ def test_price_beats_every_baseline_out_of_time(tmp_path: Path) -> None:
     assert report.roc_auc is not None and report.roc_auc > best + 0.1
 
 
+@pytest.mark.offline
 def test_billing_failures_beat_every_baseline_out_of_time(tmp_path: Path) -> None:
     """Churn in the days after failed payments. The rules already page on an open failure
     (the default policy is the best baseline); the model also weighs failures settled since
@@ -209,6 +216,7 @@ def test_billing_failures_beat_every_baseline_out_of_time(tmp_path: Path) -> Non
     assert report.baselines["default_policy"].roc_auc == best
 
 
+@pytest.mark.offline
 def test_a_mixture_of_causes_beats_every_baseline_out_of_time(tmp_path: Path) -> None:
     """Six causes at once and 30 % random churn, over 500 accounts: each cause alone is weak
     (a sixth of the explained churn), together the model must still rank above every
@@ -292,6 +300,7 @@ def _reversing_history(directory: Path) -> tuple[Path, Path]:
     return directory / "events.csv", directory / "subscriptions.csv"
 
 
+@pytest.mark.offline
 def test_refuses_a_model_that_does_not_beat_the_baseline_unless_forced(tmp_path: Path) -> None:
     events, subs = _reversing_history(tmp_path)
     out = tmp_path / "policy.yaml"

@@ -35,7 +35,7 @@ from tests.integration.test_business_views import (
     with_late_cancellation,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.offline]
 
 SECTIONS = ("logo_churn", "mrr_churn", "risk", "alerts", "cohorts")
 SUPPORT_TYPES = ("ticket_", "satisfaction", "nps")

@@ -26,6 +26,7 @@ from tests.integration.helpers import (
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.offline
 def test_an_older_scores_table_gains_the_policy_and_shadow_columns(tmp_path: Path) -> None:
     client = connect(f"chdb://{tmp_path / 'ch'}")
     try:

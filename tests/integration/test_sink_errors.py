@@ -22,7 +22,7 @@ from churnsignal.app.metrics import Metrics
 from churnsignal.errors import SinkUnavailable
 from churnsignal.sinks.clickhouse import ClickHouseSink
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.offline]
 
 BOUND_S = 1.5
 SLACK_S = 0.5  # event-loop and thread hand-over on 2 shared cores
