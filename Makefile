@@ -11,7 +11,7 @@ KAFKA_DIR ?= .cache/kafka-test
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,dev,backtest]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,dev,backtest,stripe]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/churnsignal demo
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,dev,backtest,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,dev,backtest,stripe,bench]'
 	$(VENV)/bin/churnsignal bench
 
 lint: $(STAMP) typecheck

@@ -8,12 +8,14 @@ from typing import Any, Literal
 import orjson
 from pydantic import ValidationError
 
-from churnsignal.schemas import segment, stripe, zendesk
+from churnsignal.schemas import intercom, segment, stripe, zendesk
 from churnsignal.schemas._util import show
 from churnsignal.schemas.events import EVENT_ADAPTER, EVENT_TYPES, SNAPSHOT_TYPES, family_of
 from churnsignal.schemas.results import Accepted, Decoded, Rejected, Skipped
 
-Source = Literal["auto", "canonical", "stripe", "segment", "zendesk"]
+SourceName = Literal["auto", "canonical", "stripe", "segment", "zendesk", "intercom"]
+# A topic is pinned to one source, or to several (Zendesk and Intercom on support.events).
+Source = SourceName | tuple[SourceName, ...]
 _MAX_DETAIL = 300
 
 # Every reason a Rejected (dead-lettered) and a Skipped (counted) can carry: bounded sets, never
@@ -24,7 +26,7 @@ REJECT_REASONS = frozenset({
     "not_json",          # not JSON (also: nested deeper than 1024, numbers beyond a double)
     "not_object",        # JSON, but not an object
     "source_mismatch",   # the topic is pinned to another source
-    "unknown_source",    # none of canonical, Stripe, Segment, Zendesk
+    "unknown_source",    # none of canonical, Stripe, Segment, Zendesk, Intercom
     "unknown_type",      # a canonical event of a type churnsignal does not know
     "invalid",           # a known source whose payload cannot be read or validated
     "future_timestamp",  # occurred_at beyond DecodeOptions.max_future_s from now
@@ -36,6 +38,8 @@ SKIP_REASONS = frozenset({
     "segment_unused",   # identify, group, alias: they teach links, carry no usage
     "zendesk_unused",   # a Zendesk event that is not support activity (user, organization, ...)
     "zendesk_unrated",  # a Zendesk CSAT event without a good/bad score
+    "intercom_unused",  # an Intercom topic that is not support activity (contacts, companies)
+    "intercom_unrated",  # an Intercom conversation rating of 3 stars (neither good nor bad)
 })
 
 
@@ -70,6 +74,8 @@ def detect(payload: dict[str, Any]) -> str | None:
         return "segment"
     if zendesk.looks_like_zendesk(payload):
         return "zendesk"
+    if intercom.looks_like_intercom(payload):
+        return "intercom"
     return None
 
 
@@ -104,20 +110,24 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
     try:
         return _decode_object(payload, opts, now, source)
     except Exception as exc:  # any class at all (OverflowError, OSError, RecursionError, ...)
-        return _crash(source, exc)
+        return _crash(source if isinstance(source, str) else "/".join(source), exc)
 
 
 def _decode_object(payload: dict[str, Any], opts: DecodeOptions, now: float,
                    source: Source) -> Decoded:
-    kind: str | None = source
+    kind: str | None = source if isinstance(source, str) else None
     links: tuple[tuple[str, str], ...] = ()
     try:
         detected = detect(payload)
-        if source == "auto":
+        allowed = (source,) if isinstance(source, str) else source
+        if "auto" in allowed:
             kind = detected
-        elif detected != source:
-            return Rejected("source_mismatch", f"topic is pinned to {source} payloads; this "
+        elif detected not in allowed:
+            pinned = " or ".join(allowed)
+            return Rejected("source_mismatch", f"topic is pinned to {pinned} payloads; this "
                             f"one looks like {detected or 'none of the known sources'}")
+        else:
+            kind = detected
         if kind == "canonical":
             event_type = payload.get("type")
             if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
@@ -132,8 +142,12 @@ def _decode_object(payload: dict[str, Any], opts: DecodeOptions, now: float,
         elif kind == "zendesk":
             candidate = zendesk.to_canonical(payload)
             links = tuple(zendesk.links(payload))
+        elif kind == "intercom":
+            candidate = intercom.to_canonical(payload)
+            links = tuple(intercom.links(payload))
         else:
-            return Rejected("unknown_source", "not a canonical, Stripe, Segment or Zendesk payload")
+            return Rejected("unknown_source",
+                            "not a canonical, Stripe, Segment, Zendesk or Intercom payload")
     except Exception as exc:  # an adapter meeting input it cannot read: a value, never a crash
         return _crash(kind, exc)
     if isinstance(candidate, str):

@@ -1,4 +1,5 @@
-"""The `churnsignal` command line: worker, demo, bench, migrate, query, report, config, schemas."""
+"""The `churnsignal` command line: worker, gateway, demo, bench, migrate, query, report, config,
+schemas."""
 
 from __future__ import annotations
 
@@ -72,6 +73,53 @@ def worker() -> None:
         log.info("starting worker", extra={"config": settings.masked()})
         with broker_for(settings) as effective:
             run_worker(effective)
+    except ChurnsignalError as exc:
+        _fail(exc)
+
+
+@cli.command()
+def notify() -> None:
+    """Deliver alerts from churn.alerts to the configured destinations (webhook, Slack,
+    PagerDuty, Alertmanager), apart from the worker; /metrics, /healthz, /readyz on the web port."""
+    from churnsignal.app.embedded import follow_parent
+    from churnsignal.errors import ConfigError
+    from churnsignal.notify.service import run_standalone
+
+    follow_parent()
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        if settings.embedded_broker:
+            raise ConfigError("`churnsignal notify` reads the alerts of a running worker's "
+                              "broker: set KAFKA_BOOTSTRAP_SERVERS")
+        log.info("starting notify", extra={"config": settings.masked()})
+        asyncio.run(run_standalone(settings))
+    except ChurnsignalError as exc:
+        _fail(exc)
+
+
+@cli.command()
+def gateway() -> None:
+    """HTTP ingest: a Segment-compatible tracking API and the Stripe, Zendesk and Intercom
+    webhooks, into the source topics (2xx only once Kafka acknowledged)."""
+    from churnsignal.app.kafka_client import ensure_topics
+    from churnsignal.errors import BrokerUnavailable
+    from churnsignal.gateway.server import run
+
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        log.info("starting gateway", extra={"config": settings.masked()})
+        with broker_for(settings) as effective:
+            if settings.embedded_broker:
+                log.warning("no KAFKA_BOOTSTRAP_SERVERS: the gateway started its own embedded "
+                            "broker at %s; point a worker at it with KAFKA_BOOTSTRAP_SERVERS=%s",
+                            effective.kafka_bootstrap_servers, effective.kafka_bootstrap_servers)
+            try:
+                asyncio.run(ensure_topics(effective))
+            except BrokerUnavailable as exc:  # serve anyway: 503 + Retry-After until it answers
+                log.warning("%s; serving, and answering 503 until Kafka answers", exc)
+            run(effective)
     except ChurnsignalError as exc:
         _fail(exc)
 
@@ -385,7 +433,7 @@ def _print_calibration(console: Console, result: object) -> None:
     fit.add_row("written model fitted on", f"{r.fitted_rows:,} rows (training + validation), "
                 f"calibrated on validation")
     fit.add_row("event types tracked", ", ".join(r.event_types) or "none")
-    fit.add_row("C (L2), by validation ROC AUC",
+    fit.add_row("C (L2), by validation ROC AUC (1-SE rule)",
                 f"{r.c:g}  (" + ", ".join(f"{k:g}: {v:.3f}" for k, v in r.c_auc.items()) + ")")
     fit.add_row("training ROC AUC", f"{r.train_auc:.3f}")
     fit.add_row("features kept / dropped", f"{len(r.features)} / {len(r.dropped)}")
@@ -539,7 +587,8 @@ cli.add_typer(import_cli, name="import")
 def import_subscriptions(
     file: Annotated[Path, typer.Argument(help="CSV/TSV/Parquet: account_id, start_date, "
                                          "end_date (empty while active), mrr (currency units), "
-                                         "plan?, currency?, subscription_id?")],
+                                         "plan?, currency?, subscription_id?; or the Stripe "
+                                         "Dashboard's subscriptions export (CSV)")],
     as_of: Annotated[str | None, typer.Option(
         help="When the file described the subscriptions (ISO date or time); default: the "
         "file's modification time, so importing the same file again changes nothing.")] = None,
@@ -586,6 +635,91 @@ def import_subscriptions(
     skipped = sum(summary.skipped.values())
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.skipped.items()))
     typer.echo(f"skipped: {skipped}" + (f" ({reasons})" if reasons else ""))
+
+
+sync_cli = typer.Typer(no_args_is_help=True, help="Read history from a provider's API.")
+cli.add_typer(sync_cli, name="sync")
+
+
+@sync_cli.command("stripe")
+def sync_stripe(
+    restart: Annotated[bool, typer.Option(
+        help="Forget an unfinished sync's checkpoint and start afresh.")] = False,
+) -> None:
+    """Subscriptions of every status (as snapshots, like `import subscriptions`), customers'
+    account links and the last 30 days of Events (to the billing topic, as Stripe delivers
+    them) from Stripe's API (CHURNSIGNAL_STRIPE__API_KEY or _FILE: a restricted key). Resumes
+    an interrupted sync from its checkpoint under CHURNSIGNAL_STATE_DIR/stripe-sync."""
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from churnsignal.offline import stripe_sync as ss
+
+    try:
+        import stripe
+    except ImportError:
+        _fail(ChurnsignalError("the stripe library is missing: pip install 'churnsignal[stripe]'"))
+    console = Console(stderr=True)
+    try:
+        settings = load_settings()
+        conf = settings.stripe
+        if conf.api_key is None:
+            raise ValueError("CHURNSIGNAL_STRIPE__API_KEY (or CHURNSIGNAL_STRIPE__API_KEY_FILE) "
+                             "is not set: a restricted key with read access to Customers, "
+                             "Subscriptions and Events")
+        key = conf.api_key.get_secret_value()
+        checkpoint = ss.Checkpoint(settings.state_dir / "stripe-sync",
+                                   ss.fingerprint(key, conf.api_base or ""))
+        resumed = checkpoint.load(restart, datetime.now(UTC).timestamp())
+        if resumed:
+            console.print(f"resuming the sync from its checkpoint ({checkpoint.state['phase']})")
+        client = ss.make_client(key, conf.api_base, conf.max_network_retries)
+        options = ss.SyncOptions(
+            page_size=conf.page_size, rate_limit_retries=conf.rate_limit_retries,
+            rate_limit_backoff_s=conf.rate_limit_backoff_s,
+            rate_limit_backoff_max_s=conf.rate_limit_backoff_max_s, events_days=conf.events_days)
+        direct = settings.embedded_broker
+        dsn = settings.effective_clickhouse_dsn()
+
+        def destination(links: dict[str, str]) -> ss.Destination:
+            if direct:
+                return ss.ClickHouseDestination(dsn, links)
+            return ss.KafkaDestination(settings)
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                      TextColumn("{task.completed:,.0f}"), console=console,
+                      transient=True) as progress:
+            tasks: dict[str, Any] = {}
+
+            def step(phase: str, n: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = progress.add_task(phase.replace("_", " "))
+                progress.advance(tasks[phase], n)
+
+            summary = ss.StripeSync(client, checkpoint, options, step).run(destination)
+    except (ChurnsignalError, OSError, ValueError) as exc:
+        _fail(exc)
+    except stripe.StripeError as exc:  # the checkpoint keeps what was done
+        _fail(ChurnsignalError(f"Stripe: {type(exc).__name__}: {exc} (run it again to resume)"))
+    snapshots_to = ("ClickHouse (embedded defaults)" if direct
+                    else f"topic {settings.topics.snapshots}")
+    events_to = ("ClickHouse (embedded defaults)" if direct
+                 else f"topic {settings.topics.billing}")
+    typer.echo(f"customers: {summary.customers} ({summary.linked_customers} linked to an "
+               "account by metadata)")
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(summary.statuses.items()))
+    typer.echo(f"subscriptions: {summary.subscriptions}" + (f" ({statuses})" if statuses else ""))
+    typer.echo(f"snapshots: {summary.snapshots} -> {snapshots_to}")
+    typer.echo(f"accounts: {len(summary.accounts)}")
+    skipped = sum(summary.skipped.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.skipped.items()))
+    typer.echo(f"skipped: {skipped}" + (f" ({reasons})" if reasons else ""))
+    typer.echo(f"events: {summary.events} -> {events_to}")
+    typer.echo(f"pages: {summary.pages}, rate limited: {summary.rate_limited}"
+               + (", resumed" if resumed else ""))
+    typer.echo(f"as of: {datetime.fromtimestamp(summary.as_of, tz=UTC).isoformat()}")
 
 
 forget_cli = typer.Typer(no_args_is_help=True, help="Delete what churnsignal holds about an "

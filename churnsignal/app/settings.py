@@ -20,6 +20,10 @@ class TopicNames(BaseModel):
     support: str = Field("support.events", description="Support events (Zendesk tickets, ...).")
     alerts: str = Field("churn.alerts", description="Churn-risk alerts emitted by churnsignal.")
     dlq: str = Field("churn.dlq", description="Dead-letter topic for undecodable input.")
+    undeliverable: str = Field(
+        "churn.alerts.undeliverable", description="Alerts a notify destination refused for "
+        "good (a 4xx other than 408/429): the alert as on churn.alerts, with the destination, "
+        "status and response body in headers.")
     snapshots: str = Field(
         "billing.snapshots", description="Subscription snapshots `churnsignal import "
         "subscriptions` produces (canonical subscription_snapshot events, keyed by account); "
@@ -78,6 +82,9 @@ class SinkSettings(BaseModel):
                           "events are kept (TTL, applied when the tables are created).")
 
 
+SourceName = Literal["auto", "canonical", "stripe", "segment", "zendesk", "intercom"]
+
+
 class IngestSettings(BaseModel):
     """The batched consumer that decodes source topics and repartitions by account."""
 
@@ -93,9 +100,10 @@ class IngestSettings(BaseModel):
     max_future_skew_s: float = Field(
         86_400.0, ge=0, description="Events further in the future than this are dead-lettered."
     )
-    sources: dict[str, Literal["auto", "canonical", "stripe", "segment", "zendesk"]] = Field(
+    sources: dict[str, SourceName | tuple[SourceName, ...]] = Field(
         default_factory=dict, description="Pin a topic's payload format, e.g. "
-        '{"billing.events": "stripe"}; unpinned topics detect it per message from its shape.')
+        '{"billing.events": "stripe"}, or several, e.g. {"support.events": ["zendesk", '
+        '"intercom"]}; unpinned topics detect it per message from its shape.')
     identity_grace_s: float = Field(
         60.0, ge=0, description="How long an event of a Stripe customer that no metadata links "
         "waits for a link before the customer id itself is taken as its account.")
@@ -136,6 +144,79 @@ class WebhookSettings(BaseModel):
         return v
 
 
+def _http_url(v: Any) -> Any:
+    """Empty is unset; anything else must be an http(s) URL."""
+    raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+    if raw is None or not str(raw).strip():
+        return None
+    if not str(raw).strip().startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return v
+
+
+class NotifySettings(BaseModel):
+    """Alert delivery from churn.alerts (one consumer group `<app_id>-notify-<destination>`
+    per destination; an alert is committed once delivered or refused for good). Runs inside
+    `churnsignal worker` when a destination is set, and alone as `churnsignal notify`."""
+
+    webhook_url: SecretStr | None = Field(
+        None, description="Generic webhook, signed per Standard Webhooks (needs webhook_secret).")
+    webhook_secret: SecretStr | None = Field(
+        None, description="whsec_ + base64 of 24-64 random bytes; signs webhook deliveries.")
+    slack_webhook_url: SecretStr | None = Field(None, description="Slack incoming webhook URL.")
+    pagerduty_routing_key: SecretStr | None = Field(
+        None, description="PagerDuty Events API v2 integration (routing) key.")
+    pagerduty_url: str = Field("https://events.pagerduty.com/v2/enqueue",
+                               description="PagerDuty Events API v2 endpoint.")
+    alertmanager_url: str | None = Field(
+        None, description="Alertmanager base URL (alerts go to /api/v2/alerts).")
+    account_url: str | None = Field(
+        None, description="Link to an account in messages: a URL with {account_id}.")
+    in_worker: bool = Field(True, description="Deliver inside `churnsignal worker`; false when "
+                            "`churnsignal notify` runs apart.")
+    start_from: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where a destination's new consumer group starts on churn.alerts.")
+    timeout_s: float = Field(10.0, gt=0, le=120, description="Timeout of one POST.")
+    retry_base_s: float = Field(0.5, gt=0, le=60, description="First retry delay (doubles).")
+    retry_max_s: float = Field(30.0, gt=0, le=3600, description="Longest delay between retries.")
+    alertmanager_resend_s: float = Field(
+        60.0, ge=1, le=3600, description="Firing accounts are re-sent this often (endsAt: 4x).")
+
+    _urls = field_validator("webhook_url", "slack_webhook_url", "pagerduty_url",
+                            "alertmanager_url", "account_url", mode="before")(_http_url)
+
+    @field_validator("webhook_secret", "pagerduty_routing_key", mode="before")
+    @classmethod
+    def _empty_secret(cls, v: Any) -> Any:
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        return None if raw is None or not str(raw).strip() else v
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        import base64
+        import binascii
+
+        if v is None:
+            return None
+        raw = v.get_secret_value().strip()  # the messages never hold the secret itself
+        if not raw.startswith("whsec_"):
+            raise ValueError("must start with whsec_ (then base64 of 24-64 random bytes)")
+        try:
+            key = base64.b64decode(raw.removeprefix("whsec_") + "==", validate=False)
+        except (binascii.Error, ValueError):
+            raise ValueError("the part after whsec_ must be base64") from None
+        if not 24 <= len(key) <= 64:
+            raise ValueError(f"must hold 24 to 64 bytes after whsec_ (base64), got {len(key)}")
+        return SecretStr(raw)
+
+    def destinations(self) -> list[str]:
+        return [name for name, on in (
+            ("webhook", self.webhook_url), ("slack", self.slack_webhook_url),
+            ("pagerduty", self.pagerduty_routing_key), ("alertmanager", self.alertmanager_url))
+            if on is not None]
+
+
 class ViewSettings(BaseModel):
     """How the business views define churn (applied by `churnsignal migrate` and at start)."""
 
@@ -157,6 +238,77 @@ class HealthSettings(BaseModel):
         300.0, ge=10, le=86_400, description="/healthz fails (503) when the event loop is blocked "
         "this long, or the agent has made no progress this long while work waits and Kafka and "
         "ClickHouse answer. Waiting on a Kafka or ClickHouse outage is not a stall.")
+
+
+class GatewaySettings(BaseModel):
+    """`churnsignal gateway`: the HTTP ingest gateway (Segment-compatible tracking API and the
+    Stripe, Zendesk and Intercom webhooks) into the source topics. Every secret list is JSON
+    (several entries for rotation); a route whose list is empty refuses every request."""
+
+    host: str = Field("127.0.0.1", description="Interface the gateway listens on (0.0.0.0 in "
+                      "a container; TLS is terminated in front of it).")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the gateway (and its "
+                      "/healthz, /readyz, /metrics).")
+    segment_write_keys: list[SecretStr] = Field(
+        default_factory=list, description='Write keys /v1/* accept (JSON list, e.g. ["wk1"]); '
+        "HTTP Basic user name or writeKey in the body. Never logged.")
+    stripe_webhook_secrets: list[SecretStr] = Field(
+        default_factory=list, description="Stripe endpoint signing secrets (whsec_...), JSON "
+        "list. Never logged.")
+    zendesk_signing_secrets: list[SecretStr] = Field(
+        default_factory=list, description="Zendesk webhook signing secrets, JSON list. Never "
+        "logged.")
+    intercom_client_secrets: list[SecretStr] = Field(
+        default_factory=list, description="Intercom app client secrets (X-Hub-Signature), JSON "
+        "list. Never logged.")
+    signature_tolerance_s: float = Field(
+        300.0, ge=0, le=86_400, description="Stripe and Zendesk signatures older (or newer) than "
+        "this are refused (replay protection).")
+    max_message_bytes: int = Field(32 * 1024, ge=1024, le=1_048_576,
+                                   description="Largest Segment message (Segment: 32 KB).")
+    max_batch_bytes: int = Field(500 * 1024, ge=1024, le=16_777_216,
+                                 description="Largest Segment request body, after gzip (500 KB).")
+    max_webhook_bytes: int = Field(1_048_576, ge=1024, le=16_777_216,
+                                   description="Largest webhook body.")
+    max_inflight: int = Field(256, ge=1, le=100_000, description="Requests handled at once; "
+                              "beyond it the gateway answers 503 with Retry-After.")
+    produce_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest a request waits "
+                                     "for Kafka to acknowledge; then 503 with Retry-After.")
+    retry_after_s: int = Field(5, ge=1, le=3600,
+                               description="Retry-After of a 503 (Kafka cannot take it now).")
+    idempotence: bool = Field(True, description="Idempotent producer (acks=all always). A "
+                              "broker without InitProducerId (Tansu 0.6) falls back to "
+                              "non-idempotent acks=all, with a warning.")
+
+
+class StripeSettings(BaseModel):
+    """`churnsignal sync stripe`: Stripe's API, read with a restricted key."""
+
+    api_key: SecretStr | None = Field(
+        None, description="A restricted key with read access to Customers, Subscriptions and "
+        "Events (rk_live_...); or CHURNSIGNAL_STRIPE__API_KEY_FILE. Never logged.")
+    api_base: str | None = Field(
+        None, description="Stripe API base URL; unset: Stripe's own (https://api.stripe.com). "
+        "For stripe-mock or a test server.")
+    page_size: int = Field(100, ge=1, le=100, description="Objects per list request.")
+    max_network_retries: int = Field(
+        3, ge=0, le=20, description="Retries of connection errors, 409 and 5xx answers (the "
+        "stripe library's own, with its back-off).")
+    rate_limit_retries: int = Field(
+        8, ge=0, le=100, description="Retries of one request answered 429 (rate limited).")
+    rate_limit_backoff_s: float = Field(
+        1.0, gt=0, le=60, description="First wait after a 429; doubled each retry, jittered.")
+    rate_limit_backoff_max_s: float = Field(30.0, gt=0, le=600,
+                                            description="Longest wait after a 429.")
+    events_days: int = Field(30, ge=1, le=30, description="Days of Events to read (Stripe "
+                             "keeps 30).")
+
+    @field_validator("api_key", "api_base", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        if isinstance(v, SecretStr):
+            v = v.get_secret_value()
+        return None if isinstance(v, str) and not v.strip() else v
 
 
 # RFC 6750 b64token: what a bearer token may hold (hex, base64 and base64url all fit).
@@ -227,8 +379,11 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     sink: SinkSettings = Field(default_factory=SinkSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     views: ViewSettings = Field(default_factory=ViewSettings)
+    stripe: StripeSettings = Field(default_factory=StripeSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -325,7 +480,15 @@ def mask_dsn(dsn: str) -> str:
 
 # Secrets may come from files (Docker/Kubernetes secrets): NAME_FILE=/path sets NAME.
 SECRET_VARIABLES = ("CHURNSIGNAL_KAFKA__SASL_PASSWORD", "CHURNSIGNAL_CLICKHOUSE_DSN",
-                    "CHURNSIGNAL_WEBHOOK__URL", "CHURNSIGNAL_API_TOKEN")
+                    "CHURNSIGNAL_WEBHOOK__URL", "CHURNSIGNAL_API_TOKEN",
+                    "CHURNSIGNAL_NOTIFY__WEBHOOK_URL", "CHURNSIGNAL_NOTIFY__WEBHOOK_SECRET",
+                    "CHURNSIGNAL_NOTIFY__SLACK_WEBHOOK_URL",
+                    "CHURNSIGNAL_NOTIFY__PAGERDUTY_ROUTING_KEY",
+                    "CHURNSIGNAL_STRIPE__API_KEY",
+                    "CHURNSIGNAL_GATEWAY__SEGMENT_WRITE_KEYS",
+                    "CHURNSIGNAL_GATEWAY__STRIPE_WEBHOOK_SECRETS",
+                    "CHURNSIGNAL_GATEWAY__ZENDESK_SIGNING_SECRETS",
+                    "CHURNSIGNAL_GATEWAY__INTERCOM_CLIENT_SECRETS")
 
 
 def _secrets_from_files() -> dict[str, str]:

@@ -1,0 +1,128 @@
+"""The gateway's Kafka producer: acks=all, idempotent where the broker allows, every send
+awaited to its acknowledgement within a bound, (re)connected in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, UnknownError, UnsupportedVersionError
+
+log = logging.getLogger("churnsignal.gateway")
+
+
+class KafkaUnavailable(Exception):
+    """Kafka did not acknowledge in time (or is not connected): answer 503."""
+
+
+@dataclass(frozen=True, slots=True)
+class Out:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+class Producer:
+    def __init__(self, options: dict[str, Any], *, idempotence: bool, timeout_s: float,
+                 max_request_size: int) -> None:
+        self.options = options
+        self.idempotence = idempotence
+        self.timeout_s = timeout_s
+        self.max_request_size = max_request_size
+        self.producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def _new(self, idempotent: bool) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            acks="all", enable_idempotence=idempotent, linger_ms=2,
+            request_timeout_ms=int(self.timeout_s * 1000),
+            max_request_size=self.max_request_size, **self.options)
+
+    async def _connect(self) -> None:
+        delay = 0.2
+        while not self._closing:
+            candidate = self._new(self.idempotence)
+            try:
+                await candidate.start()
+            except (UnknownError, UnsupportedVersionError) as exc:
+                await _quiet_stop(candidate)
+                if not self.idempotence:
+                    raise
+                log.warning("the broker refused an idempotent producer (%s: InitProducerId "
+                            "unsupported, e.g. Tansu 0.6): using acks=all without idempotence; "
+                            "retried sends may write a record twice, which the worker "
+                            "deduplicates by event id", type(exc).__name__)
+                self.idempotence = False
+                continue
+            except (KafkaError, OSError) as exc:
+                await _quiet_stop(candidate)
+                log.warning("Kafka not reachable yet (%s); retrying in %.1fs",
+                            type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.producer = candidate
+            log.info("gateway producer connected (acks=all, idempotence=%s)", self.idempotence)
+            return
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._connect())
+
+    @property
+    def connected(self) -> bool:
+        return self.producer is not None
+
+    async def send_all(self, records: Sequence[Out]) -> None:
+        """Every record acknowledged by Kafka (acks=all), or KafkaUnavailable. Some may have
+        been written when it raises: the sender retries, the worker deduplicates."""
+        producer = self.producer
+        if producer is None:
+            raise KafkaUnavailable("not connected to Kafka yet")
+
+        async def run() -> None:
+            futures = [await producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
+                       for r in records]
+            await asyncio.gather(*futures)
+
+        try:
+            await asyncio.wait_for(run(), timeout=self.timeout_s)
+        except TimeoutError:
+            raise KafkaUnavailable(f"Kafka did not acknowledge within {self.timeout_s:g}s") \
+                from None
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"Kafka refused the write ({type(exc).__name__})") from None
+
+    async def topics_present(self, topics: Sequence[str]) -> tuple[bool, str]:
+        producer = self.producer
+        if producer is None:
+            return False, "not connected to Kafka"
+        try:
+            cluster = await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=3.0)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            return False, f"Kafka metadata unavailable ({type(exc).__name__})"
+        missing = sorted(set(topics) - set(cluster.topics()))
+        if missing:
+            return False, f"missing topics: {', '.join(missing)}"
+        return True, "ok"
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.producer is not None:
+            await _quiet_stop(self.producer)
+            self.producer = None
+
+
+async def _quiet_stop(producer: AIOKafkaProducer) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(producer.stop(), timeout=10)
