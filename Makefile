@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KAFKA_DIR ?= .cache/kafka-test
 
-.PHONY: demo test test-unit test-tansu test-kafka lint typecheck compose-check bench venv clean
+.PHONY: demo test test-unit test-tansu test-kafka lint typecheck compose-check bench bench-gateway venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,dev,backtest,stripe,bench]'
 	$(VENV)/bin/churnsignal bench
+
+bench-gateway: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,dev,backtest,stripe,bench]'
+	$(VENV)/bin/churnsignal bench --gateway
 
 lint: $(STAMP) typecheck
 	$(VENV)/bin/ruff check .

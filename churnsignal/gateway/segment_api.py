@@ -17,13 +17,14 @@ A message without ``messageId`` first gets the id the worker would derive from i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from churnsignal.schemas import segment
+from churnsignal.schemas import identity, segment
 from churnsignal.schemas._util import str_id
 from churnsignal.schemas.decode import DecodeOptions, decode
 from churnsignal.schemas.results import Rejected
@@ -66,6 +67,12 @@ def parse_time(value: Any) -> float | None:
     return parsed.timestamp() if parsed.tzinfo is not None else None
 
 
+# Every message of a request shares its receivedAt and (mostly) its batch's sentAt: formatted
+# and parsed once per request, not once per message.
+_received_iso = functools.lru_cache(maxsize=16)(iso)
+_sent_time = functools.lru_cache(maxsize=64)(parse_time)
+
+
 def normalise(message: dict[str, Any], received: float, sent_at: Any) -> dict[str, Any]:
     """The message as Segment's servers pass it on (see the module doc)."""
     out = dict(message)
@@ -73,10 +80,11 @@ def normalise(message: dict[str, Any], received: float, sent_at: Any) -> dict[st
         out["messageId"] = segment.event_id(message)
     sent = out.get("sentAt", sent_at)
     original = out.get("timestamp") or out.get("originalTimestamp")
-    out["receivedAt"] = iso(received)
+    out["receivedAt"] = _received_iso(received)
     if sent is not None:
         out["sentAt"] = sent
-    original_s, sent_s = parse_time(original), parse_time(sent)
+    original_s = parse_time(original)
+    sent_s = _sent_time(sent) if isinstance(sent, str) else None
     if original_s is not None:
         out["originalTimestamp"] = original
         if sent_s is not None:
@@ -126,9 +134,11 @@ def check(message: Any, max_bytes: int, received: float, sent_at: Any, opts: Dec
         return Invalid("not_object", f"message is JSON {type(message).__name__}, not an object",
                        raw)
     # The write key is a credential: it never reaches a topic, the dead-letter one included.
-    message = {k: v for k, v in message.items() if k != "writeKey"}
-    if call is not None:
-        message["type"] = call
+    # (Copied only when changed here: normalise copies it anyway.)
+    if "writeKey" in message or call is not None:
+        message = {k: v for k, v in message.items() if k != "writeKey"}
+        if call is not None:
+            message["type"] = call
     raw = _dumps(message)
     if len(raw) > max_bytes:
         return Invalid("too_large", f"message is {len(raw)} bytes; limit {max_bytes}", raw)
@@ -143,6 +153,13 @@ def check(message: Any, max_bytes: int, received: float, sent_at: Any, opts: Dec
     result = decode(value, opts, received, "segment")
     if isinstance(result, Rejected):
         return Invalid(result.reason, result.detail, raw)
+    # A usage event the decoder attributed to an account names the account record_key would
+    # find first (segment._account of the same message): no need to look again.
+    event = getattr(result, "event", None)
+    account = getattr(event, "account_id", None)
+    if (isinstance(account, str) and getattr(event, "type", None) != "account_traits"
+            and not identity.is_identity(account)):
+        return Record(account.encode("utf-8", "replace")[:400], value)
     return Record(record_key(out), value)
 
 

@@ -3,14 +3,27 @@
 Used by the demo, the benchmark and tests. Deterministic for a seed. Each account follows a
 profile: healthy (most), declining usage, failed payments, stalled onboarding, support
 overload, scheduled cancellation, or silent.
+
+``GatewaySender`` delivers the messages the way the providers do, through `churnsignal
+gateway`: Segment batches to ``/v1/batch`` (HTTP Basic, the write key as user name),
+Stripe Events to ``/webhooks/stripe`` signed as Stripe signs them (``Stripe-Signature``),
+Zendesk tickets to ``/webhooks/zendesk`` signed as Zendesk does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
+import hmac
 import random
-from dataclasses import dataclass
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import aiohttp
 import orjson
 
 DAY = 86_400.0
@@ -193,3 +206,122 @@ class Generator:
             account, profile = self.rng.choice(self.accounts)
             if profile not in ("silent", "declining"):
                 return self._usage(account, ts, 5)
+
+
+# -- through the gateway --------------------------------------------------------------------
+
+
+def stripe_signature(secret: str, body: bytes, at: float) -> str:
+    """``Stripe-Signature`` as Stripe sends it: ``t=<unix>,v1=<hex HMAC-SHA256 of "t.body">``."""
+    t = int(at)
+    digest = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={digest}"
+
+
+def zendesk_signature(secret: str, body: bytes, at: float) -> dict[str, str]:
+    """Zendesk's webhook headers: base64 HMAC-SHA256 over timestamp + body."""
+    stamp = datetime.fromtimestamp(int(at), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    digest = hmac.new(secret.encode(), stamp.encode() + body, hashlib.sha256).digest()
+    return {"X-Zendesk-Webhook-Signature": base64.b64encode(digest).decode(),
+            "X-Zendesk-Webhook-Signature-Timestamp": stamp}
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayCredentials:
+    write_key: str
+    stripe_secret: str
+    zendesk_secret: str
+
+
+@dataclass
+class SentStats:
+    segment_messages: int = 0
+    segment_batches: int = 0
+    stripe_webhooks: int = 0
+    zendesk_webhooks: int = 0
+    dead_lettered: int = 0  # messages of a batch the gateway refused (on churn.dlq)
+    retried: int = 0  # 503 + Retry-After answers, sent again
+
+    @property
+    def events(self) -> int:
+        """Records the gateway wrote to the source topics."""
+        return (self.segment_messages - self.dead_lettered + self.stripe_webhooks
+                + self.zendesk_webhooks)
+
+
+@dataclass
+class GatewaySender:
+    """Posts synthetic messages to a gateway as the providers would; every answer is checked
+    (a refusal raises, a 503 is retried after its ``Retry-After``, as the SDKs and Stripe do)."""
+
+    url: str
+    credentials: GatewayCredentials
+    session: aiohttp.ClientSession
+    batch_size: int = 500  # ~170 KB of track calls: under Segment's 500 KB per batch
+    stats: SentStats = field(default_factory=SentStats)
+
+    async def _post(self, path: str, body: bytes, headers: dict[str, str],
+                    auth: aiohttp.BasicAuth | None = None) -> dict[str, object]:
+        for attempt in range(20):
+            async with self.session.post(self.url + path, data=body, headers=headers,
+                                         auth=auth) as resp:
+                text = await resp.read()
+                if resp.status == 200:
+                    answer: dict[str, object] = orjson.loads(text)
+                    return answer
+                if resp.status != 503 or attempt == 19:
+                    raise RuntimeError(f"the gateway answered {resp.status} to {path}: "
+                                       f"{text[:500].decode(errors='replace')}")
+                self.stats.retried += 1
+                await asyncio.sleep(min(1.0, float(resp.headers.get("Retry-After", "1"))))
+        raise AssertionError("unreachable")
+
+    async def batch(self, values: Sequence[bytes]) -> None:
+        """One Segment ``/v1/batch`` request (the SDKs' ``sentAt`` set now)."""
+        if not values:
+            return
+        sent_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        body = b'{"batch":[' + b",".join(values) + b'],"sentAt":"' + sent_at.encode() + b'"}'
+        answer = await self._post("/v1/batch", body, {"Content-Type": "application/json"},
+                                  aiohttp.BasicAuth(self.credentials.write_key, ""))
+        self.stats.segment_messages += len(values)
+        self.stats.segment_batches += 1
+        self.stats.dead_lettered += int(answer.get("dead_lettered", 0))  # type: ignore[call-overload]
+
+    async def webhook(self, m: Message) -> None:
+        now = time.time()
+        if m.topic == "billing":
+            headers = {"Stripe-Signature": stripe_signature(self.credentials.stripe_secret,
+                                                            m.value, now)}
+            path = "/webhooks/stripe"
+            self.stats.stripe_webhooks += 1
+        elif m.topic == "support":
+            headers = zendesk_signature(self.credentials.zendesk_secret, m.value, now)
+            path = "/webhooks/zendesk"
+            self.stats.zendesk_webhooks += 1
+        else:
+            raise ValueError(f"not a webhook: {m.topic}")
+        await self._post(path, m.value, {"Content-Type": "application/json", **headers})
+
+    async def _lane(self, messages: Sequence[Message]) -> None:
+        pending: list[bytes] = []
+        for m in messages:
+            if m.topic == "usage":
+                pending.append(m.value)
+                if len(pending) >= self.batch_size:
+                    await self.batch(pending)
+                    pending = []
+            else:  # in order with the account's usage before it
+                await self.batch(pending)
+                pending = []
+                await self.webhook(m)
+        await self.batch(pending)
+
+    async def send(self, messages: Sequence[Message], lanes: int = 8) -> None:
+        """Every message, in order per account: the accounts are spread over ``lanes``
+        concurrent senders, each posting its accounts' messages in order."""
+        split: list[list[Message]] = [[] for _ in range(lanes)]
+        for m in messages:
+            account = m.key.removeprefix(b"cus_")
+            split[zlib.crc32(account) % lanes].append(m)
+        await asyncio.gather(*(self._lane(part) for part in split))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,23 +40,106 @@ def _running(needle: str) -> list[str]:
     return found
 
 
+def _commands(needle: str) -> list[str]:
+    """Full command lines of the processes ``_running`` finds."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            blob = cmdline + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle.encode() in blob:
+            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def _summary_rows(out: str) -> dict[str, str]:
+    return {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in out.splitlines() if line.count("│") == 3}
+
+
+async def _first_records(bootstrap: str, topic: str, n: int) -> list[Any]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    got: list[Any] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(got) < n and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                got.extend(records)
+    finally:
+        await consumer.stop()
+    return got[:n]
+
+
 def test_demo_shows_alerts_and_clickhouse_rows_and_leaves_nothing_running(tmp_path) -> None:
+    """`churnsignal demo` sends everything through a real gateway process (what is on the
+    source topics carries the gateway's headers; its own /metrics count it), the worker
+    delivers alerts to the demo's receiver, which verifies their Standard Webhooks signatures."""
+    import asyncio
+    import urllib.request
+
     state_dir = tmp_path / "demo"
-    code, out, _ = run(["demo", "--duration", "12", "--accounts", "120", "--state-dir",
-                        str(state_dir)])
-    assert code == 0, out[-3000:]
+    output = tmp_path / "demo.out"
+    with output.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "churnsignal", "demo", "--duration", "12", "--accounts",
+             "120", "--state-dir", str(state_dir)], stdout=sink, stderr=sink,
+            env={k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"})
+    try:
+        deadline = time.monotonic() + 180
+        while "history events" not in output.read_text():  # the history went through
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                output.read_text()[-3000:]
+            time.sleep(0.3)
+        text = output.read_text()
+        broker = re.search(r"embedded broker at (127\.0\.0\.1:\d+)", text)
+        gateway = re.search(r"gateway (http://127\.0\.0\.1:\d+) \(Segment write key", text)
+        assert broker is not None and gateway is not None, text[-3000:]
+        # While the demo runs: the gateway counted what it wrote, and wrote it with its headers.
+        with urllib.request.urlopen(gateway.group(1) + "/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        written = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'churnsignal_gateway_records_total\{topic="([^"]+)"\} (\S+)', metrics)}
+        assert written["usage.events"] > 1000 and written["billing.events"] > 0, written
+        for topic, source in (("usage.events", b"segment"), ("billing.events", b"stripe"),
+                              ("support.events", b"zendesk")):
+            records = asyncio.run(_first_records(broker.group(1), topic, 20))
+            assert records, topic
+            for record in records:
+                headers = dict(record.headers or ())
+                assert headers["source"] == source and headers["request-id"], (topic, headers)
+        assert proc.wait(240) == 0, output.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    out = output.read_text()
     assert "ALERT" in out
     assert "churnsignal demo summary" in out
-    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
-            for line in out.splitlines() if line.count("│") == 3}
+    rows = _summary_rows(out)
     assert int(rows["ClickHouse rows: account_daily"]) > 0
     assert int(rows["ClickHouse rows: alerts"]) > 0
     assert rows["sum(events) in account_daily"].split()[0] == rows["events processed"].split()[0]
+    sent = int(rows["events sent through the gateway"])
+    assert int(rows["gateway: records written"]) == sent
+    assert int(rows["events processed"].split()[0]) == sent
+    assert int(rows["signed Stripe webhooks"]) > 0 and int(rows["signed Zendesk webhooks"]) > 0
+    # Alert delivery: every alert reached the receiver, every signature verified.
+    delivered = int(rows["receiver: alerts delivered"].split()[0])
+    assert delivered == int(rows["alerts"]) > 0, rows
+    verified, _, deliveries = rows["receiver: signatures verified"].split()[:3]
+    assert int(verified) == int(deliveries) >= delivered
+    assert rows["receiver: signatures refused"] == "0"
     assert "FROM account_risk" in out
-    broker = re.search(r"embedded broker at (127\.0\.0\.1:\d+)", out)
-    assert broker is not None
     assert _running(f"tcp://{broker.group(1)}") == []  # the demo's Tansu
-    assert _running(str(state_dir)) == []  # its worker
+    assert _running(str(state_dir)) == []  # its worker and its gateway
 
 
 def test_bad_setting_is_one_line_naming_it() -> None:
@@ -101,13 +185,15 @@ def test_a_killed_demo_takes_its_worker_and_broker_with_it(tmp_path: Path) -> No
             env={k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"})
     try:
         deadline = time.monotonic() + 120
-        while not list(state_dir.rglob("worker.log")):
+        while not (list(state_dir.rglob("worker.log")) and list(state_dir.rglob("gateway.log"))):
             assert time.monotonic() < deadline, output.read_text()[-3000:]
             time.sleep(0.5)
         time.sleep(3)
         broker = re.search(r"embedded broker at (127\.0\.0\.1:\d+)", output.read_text())
         assert broker is not None, output.read_text()[-3000:]
         assert _running(str(state_dir)) and _running(f"tcp://{broker.group(1)}")
+        children = " | ".join(_commands(str(state_dir)))
+        assert "churnsignal worker" in children and "churnsignal gateway" in children, children
     finally:
         proc.kill()  # SIGKILL: none of the demo's own cleanup runs
         proc.wait(30)
@@ -116,3 +202,26 @@ def test_a_killed_demo_takes_its_worker_and_broker_with_it(tmp_path: Path) -> No
         assert time.monotonic() < deadline, (_running(str(state_dir)),
                                              _running(f"tcp://{broker.group(1)}"))
         time.sleep(0.5)
+
+
+def test_bench_gateway_measures_the_gateway_beside_the_bare_forwarder(tmp_path: Path) -> None:
+    # The real command with 1-second phases: both servers answered every request of every
+    # phase, and every figure docs/benchmark.md records is there (the figures themselves are
+    # the benchmark's, not a test's).
+    import json
+
+    out_dir = tmp_path / "bench"
+    code, out, _ = run(["bench", "--gateway", "--out", str(out_dir)],
+                       env={"_CHURNSIGNAL_BENCH_PHASE_S": "1"}, timeout=300)
+    assert code == 0, out[-3000:]
+    results = json.loads((out_dir / "gateway.json").read_text())
+    for server in ("forwarder", "gateway"):
+        r = results[server]
+        for phase in ("batch_max", "track_max", "batch_half", "track_half"):
+            assert r[phase]["requests_ok"] > 0 and r[phase]["errors"] == {}, (server, phase, r)
+            assert 0 < r[phase]["p50_s"] <= r[phase]["p99_s"], (server, phase, r)
+        assert r["batch_max"]["events_ok"] == 100 * r["batch_max"]["requests_ok"]
+        assert r["batch_max"]["server_cpu_s"] > 0 and r["batch_max"]["events_per_server_cpu_s"] > 0
+        assert 0 < r["rss_start_mb"] <= r["rss_peak_mb"] and r["rss_end_mb"] > 0
+    assert results["gateway_vs_forwarder_batch"] > 0
+    assert "target events per CPU-second of the gateway" in out and "written:" in out

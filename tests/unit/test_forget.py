@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from churnsignal.app.forget import ForgetReport, request_body
-from churnsignal.schemas import identity
+from churnsignal.schemas import identity, intercom
 from churnsignal.stream import packs
 from churnsignal.stream.checkpoint import Checkpoint
 from churnsignal.stream.clock import PartitionClock
@@ -167,6 +167,38 @@ def test_a_user_forgets_its_keys_visitors_and_waiting_events_and_its_traces() ->
     assert events(store, "acme") == 4
 
 
+def test_a_user_forgets_its_intercom_contact_as_it_does_its_segment_user() -> None:
+    """An Intercom contact is a person like a Segment user: `forget user` deletes its key
+    (``~intercom:contact:<id>``, with the conversations waiting under it for a company),
+    linked or not, and its forwarding high-water in the account it was linked to."""
+    store = MemoryStateStore(PARTITIONS)
+    contact, waiting = intercom.contact_key("c1"), intercom.contact_key("c2")
+    assert contact == "~intercom:contact:c1"
+    _identity(store, contact, "acme")
+    _identity(store, waiting, None, parked=3)  # conversations waiting for c2's company
+    _identity(store, intercom.contact_key("c3"), "acme")
+    fold_step(store, pack([[contact, 2, {**usage(1, 0.2), "user_id": "c1"}]]), home("acme"), 1,
+              POLICY, PartitionClock())
+    checkpointed(store)
+    state = store.get("acme")
+    assert state is not None and contact in state.hw
+
+    done = _phase(store, "user", "c1", "identities")
+    assert sum(d.identities for d in done) == 1 and sum(d.parked for d in done) == 0
+    assert store.peek_identity(contact) is None
+    assert store.peek_identity(waiting) is not None  # another person's
+    done = _phase(store, "user", "c2", "identities")
+    assert sum(d.identities for d in done) == 1 and sum(d.parked for d in done) == 3
+    assert store.peek_identity(waiting) is None
+    assert store.peek_identity(intercom.contact_key("c3")) is not None
+
+    done = _phase(store, "user", "c1", "states")
+    assert sum(d.scrubbed for d in done) == 1
+    state = store.get("acme")
+    assert state is not None and contact not in state.hw
+    assert id_hash("c1") & 0xFFFFFFFF not in state.day_users[max(state.day_users)]
+
+
 class ForgetRecorder(Recorder):
     def __init__(self) -> None:
         super().__init__()
@@ -230,7 +262,7 @@ def test_the_command_sums_up_the_confirmations() -> None:
     assert "account state      1 deleted" in text and "5 deleted" in text
     user = request_body("user", "u1", PARTITIONS, "r2", "identities", NOW)
     assert user["keys"] == [identity.segment_user("u1"), identity.segment_anonymous("u1"),
-                            identity.zendesk_user("u1")]
+                            identity.zendesk_user("u1"), intercom.contact_key("u1")]
     with pytest.raises(Exception, match="not an account id"):
         request_body("account", "~segment:user:u1", PARTITIONS, "r3", "states", NOW)
 
