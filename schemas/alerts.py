@@ -6,9 +6,11 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# 2: ``plan`` (the account attribute routing rules read). Version 1 alerts (without it)
-# still validate, and a consumer of version 1 that ignores unknown fields reads version 2.
-ALERT_SCHEMA_VERSION: Final = 2
+# 3: ``attributes`` (the account attributes the policy maps from Segment group traits).
+# 2: ``plan`` (the account attribute routing rules read). Version 1 and 2 alerts (without
+# them) still validate, and a consumer of an older version that ignores unknown fields
+# reads the newer ones.
+ALERT_SCHEMA_VERSION: Final = 3
 
 
 class AlertReason(BaseModel):
@@ -27,7 +29,7 @@ class Alert(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    schema_version: Literal[1, 2] = ALERT_SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = ALERT_SCHEMA_VERSION
     alert_id: str = Field(description="Deterministic: the same history gives the same id.")
     account_id: str
     kind: Literal["escalated", "deescalated"]
@@ -42,3 +44,7 @@ class Alert(BaseModel):
     policy_version: str
     plan: str | None = Field(None, description="The account's plan (from billing) when the "
                              "alert fired; None when unknown. Since schema version 2.")
+    attributes: dict[str, str] | None = Field(
+        None, description="The account's attributes the policy maps from "
+        "Segment group traits (accounts.traits, e.g. tier, csm): at most 8, values at "
+        "most 64 characters; None when it maps none or none is known. Since schema version 3.")

@@ -1,5 +1,5 @@
 """Segment spec messages (track, page, screen, identify, group, alias) -> canonical usage
-events (pure).
+events, and group traits the policy maps -> ``account_traits`` events (pure).
 
 What Segment's spec pages print, old and new, is accepted: ``messageId`` is *implicit* (set
 by Segment's libraries, absent from raw producers), so its absence is not an error; the
@@ -13,12 +13,16 @@ posted to the HTTP Tracking API's ``/v1/track`` endpoint has no ``type`` at all.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import orjson
 
 from churnsignal.schemas import identity
 from churnsignal.schemas._util import dict_at, get_in, str_id, text
+
+# A group trait kept as an account attribute: its value cut to this many characters.
+TRAIT_VALUE_MAX = 64
 
 SEGMENT_CALLS = frozenset({"track", "page", "screen", "identify", "group", "alias"})
 
@@ -136,13 +140,67 @@ def links(payload: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def trait_value(value: Any) -> str | None:
+    """A trait's value as an attribute value: text (cut to TRAIT_VALUE_MAX), a number or a
+    boolean as text; None for null, an empty text or anything else (objects, lists)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)[:TRAIT_VALUE_MAX]
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return (str(int(value)) if value.is_integer() and abs(value) < 1e15
+                else repr(value))[:TRAIT_VALUE_MAX]
+    if isinstance(value, str):
+        value = value.strip()
+        return value[:TRAIT_VALUE_MAX] or None
+    return None
+
+
+def pick_traits(traits: Any, keys: frozenset[str]) -> dict[str, str | None]:
+    """The wanted trait keys a group call's ``traits`` carries (a null, empty or unusable
+    value as None: it clears the attribute). Empty when it carries none of them."""
+    if not keys or not isinstance(traits, dict):
+        return {}
+    return {key: trait_value(traits[key]) for key in sorted(keys) if key in traits}
+
+
+def _timestamp(payload: dict[str, Any]) -> Any:
+    return (payload.get("timestamp") or payload.get("originalTimestamp")
+            or payload.get("receivedAt") or payload.get("sentAt"))
+
+
+def account_traits(payload: dict[str, Any], trait_keys: frozenset[str]) -> dict[str, Any] | None:
+    """A group call's traits among ``trait_keys`` (the policy's accounts.traits) as a canonical
+    ``account_traits`` event of its ``groupId``; None when it names no account or time, or
+    carries none of them (the call then only teaches its links)."""
+    account = str_id(payload.get("groupId"))
+    timestamp = _timestamp(payload)
+    traits = pick_traits(payload.get("traits"), trait_keys)
+    if account is None or not timestamp or not traits:
+        return None
+    return {
+        "event_id": event_id(payload),
+        "account_id": account,
+        "user_id": str_id(payload.get("userId")) or str_id(payload.get("anonymousId")),
+        "type": "account_traits",
+        "occurred_at": timestamp,
+        "data": {"traits": traits},
+    }
+
+
 def to_canonical(
-    payload: dict[str, Any], activation: frozenset[str] = frozenset()
+    payload: dict[str, Any], activation: frozenset[str] = frozenset(),
+    trait_keys: frozenset[str] = frozenset(),
 ) -> dict[str, Any] | str:
-    """A canonical usage event dict, or a skip reason for calls that carry no usage."""
+    """A canonical usage event dict (or, for a group call with traits among ``trait_keys``,
+    an ``account_traits`` event), or a skip reason for calls that carry neither."""
     call = call_of(payload)
     if call is None:
         raise ValueError("not a Segment call: no type and no event name")
+    if call == "group" and trait_keys:
+        return account_traits(payload, trait_keys) or "segment_unused"
     if call in ("identify", "group", "alias"):
         return "segment_unused"
     properties = dict_at(payload, "properties")
@@ -155,8 +213,7 @@ def to_canonical(
         name = f"{call}:{text(payload.get('name')) or text(properties.get('path')) or ''}"
     kind = "session" if call in ("page", "screen") else _kind(name, properties, activation)
     feature = text(properties.get("feature")) or (name if kind == "feature_used" else None)
-    timestamp = (payload.get("timestamp") or payload.get("originalTimestamp")
-                 or payload.get("receivedAt") or payload.get("sentAt"))
+    timestamp = _timestamp(payload)
     return {
         "event_id": event_id(payload),
         "account_id": account,

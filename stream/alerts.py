@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from churnsignal.schemas.alerts import Alert, AlertReason
+from churnsignal.stream.attributes import mapped
 from churnsignal.stream.policy import BANDS, Band, Policy
 from churnsignal.stream.reasons import IMMEDIATE, Reason, Score
 from churnsignal.stream.state import AccountState
@@ -131,4 +132,5 @@ def decide(state: AccountState, scored: Score, now: float, trigger_event_id: str
         emitted_at=now,
         policy_version=policy.version,
         plan=state.plan,
+        attributes=mapped(state.attributes, policy.accounts.traits),
     )

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from churnsignal.errors import ConfigError
 from churnsignal.notify.routing import NotifyPolicy
+from churnsignal.stream.attributes import AccountsPolicy
 
 Band = Literal["low", "medium", "high", "critical"]
 BASE_COLUMNS = 7  # a state's day bucket: events, usage, sessions, users, billing, support, key
@@ -187,6 +188,19 @@ class Policy(_Frozen):
     # Named alert destinations and routing rules (churnsignal.notify.routing); None: the
     # environment's destinations receive every alert.
     notify: NotifyPolicy | None = None
+    # Account attributes read from Segment group traits (churnsignal.stream.attributes);
+    # empty: none kept.
+    accounts: AccountsPolicy = AccountsPolicy()
+
+    @model_validator(mode="after")
+    def _routed_attributes_mapped(self) -> Policy:
+        for i, route in enumerate(self.notify.routes if self.notify else (), 1):
+            for name in route.attributes or ():
+                if name not in self.accounts.traits:
+                    raise ValueError(
+                        f"notify route {i}: attribute {name!r} is not mapped in accounts.traits "
+                        f"(mapped: {', '.join(self.accounts.traits) or 'none'})")
+        return self
 
     @cached_property
     def tracked_types(self) -> list[str]:

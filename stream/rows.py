@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from churnsignal.schemas.alerts import Alert
+from churnsignal.schemas.events import ACCOUNT_TYPES
 from churnsignal.stream.engine import Outcome
 from churnsignal.stream.reasons import Score
 from churnsignal.stream.state import BILLING, EVENTS, SESSIONS, SUPPORT, USAGE, USERS, AccountState
@@ -16,7 +17,7 @@ SCORE_COLUMNS = ("account_id", "as_of", "score", "band", "reasons", "mrr_cents",
                  "plan", "version", "policy", "shadow_score", "shadow_band", "shadow_policy")
 ALERT_COLUMNS = ("alert_id", "account_id", "kind", "band", "previous_band", "score",
                  "reasons", "plays", "mrr_at_risk_cents", "trigger_event_id", "triggered_at",
-                 "emitted_at", "policy_version")
+                 "emitted_at", "policy_version", "plan", "attributes")
 
 ACTION_COLUMNS = ("account_id", "action_id", "alert_id", "action", "band", "until", "at", "by",
                   "note")
@@ -66,7 +67,8 @@ def alert_row(alert: Alert) -> tuple[object, ...]:
     return (alert.alert_id, alert.account_id, alert.kind, alert.band, alert.previous_band,
             float(alert.score), [r.code for r in alert.reasons], [r.play for r in alert.reasons],
             alert.mrr_at_risk_cents, alert.trigger_event_id or "", _ts(alert.triggered_at),
-            _ts(alert.emitted_at), alert.policy_version)
+            _ts(alert.emitted_at), alert.policy_version, alert.plan or "",
+            dict(alert.attributes or {}))
 
 
 def action_row(request: dict[str, Any], band: str) -> tuple[object, ...]:
@@ -153,6 +155,8 @@ def fact_rows(out: Outcome) -> tuple[list[tuple[object, ...]], list[tuple[object
     support: list[tuple[object, ...]] = []
     account = out.state.account_id
     for event, mrr_before, involuntary, seq in out.facts:
+        if event.type in ACCOUNT_TYPES:  # the account's attributes: no row of their own
+            continue
         if event.type == "subscription_snapshot":
             billing.extend(snapshot_rows(account, event, seq))
             continue

@@ -223,6 +223,7 @@ def register_views(rt: Runtime) -> None:
             "reasons_at": [r.as_dict() for r in scored.reasons],
             "last_event": state.last_event, "last_active": state.last_active,
             "sub_status": state.sub_status, "plan": state.plan, "mrr_cents": state.mrr_cents,
+            "attributes": state.attributes or None,
             "alerts": state.alerts, "ack_band": state.ack_band or None,
             "ack_until": state.ack_until or None,
         })

@@ -17,6 +17,7 @@ import orjson
 from standardwebhooks.webhooks import Webhook
 
 from churnsignal.schemas.alerts import Alert
+from churnsignal.stream.attributes import ATTRIBUTE_NAME, RESERVED
 
 BANDS: Final = ("low", "medium", "high", "critical")
 PAGERDUTY_SEVERITY: Final = {"critical": "critical", "high": "error", "medium": "warning",
@@ -32,6 +33,11 @@ SLACK_TEXT_MAX: Final = 3000
 SLACK_FIELD_MAX: Final = 2000
 PAGERDUTY_SUMMARY_MAX: Final = 1024
 PAGERDUTY_DEDUP_MAX: Final = 255
+# Account attributes on an alert (the policy maps at most 8, values cut to 64 characters);
+# also bounded here, since a producer with another policy may have written the alert.
+MAX_FACTS: Final = 8
+LABEL_NAME_MAX: Final = 32
+ATTRIBUTE_VALUE_MAX: Final = 64
 
 
 def rank(band: str) -> int:
@@ -75,6 +81,16 @@ def plays(alert: Alert) -> str:
     return ", ".join(dict.fromkeys(r.play for r in alert.reasons))
 
 
+def account_facts(alert: Alert) -> dict[str, str]:
+    """The plan (from billing) and the attributes the policy maps from Segment group traits
+    (schema versions 2 and 3), at most ``MAX_FACTS``, values cut: what the formats show
+    besides the risk, and what routes may match on."""
+    facts = {"plan": alert.plan} if alert.plan else {}
+    for name, value in list((alert.attributes or {}).items())[:MAX_FACTS]:
+        facts.setdefault(name[:LABEL_NAME_MAX], value[:ATTRIBUTE_VALUE_MAX])
+    return facts
+
+
 # --- the generic webhook: Standard Webhooks --------------------------------------------------
 
 def webhook_body(alert: Alert) -> bytes:
@@ -114,6 +130,11 @@ def slack_message(alert: Alert, link: str | None) -> dict[str, Any]:
         {"type": "mrkdwn", "text": f"*Score*\n{alert.score:.0f} / 100"},
         {"type": "mrkdwn", "text": f"*MRR at risk*\n{money(alert.mrr_at_risk_cents)}"},
     ]
+    facts = account_facts(alert)
+    if facts:
+        fields.append({"type": "mrkdwn", "text": _cut("*Account*\n" + "\n".join(
+            f"{_mrkdwn(name)}: {_mrkdwn(value)}" for name, value in facts.items()),
+            SLACK_FIELD_MAX)})
     lines = [f"• {_mrkdwn(r.detail)} ({r.kind}) → play: `{_mrkdwn(r.play)}`"
              for r in alert.reasons]
     blocks: list[dict[str, Any]] = [
@@ -173,6 +194,7 @@ def pagerduty_event(alert: Alert, routing_key: str, app_id: str, min_band: str,
                 "previous_band": alert.previous_band, "score": alert.score,
                 "mrr_at_risk": money(alert.mrr_at_risk_cents), "plays": plays(alert),
                 "reasons": [r.detail for r in alert.reasons], "alert_id": alert.alert_id,
+                **({"account": account_facts(alert)} if account_facts(alert) else {}),
             },
         },
         "client": "churnsignal",
@@ -186,9 +208,18 @@ def pagerduty_event(alert: Alert, routing_key: str, app_id: str, min_band: str,
 # --- Alertmanager API v2 -------------------------------------------------------------------------
 
 def alertmanager_labels(alert: Alert) -> dict[str, str]:
-    return {"alertname": ALERTNAME, "account_id": alert.account_id, "band": alert.band,
-            "reason": alert.reasons[0].code if alert.reasons else "none",
-            "severity": ALERTMANAGER_SEVERITY[alert.band]}
+    """The fixed labels, then one per account attribute (``tier="enterprise"``): only
+    attributes whose names are label names of their own (at most MAX_FACTS, values cut),
+    so Alertmanager routes may match on them. The plan is an annotation: a label changes
+    the alert's identity, and a plan change would resolve and re-fire it."""
+    labels = {"alertname": ALERTNAME, "account_id": alert.account_id, "band": alert.band,
+              "reason": alert.reasons[0].code if alert.reasons else "none",
+              "severity": ALERTMANAGER_SEVERITY[alert.band]}
+    for name, value in sorted((alert.attributes or {}).items())[:MAX_FACTS]:
+        # the names the policy accepts: label names, never one of the fixed labels
+        if ATTRIBUTE_NAME.fullmatch(name) and name not in RESERVED and value:
+            labels[name] = value[:ATTRIBUTE_VALUE_MAX]
+    return labels
 
 
 def alertmanager_annotations(alert: Alert) -> dict[str, str]:
@@ -196,7 +227,8 @@ def alertmanager_annotations(alert: Alert) -> dict[str, str]:
             "mrr_at_risk": money(alert.mrr_at_risk_cents),
             "score": f"{alert.score:.0f}",
             "reasons": "; ".join(r.detail for r in alert.reasons),
-            "alert_id": alert.alert_id}
+            "alert_id": alert.alert_id,
+            **({"plan": alert.plan} if alert.plan else {})}
 
 
 def postable_alert(labels: dict[str, str], annotations: dict[str, str], starts_at: float,

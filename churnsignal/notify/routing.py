@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from churnsignal.schemas.alerts import Alert
+from churnsignal.schemas.segment import trait_value
+from churnsignal.stream.attributes import ATTRIBUTE_NAME, MAX_VALUE
 from churnsignal.stream.reasons import REASONS
 
 Band = Literal["low", "medium", "high", "critical"]
@@ -105,6 +107,35 @@ class Match(_Frozen):
     min_mrr_at_risk: float | None = Field(None, ge=0, description="MRR at risk at least this, "
                                           "in the currency's major unit (1000 = $1,000).")
     plans: list[str] | None = Field(None, min_length=1, description="The account's plan.")
+    attributes: dict[str, list[str]] | None = Field(
+        None, min_length=1, description="Account attributes (the policy's accounts.traits, "
+        "from Segment group calls): each one named must have one of its listed values.")
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _as_text(cls, wanted: Any) -> Any:
+        """Values as the attributes hold them: ``[10, true]`` matches "10" and "true"."""
+        if not isinstance(wanted, dict):
+            return wanted
+        return {name: [trait_value(v) if isinstance(v, bool | int | float) else v
+                       for v in values] if isinstance(values, list) else values
+                for name, values in wanted.items()}
+
+    @field_validator("attributes")
+    @classmethod
+    def _attributes(cls, wanted: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        for name, values in (wanted or {}).items():
+            if not ATTRIBUTE_NAME.fullmatch(name):
+                raise ValueError(f"attribute {name!r} is not an attribute name (lower-case "
+                                 "letters, digits and _)")
+            if not values:
+                raise ValueError(f"attribute {name!r}: list at least one value")
+            for value in values:
+                if not value or len(value) > MAX_VALUE:
+                    raise ValueError(f"attribute {name!r}: value {value[:80]!r} can never "
+                                     f"match (attribute values are 1 to {MAX_VALUE} "
+                                     "characters)")
+        return wanted
 
     @field_validator("reasons")
     @classmethod
@@ -171,7 +202,12 @@ def matches(match: Match, alert: Alert) -> bool:
     if (match.min_mrr_at_risk is not None
             and alert.mrr_at_risk_cents < round(match.min_mrr_at_risk * 100)):
         return False
-    return match.plans is None or alert.plan in match.plans
+    if match.plans is not None and alert.plan not in match.plans:
+        return False
+    if match.attributes is not None:
+        have = alert.attributes or {}
+        return all(have.get(name) in values for name, values in match.attributes.items())
+    return True
 
 
 class Router:

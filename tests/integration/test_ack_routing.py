@@ -147,7 +147,7 @@ def test_ack_and_snooze_quiet_repeats_and_routes_pick_destinations(
         d.tickets("ticket_opened", 1, 2, 3, 4, 5, 6)  # 60 points: high
         d.wait("the escalation to high", lambda: shape(alerts(everything)) == ["escalated:high"])
         first = alerts(everything)[0]
-        assert first["plan"] == "enterprise" and first["schema_version"] == 2
+        assert first["plan"] == "enterprise" and first["schema_version"] == 3
 
         status, ack = d.call("POST", f"/api/accounts/{ACCOUNT}/ack?by=ana%40example.com"
                                      "&note=on%20it")

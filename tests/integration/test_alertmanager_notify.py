@@ -6,6 +6,7 @@ from churn.alerts), and resolve when the account de-escalates."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -36,6 +37,14 @@ receivers:
 def alertmanager(tmp_path: Path) -> Iterator[str]:
     if BINARY is None:
         pytest.skip("prometheus-alertmanager is not installed (.ci/run installs it)")
+    with running_alertmanager(tmp_path) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def running_alertmanager(tmp_path: Path) -> Iterator[str]:
+    """Alertmanager on a free loopback port, stopped by its PID on exit."""
+    assert BINARY is not None
     port = free_port()
     (tmp_path / "am.yml").write_text(CONFIG)
     log = open(tmp_path / "alertmanager.log", "ab")  # noqa: SIM115

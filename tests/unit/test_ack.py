@@ -41,7 +41,7 @@ def test_without_ack_a_dip_and_return_alerts_again() -> None:
     state = AccountState("acme", plan="enterprise")
     got = run(state, [60, 40, 60])
     assert kinds(got) == ["escalated:high", "deescalated:medium", "escalated:high"]
-    assert got[0] is not None and got[0].plan == "enterprise" and got[0].schema_version == 2
+    assert got[0] is not None and got[0].plan == "enterprise" and got[0].schema_version == 3
 
 
 def test_ack_quiets_the_same_band_until_the_band_rises() -> None:

@@ -197,4 +197,4 @@ def test_version_1_alerts_still_read_and_route() -> None:
     routes = NotifyPolicy.model_validate({"routes": [{"to": ["slack"], "plans": ["enterprise"]},
                                                      {"to": ["slack"], "bands": ["critical"]}]})
     assert Router(routes.routes_to("slack"), "high").route(read, 0)  # by its band
-    assert alert().model_dump()["schema_version"] == 2
+    assert alert().model_dump()["schema_version"] == 3
