@@ -35,7 +35,7 @@ SKIP_REASONS = frozenset({
     "too_old",          # older than DecodeOptions.max_age_s: billing/support facts kept as history
     "unattributed",     # names neither an account nor an identity that could lead to one
     "stripe_unused",    # a Stripe Event type churnsignal does not score
-    "segment_unused",   # identify, group, alias: they teach links, carry no usage
+    "segment_unused",   # identify, alias, group (without mapped traits): they teach links
     "zendesk_unused",   # a Zendesk event that is not support activity (user, organization, ...)
     "zendesk_unrated",  # a Zendesk CSAT event without a good/bad score
     "intercom_unused",  # an Intercom topic that is not support activity (contacts, companies)
@@ -46,7 +46,8 @@ SKIP_REASONS = frozenset({
 class DecodeOptions:
     """What decoding needs to know beyond the bytes: limits, source pinning, account mapping."""
 
-    __slots__ = ("account_key", "activation_events", "max_age_s", "max_bytes", "max_future_s")
+    __slots__ = ("account_key", "activation_events", "max_age_s", "max_bytes", "max_future_s",
+                 "trait_keys")
 
     def __init__(
         self,
@@ -56,12 +57,16 @@ class DecodeOptions:
         max_age_s: float = 90 * 86_400.0,
         account_key: str = "account_id",
         activation_events: Iterable[str] = (),
+        trait_keys: Iterable[str] = (),
     ) -> None:
         self.max_bytes = max_bytes
         self.max_future_s = max_future_s
         self.max_age_s = max_age_s
         self.account_key = account_key
         self.activation_events = frozenset(e.lower() for e in activation_events)
+        # Segment group traits kept as account_traits events (the policy's accounts.traits);
+        # none: group calls only teach links (segment_unused)
+        self.trait_keys = frozenset(trait_keys)
 
 
 def detect(payload: dict[str, Any]) -> str | None:
@@ -137,7 +142,8 @@ def _decode_object(payload: dict[str, Any], opts: DecodeOptions, now: float,
             candidate = stripe.to_canonical(payload, opts.account_key)
             links = tuple(stripe.links(payload, opts.account_key))
         elif kind == "segment":
-            candidate = segment.to_canonical(payload, opts.activation_events)
+            candidate = segment.to_canonical(payload, opts.activation_events,
+                                             opts.trait_keys)
             links = tuple(segment.links(payload))
         elif kind == "zendesk":
             candidate = zendesk.to_canonical(payload)
@@ -156,6 +162,10 @@ def _decode_object(payload: dict[str, Any], opts: DecodeOptions, now: float,
         event = EVENT_ADAPTER.validate_python(candidate)
     except ValidationError as exc:
         return Rejected("invalid", f"{kind}: {_short(exc)}")
+    if event.type in SNAPSHOT_TYPES and kind == "canonical":
+        # A snapshot of a Stripe subscription whose account is another id teaches the link
+        # customer -> account, as a Stripe object with the metadata does (stripe.links).
+        links = tuple(stripe.snapshot_links(event.account_id, event.data.stripe_customer_id))
     ts = event.occurred_at.timestamp()
     if ts > now + opts.max_future_s:
         return Rejected("future_timestamp",
@@ -165,5 +175,6 @@ def _decode_object(payload: dict[str, Any], opts: DecodeOptions, now: float,
         # it always reaches the state, which keeps the newest subscription facts by time.
         # History, not garbage: a billing or support event still carries facts worth writing
         # (status, MRR, invoice, ticket); a usage event older than the horizon carries none.
-        return Skipped("too_old", links, event=None if family_of(event.type) == "usage" else event)
+        return Skipped("too_old", links, event=None if family_of(event.type) in (
+            "usage", "account") else event)
     return Accepted(event, links)

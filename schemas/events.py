@@ -24,6 +24,9 @@ FEEDBACK_TYPES = ("satisfaction_rating", "nps_response")
 # A subscription as a backfill describes it (``churnsignal import subscriptions``): history,
 # so the policy horizon does not apply to it.
 SNAPSHOT_TYPES = ("subscription_snapshot",)
+# Facts about the account itself (Segment group traits the policy maps): not activity, no
+# billing or support either; they set the state's attributes and nothing else.
+ACCOUNT_TYPES = ("account_traits",)
 
 SubscriptionStatus = Literal["trialing", "active", "past_due", "unpaid", "paused", "canceled",
                              "incomplete", "incomplete_expired"]
@@ -71,6 +74,10 @@ class SnapshotData(_Strict):
     current_period_end: AwareDatetime | None = None
     cancellation_reason: Name | None = Field(
         None, description="As SubscriptionData's: payment_* means involuntary churn.")
+    stripe_customer_id: Id | None = Field(
+        None, description="The Stripe customer (cus_...) the subscription belongs to, when the "
+        "account is another id: the snapshot then also links that customer to the account, "
+        "so the customer's live events that name no account find it at once.")
 
 
 class PaymentData(_Strict):
@@ -150,23 +157,38 @@ class FeedbackEvent(_Envelope):
     data: FeedbackData
 
 
+class TraitsData(_Strict):
+    traits: dict[Name, Name | None] = Field(
+        default_factory=dict, max_length=32, description="Trait key -> value of a Segment "
+        "group call (only the keys the policy's accounts.traits maps); null clears it.")
+
+
+class TraitsEvent(_Envelope):
+    """An account's traits (a Segment group call): sets its attributes, is not activity."""
+
+    type: Literal["account_traits"]
+    data: TraitsData = Field(default_factory=TraitsData)
+
+
 Event = Annotated[
     UsageEvent | SubscriptionEvent | PaymentEvent | CardEvent | TicketEvent | FeedbackEvent
-    | SnapshotEvent,
+    | SnapshotEvent | TraitsEvent,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 EVENT_TYPES = frozenset(USAGE_TYPES + SUBSCRIPTION_TYPES + PAYMENT_TYPES + CARD_TYPES
-                        + TICKET_TYPES + FEEDBACK_TYPES + SNAPSHOT_TYPES)
+                        + TICKET_TYPES + FEEDBACK_TYPES + SNAPSHOT_TYPES + ACCOUNT_TYPES)
 
 
 USAGE_TYPE_SET = frozenset(USAGE_TYPES)  # for membership tests on the hot path
 
 
 def family_of(event_type: str) -> str:
-    """usage, billing or support: the family an event type belongs to."""
+    """usage, billing, support or account: the family an event type belongs to."""
     if event_type in USAGE_TYPE_SET:
         return "usage"
+    if event_type in ACCOUNT_TYPES:
+        return "account"
     if event_type in TICKET_TYPES or event_type in FEEDBACK_TYPES:
         return "support"
     return "billing"

@@ -154,6 +154,16 @@ def links(payload: dict[str, Any], account_key: str = "account_id") -> list[tupl
     return out
 
 
+def snapshot_links(account: str, customer: str | None) -> list[tuple[str, str]]:
+    """The link a subscription snapshot (``churnsignal import``/``sync stripe``) teaches: its
+    Stripe customer -> its account, when the account is not the customer itself (that is the
+    fallback already, and a link to it would override a metadata link learned elsewhere)."""
+    if (customer is None or not customer or identity.is_identity(account)
+            or account == customer):
+        return []
+    return [(identity.stripe_customer(customer), account)]
+
+
 def _card_expiry(obj: dict[str, Any]) -> str | None:
     card = dict_at(obj, "card") or obj
     month, year = integer(card.get("exp_month"), 1, 12), integer(card.get("exp_year"), 1, 9999)

@@ -52,6 +52,7 @@ COLUMNS = {
     "support_events_data": SUPPORT_COLUMNS,
     "deletions_data": ddl.DELETIONS_COLUMNS,
     "alert_actions_data": ACTION_COLUMNS,
+    "currency_rates_data": ddl.RATES_COLUMNS,
 }
 
 Row = Sequence[Any]
@@ -247,10 +248,15 @@ def connect(dsn: str) -> Any:
         raise SinkUnavailable(f"ClickHouse {mask_dsn(dsn)} unreachable: {exc}") from None
 
 
-def migrate(client: Any, ttl_days: int = 400) -> list[str]:
-    """Create every table and view that is missing; safe to run any number of times."""
+def migrate(client: Any, ttl_days: int = 400, views: Any = None) -> list[str]:
+    """Create every table and view that is missing; safe to run any number of times.
+
+    ``views`` (``settings.views``: ``past_due_churn_days``, ``reporting_currency``) defines
+    the business views; None, for callers without settings, reads CHURNSIGNAL_VIEWS__* from
+    the environment as the settings would."""
     done = []
-    for statement in ddl.statements(ttl_days):
+    options = () if views is None else (views.past_due_churn_days, views.reporting_currency)
+    for statement in ddl.statements(ttl_days, *options):
         client.command(statement)
         done.append(statement.split("(")[0].split(" AS")[0].strip())
     return done
@@ -267,8 +273,9 @@ class ClickHouseSink:
     """Writes row batches: bounded waits on outages, refused rows isolated and returned."""
 
     def __init__(self, dsn: str, *, retry_max_s: float = 30.0, write_timeout_s: float = 10.0,
-                 metrics: Any = None, ttl_days: int = 400) -> None:
+                 metrics: Any = None, ttl_days: int = 400, views: Any = None) -> None:
         self.dsn = dsn
+        self.views = views  # settings.views, for migrate (None: from the environment)
         self.retry_max_s = retry_max_s
         self.write_timeout_s = write_timeout_s
         self.metrics = metrics
@@ -288,7 +295,7 @@ class ClickHouseSink:
         if self._client is None:
             client = connect(self.dsn)
             try:
-                migrate(client, self.ttl_days)
+                migrate(client, self.ttl_days, self.views)
             except BaseException:
                 _close_quietly(client)
                 raise

@@ -11,15 +11,24 @@ Analysts query the views without the suffix, which apply FINAL so plain SQL is e
 from __future__ import annotations
 
 import os
+import re
+from typing import Any
 
 FROM_ENV = -1
+CURRENCY_FROM_ENV = "(env)"
 
 
-def statements(ttl_days: int = 400, past_due_churn_days: int | None = FROM_ENV) -> list[str]:
+def statements(ttl_days: int = 400, past_due_churn_days: int | None = FROM_ENV,
+               reporting_currency: str | None = CURRENCY_FROM_ENV) -> list[str]:
     """DDL in dependency order. ``ttl_days`` bounds score snapshots (the largest table);
-    ``past_due_churn_days`` (default: CHURNSIGNAL_VIEWS__PAST_DUE_CHURN_DAYS) defines churn."""
+    ``past_due_churn_days`` defines churn and ``reporting_currency`` the currency of
+    ``mrr_monthly_reporting`` (None: that view is empty). Callers with settings pass them
+    (``settings.views``: ``sinks.clickhouse.migrate``); left out, both are read from the
+    environment as the settings would read them (CHURNSIGNAL_VIEWS__*)."""
     if past_due_churn_days == FROM_ENV:
         past_due_churn_days = past_due_churn_days_from_env()
+    if reporting_currency == CURRENCY_FROM_ENV:
+        reporting_currency = view_settings_from_env().reporting_currency
     dedup = "SETTINGS non_replicated_deduplication_window = 1000"
     return [
         # One row per account and event-time day; version = the account's event count.
@@ -67,9 +76,16 @@ def statements(ttl_days: int = 400, past_due_churn_days: int | None = FROM_ENV) 
             reasons Array(LowCardinality(String)), plays Array(LowCardinality(String)),
             mrr_at_risk_cents Int64, trigger_event_id String,
             triggered_at DateTime64(3, 'UTC'), emitted_at DateTime64(3, 'UTC'),
-            policy_version LowCardinality(String)
+            policy_version LowCardinality(String), plan String,
+            attributes Map(LowCardinality(String), String)
         ) ENGINE = ReplacingMergeTree
         PARTITION BY toYYYYMM(emitted_at) ORDER BY (account_id, alert_id) {dedup}""",
+        # Alerts carry the account's plan (schema version 2) and the attributes the policy
+        # maps from Segment group traits (version 3); '' and {} when unknown. Before the view,
+        # whose * is expanded when it is created.
+        """ALTER TABLE alerts_data
+            ADD COLUMN IF NOT EXISTS plan String,
+            ADD COLUMN IF NOT EXISTS attributes Map(LowCardinality(String), String)""",
         """CREATE OR REPLACE VIEW alerts AS SELECT * FROM alerts_data FINAL""",
         # Acknowledgements and snoozes (POST /api/accounts/ID/ack|snooze), one row per
         # request, with the alert they answer when known and the band the account was at
@@ -109,8 +125,18 @@ def statements(ttl_days: int = 400, past_due_churn_days: int | None = FROM_ENV) 
         TTL toDateTime(occurred_at) + INTERVAL {int(ttl_days)} DAY {dedup}""",
         """CREATE OR REPLACE VIEW support_events AS SELECT * FROM support_events_data FINAL""",
         *business_views(past_due_churn_days),
+        *currency_views(reporting_currency),
         *audit_tables(),
     ]
+
+
+def view_settings_from_env() -> Any:
+    """CHURNSIGNAL_VIEWS__* as the settings read them (env only, like them): a ViewSettings."""
+    from churnsignal.app.settings import ViewSettings
+
+    raw = {name: os.environ.get(f"CHURNSIGNAL_VIEWS__{name.upper()}")
+           for name in ("past_due_churn_days", "reporting_currency")}
+    return ViewSettings.model_validate(raw)
 
 
 def past_due_churn_days_from_env() -> int | None:
@@ -315,6 +341,94 @@ def business_views(past_due_churn_days: int | None = None) -> list[str]:
             FROM billing_events WHERE status != ''
             GROUP BY account_id HAVING countIf(status = 'paused') > 0)
         GROUP BY outcome""",
+    ]
+
+
+# Minor units per unit of a currency, as Stripe counts amounts (its zero- and three-decimal
+# currencies; every other one has two decimals): what an MRR in "cents" is in each currency.
+ZERO_DECIMAL = ("bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx",
+                "vnd", "vuv", "xaf", "xof", "xpf")
+THREE_DECIMAL = ("bhd", "jod", "kwd", "omr", "tnd")
+RATE_SCALE = 12  # decimal places a rate keeps (currency_rates_data.rate_to_reporting)
+RATES_COLUMNS = ("reporting_currency", "currency", "valid_from", "rate_to_reporting",
+                 "loaded_at")
+# mrr_monthly's amounts that the reporting view converts, in its column order.
+MRR_FIGURES = ("mrr_start_cents", "churned_mrr_cents", "contraction_mrr_cents",
+               "expansion_mrr_cents", "new_mrr_cents", "mrr_end_cents")
+
+
+def minor_units(currency: str) -> int:
+    """Minor units per unit of ``currency`` (lower case ISO 4217): 1, 100 or 1000."""
+    return 1 if currency in ZERO_DECIMAL else 1000 if currency in THREE_DECIMAL else 100
+
+
+def _minor_units_sql(column: str) -> str:
+    return (f"multiIf(has({list(ZERO_DECIMAL)}, {column}), 1, "
+            f"has({list(THREE_DECIMAL)}, {column}), 1000, 100)")
+
+
+def currency_views(reporting_currency: str | None) -> list[str]:
+    """The rates a user provides (``churnsignal import rates``) and ``mrr_monthly_reporting``:
+    each month's MRR movements of every currency converted to ``reporting_currency`` at the
+    rate valid on the month's first day, then summed. A currency without such a rate is left
+    out and counted (``missing_rate``), never converted at 1; the reporting currency itself
+    is its own (rate 1). Unset: the view has its columns and no rows.
+
+    A figure F of currency c in month m: round_half_up(F × rate(c, m) × u(r) / u(c)), with
+    u the minor units per unit (``minor_units``) and rate(c, m) the reporting currency's
+    units per unit of c of the row with the latest ``valid_from`` <= m; then summed over
+    the currencies converted. Ratios are those of the converted sums."""
+    rep = reporting_currency or ""
+    if not re.fullmatch(r"[a-z]{3}|", rep):  # inlined below: only a validated code
+        raise ValueError(f"reporting currency {rep!r} is not a 3-letter ISO 4217 code")
+    figures = ",\n               ".join(
+        f"toInt64(sumIf(round(toDecimal128(c.{f}, 0) * c.rate * {minor_units(rep) if rep else 1}"
+        f" / c.units, 0), c.converted)) AS {f}" for f in MRR_FIGURES)
+    return [
+        # One row per reporting currency, currency and first day of validity; loading the
+        # same key again replaces it (the latest load wins).
+        f"""CREATE TABLE IF NOT EXISTS currency_rates_data (
+            reporting_currency LowCardinality(String), currency LowCardinality(String),
+            valid_from Date, rate_to_reporting Decimal(38, {RATE_SCALE}),
+            loaded_at DateTime64(3, 'UTC')
+        ) ENGINE = ReplacingMergeTree(loaded_at)
+        ORDER BY (reporting_currency, currency, valid_from)""",
+        """CREATE OR REPLACE VIEW currency_rates AS
+        SELECT reporting_currency, currency, valid_from, rate_to_reporting
+        FROM currency_rates_data FINAL""",
+        f"""CREATE OR REPLACE VIEW mrr_monthly_reporting AS
+        SELECT c.month AS month, '{rep}' AS reporting_currency,
+               {figures},
+               if(mrr_start_cents = 0, NULL,
+                  (churned_mrr_cents + contraction_mrr_cents) / mrr_start_cents) AS gross_mrr_churn,
+               if(mrr_start_cents = 0, NULL,
+                  (churned_mrr_cents + contraction_mrr_cents - expansion_mrr_cents)
+                  / mrr_start_cents) AS net_mrr_churn,
+               if(mrr_start_cents = 0, NULL,
+                  (mrr_start_cents - churned_mrr_cents - contraction_mrr_cents
+                   + expansion_mrr_cents) / mrr_start_cents) AS net_revenue_retention,
+               toUInt32(countIf(c.converted)) AS currencies,
+               toUInt32(countIf(NOT c.converted)) AS missing_rate,
+               arraySort(groupArrayIf(c.currency, NOT c.converted)) AS missing_currencies
+        FROM (
+            SELECT m.month AS month, m.currency AS currency,
+                   {", ".join(f"any(m.{f}) AS {f}" for f in MRR_FIGURES)},
+                   toUInt32({_minor_units_sql("m.currency")}) AS units,
+                   m.currency = '{rep}' AS own,
+                   own OR (m.currency != '' AND countIf(
+                       r.currency = m.currency AND r.valid_from <= toDate(m.month)) > 0)
+                       AS converted,
+                   if(own, toDecimal128(1, {RATE_SCALE}),
+                      argMaxIf(r.rate_to_reporting, r.valid_from,
+                               r.currency = m.currency AND r.valid_from <= toDate(m.month)))
+                       AS rate
+            FROM mrr_monthly AS m
+            LEFT JOIN (SELECT currency, valid_from, rate_to_reporting FROM currency_rates
+                       WHERE reporting_currency = '{rep}') AS r
+                ON r.currency = m.currency
+            GROUP BY m.month, m.currency) AS c
+        WHERE '{rep}' != ''
+        GROUP BY c.month ORDER BY c.month""",
     ]
 
 

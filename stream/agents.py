@@ -135,12 +135,13 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     store = MemoryStateStore(s.partitions)
     sink = ClickHouseSink(s.effective_clickhouse_dsn(), retry_max_s=s.sink.retry_max_s,
                           write_timeout_s=s.sink.write_timeout_s, metrics=metrics,
-                          ttl_days=s.sink.ttl_days)
+                          ttl_days=s.sink.ttl_days, views=s.views)
     options = DecodeOptions(
         max_bytes=s.ingest.max_message_bytes,
         max_future_s=s.ingest.max_future_skew_s,
         max_age_s=policy.windows.horizon_days * 86_400.0,
         activation_events=policy.onboarding.activation_events,
+        trait_keys=policy.accounts.trait_keys,
     )
     ingestor = Ingestor(s, metrics, options)
     # Alert delivery reads the alerts topic in its own consumer groups (churnsignal.notify);
@@ -152,6 +153,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     runtime = Runtime(app, s, policy, metrics, sink, ingestor, store)
     outputs = WorkerOutputs(s, metrics, sink, app.producer, ingested, alerts_topic, notifier,
                             runtime.stats)
+    outputs.on_forgotten = ingestor.forget_links  # relinking after a forget: sent again
 
     async def ack(events: list[Any]) -> None:
         for event in events:

@@ -451,6 +451,12 @@ class Ingestor:
             routed.append((packs.partition_for(event.account_id, partitions), item))
         return routed
 
+    def forget_links(self) -> None:
+        """Forget which links were sent (``churnsignal forget`` deleted identity keys): the
+        same link learned again, e.g. a user grouped with the account again, is sent again
+        instead of being taken for one its identity already holds."""
+        self._links_sent.clear()
+
     def _remember_links(self, links: tuple[tuple[str, str], ...]) -> None:
         for key, target in links:
             if len(self._links_sent) >= 200_000:  # bounded: forgetting only costs a resend

@@ -34,6 +34,9 @@ class WorkerOutputs:
         self.alerts_topic = alerts_topic
         self.notifier = notifier
         self.stats = stats
+        # Called once forget requests were carried out, before they are confirmed: the
+        # worker's ingest forgets the links it remembers having sent (Ingestor.forget_links).
+        self.on_forgotten: Any = lambda: None
 
     async def write_rows(self, rows: dict[str, list[Any]]) -> list[Any]:
         refused = await self.sink.write(rows)
@@ -105,6 +108,7 @@ class WorkerOutputs:
             refused = await self.sink.write({"deletions_data": audit})
             if refused:  # our own rows: a bug, never the data; retried, not dead-lettered
                 raise RuntimeError(f"deletions_data refused the audit: {refused[0].error}")
+        self.on_forgotten()  # a link learned again after this must be sent again
         futures = [await self.ingested.send(value=packs.encode(now, [packs.control_item(
             packs.FORGOTTEN, d.summary())]), partition=d.partition) for d in done]
         await asyncio.gather(*futures)

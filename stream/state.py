@@ -20,6 +20,7 @@ import cramjam
 import orjson
 
 from churnsignal.schemas.events import family_of
+from churnsignal.stream.attributes import apply_traits
 from churnsignal.stream.policy import BASE_COLUMNS, Policy
 
 DAY = 86_400.0
@@ -107,6 +108,11 @@ class AccountState:
     # (a snooze) ack_until passes; "" and 0.0: none (older states read as none)
     ack_band: str = ""
     ack_until: float = 0.0
+    # account attributes from Segment group traits (policy accounts.traits; at most 8, values
+    # at most 64 characters) and, per attribute, the event time of the group call that set
+    # or cleared it (newest wins); older states read as none
+    attributes: dict[str, str] = field(default_factory=dict)
+    attribute_times: dict[str, float] = field(default_factory=dict)
 
     def clone(self) -> AccountState:
         """An independent copy (to undo a fold that failed half way): ~10 us at 90 days,
@@ -123,11 +129,15 @@ class AccountState:
         c.hw = dict(self.hw)
         c.ids = self.ids[:]
         c.types = self.types[:]
+        c.attributes = dict(self.attributes)
+        c.attribute_times = dict(self.attribute_times)
         return c
 
     def to_bytes(self) -> bytes:
         data = dict(zip(_SLOTS, _values(self), strict=True))
         data["v"] = STATE_VERSION
+        if not self.attribute_times:  # states without attributes stay as they were
+            del data["attributes"], data["attribute_times"]
         # Compact and cheap (this runs for every state a flush writes): the days as offsets
         # from the first, their buckets as columns, columns never used (billing, support, key
         # events) left out; all in C (zip), no Python work per bucket.
@@ -267,6 +277,11 @@ def apply_event(state: AccountState, event: Any, source: str | None, offset: int
     if event.type == "subscription_snapshot":  # a backfill fact, not activity: no bucket
         state.seq += 1
         _apply_snapshot(state, event, ts)
+        return day
+    if event.type == "account_traits":  # the account's attributes, not activity: no bucket
+        state.seq += 1
+        apply_traits(state.attributes, state.attribute_times, event.data.traits, ts,
+                     policy.accounts.traits)
         return day
     today = day_of(now)
     state.seq += 1

@@ -102,10 +102,12 @@ def notify() -> None:
 def gateway() -> None:
     """HTTP ingest: a Segment-compatible tracking API and the Stripe, Zendesk and Intercom
     webhooks, into the source topics (2xx only once Kafka acknowledged)."""
+    from churnsignal.app.embedded import follow_parent
     from churnsignal.app.kafka_client import ensure_topics
     from churnsignal.errors import BrokerUnavailable
     from churnsignal.gateway.server import run
 
+    follow_parent()  # started by the demo or the bench: dies with it
     try:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
@@ -133,7 +135,8 @@ def demo(
     state_dir: Annotated[Path | None, typer.Option(help="Keep state here (default: temp).")]
     = None,
 ) -> None:
-    """Everything embedded: broker, ClickHouse, worker and synthetic accounts, then a summary."""
+    """Everything embedded: broker, ClickHouse, worker, gateway (the synthetic accounts' traffic
+    goes through it) and a local alert receiver, then a summary."""
     from churnsignal.tools.demo import run_demo
 
     try:
@@ -155,6 +158,9 @@ def bench(
                                        "(faust-agent: a plain Faust agent, no table).")]
     = "ceiling,faust-agent,faust,quix",
     out: Annotated[Path, typer.Option(help="Where results.json goes.")] = Path(".bench"),
+    gateway: Annotated[bool, typer.Option(
+        "--gateway", help="Benchmark the HTTP ingest gateway against a bare HTTP-to-aiokafka "
+        "forwarder instead (writes gateway.json; the other options do not apply).")] = False,
 ) -> None:
     """Throughput, latency and memory of churnsignal against the ceiling and the peers."""
     from churnsignal.tools.bench import PEERS, run_bench
@@ -167,6 +173,11 @@ def bench(
         if unknown:
             raise typer.BadParameter(f"unknown peer(s) {sorted(unknown)}; choose from {PEERS}")
         with broker_for(settings) as effective:
+            if gateway:
+                from churnsignal.tools.bench_gateway import run_gateway_bench
+
+                run_gateway_bench(effective, effective.kafka_bootstrap_servers or "", out)
+                return
             run_bench(effective, effective.kafka_bootstrap_servers or "", events=events,
                       accounts=accounts, runs=runs, out_dir=out, peers=chosen)
     except ChurnsignalError as exc:
@@ -183,7 +194,7 @@ def migrate() -> None:
         settings = load_settings()
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         client = connect(settings.effective_clickhouse_dsn())
-        for name in run_migrate(client, settings.sink.ttl_days):
+        for name in run_migrate(client, settings.sink.ttl_days, settings.views):
             typer.echo(name)
     except ChurnsignalError as exc:
         _fail(exc)
@@ -198,7 +209,8 @@ def _clickhouse(dsn: str | None) -> tuple[object, str]:
     settings = load_settings()
     target = dsn or settings.effective_clickhouse_dsn()
     client = connect(target)
-    run_migrate(client, settings.sink.ttl_days)  # the views exist even before a worker ran
+    # the views exist even before a worker ran, as the settings define them
+    run_migrate(client, settings.sink.ttl_days, settings.views)
     return client, mask_dsn(target)
 
 
@@ -587,7 +599,8 @@ cli.add_typer(import_cli, name="import")
 def import_subscriptions(
     file: Annotated[Path, typer.Argument(help="CSV/TSV/Parquet: account_id, start_date, "
                                          "end_date (empty while active), mrr (currency units), "
-                                         "plan?, currency?, subscription_id?; or the Stripe "
+                                         "plan?, currency?, subscription_id?, "
+                                         "customer_id? (Stripe customer); or the Stripe "
                                          "Dashboard's subscriptions export (CSV)")],
     as_of: Annotated[str | None, typer.Option(
         help="When the file described the subscriptions (ISO date or time); default: the "
@@ -621,7 +634,8 @@ def import_subscriptions(
                 progress.advance(task, n)
 
             if direct:
-                asyncio.run(write_direct(settings.effective_clickhouse_dsn(), events, step))
+                asyncio.run(write_direct(settings.effective_clickhouse_dsn(), events, step,
+                                         settings.views))
             else:
                 asyncio.run(produce(settings, events, step))
     except (ChurnsignalError, OSError, ValueError) as exc:
@@ -635,6 +649,38 @@ def import_subscriptions(
     skipped = sum(summary.skipped.values())
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.skipped.items()))
     typer.echo(f"skipped: {skipped}" + (f" ({reasons})" if reasons else ""))
+
+
+@import_cli.command("rates")
+def import_rates(
+    file: Annotated[Path, typer.Argument(help="CSV: currency,rate[,valid_from] per line (rate: "
+                                         "units of the reporting currency per unit; "
+                                         "valid_from: ISO date, omitted: always)")],
+) -> None:
+    """Load exchange rates to CHURNSIGNAL_VIEWS__REPORTING_CURRENCY for the
+    `mrr_monthly_reporting` view (ClickHouse; on the embedded store, stop the worker first)."""
+    import time
+    from collections import Counter
+
+    from churnsignal.offline import rates as rates_mod
+
+    try:
+        settings = load_settings()
+        reporting = settings.views.reporting_currency
+        if reporting is None:
+            raise ChurnsignalError(
+                "set CHURNSIGNAL_VIEWS__REPORTING_CURRENCY (e.g. usd) to the currency the "
+                "rates convert to (the views are made with it too)")
+        parsed = rates_mod.read_rates(file, reporting)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        rates_mod.load(settings.effective_clickhouse_dsn(), parsed, reporting, time.time(),
+                       settings.views)
+    except (ChurnsignalError, OSError, ValueError) as exc:
+        _fail(exc)
+    by_currency = Counter(r.currency for r in parsed)
+    detail = ", ".join(f"{c} {n}" for c, n in sorted(by_currency.items()))
+    typer.echo(f"rates: {len(parsed)}" + (f" ({detail})" if detail else "")
+               + f" -> {reporting}")
 
 
 sync_cli = typer.Typer(no_args_is_help=True, help="Read history from a provider's API.")
@@ -685,7 +731,7 @@ def sync_stripe(
 
         def destination(links: dict[str, str]) -> ss.Destination:
             if direct:
-                return ss.ClickHouseDestination(dsn, links)
+                return ss.ClickHouseDestination(dsn, links, views=settings.views)
             return ss.KafkaDestination(settings)
 
         with Progress(SpinnerColumn(), TextColumn("{task.description}"),

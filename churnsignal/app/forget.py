@@ -17,6 +17,10 @@ asks the workers, through the topic they already read in order. It
    the deletion is durable and audited) is read back here, and summed up for the caller.
 
 Running it again is harmless: there is less (or nothing) to delete the second time.
+
+Without ``KAFKA_BOOTSTRAP_SERVERS`` (the embedded defaults) there is no broker to ask:
+``forget_embedded`` deletes the ClickHouse rows itself, when no worker holds the embedded
+store (its states and links lived in the embedded broker's memory, gone when it stopped).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from churnsignal.app.kafka_client import connection_options
 from churnsignal.app.settings import Settings
 from churnsignal.errors import ChurnsignalError
 from churnsignal.schemas import identity
+from churnsignal.schemas.intercom import contact_key as intercom_contact
 from churnsignal.stream import packs
 
 Kind = Literal["account", "user"]
@@ -55,6 +60,7 @@ class ForgetReport:
     scrubbed: int = 0
     rows: dict[str, int] = field(default_factory=dict)
     confirmations: int = 0
+    embedded: bool = False  # no broker configured: done on the embedded ClickHouse alone
 
     def add(self, summary: dict[str, Any]) -> None:
         self.confirmations += 1
@@ -69,9 +75,13 @@ class ForgetReport:
         return {"request_id": self.request_id, "kind": self.kind, "subject": self.subject,
                 "states": self.states, "identities": self.identities, "parked": self.parked,
                 "scrubbed": self.scrubbed, "rows": self.rows,
-                "rows_total": sum(self.rows.values())}
+                "rows_total": sum(self.rows.values()), "embedded": self.embedded}
 
     def lines(self) -> list[str]:
+        if self.embedded:
+            from churnsignal.app.forget_embedded import report_lines
+
+            return report_lines(self)
         rows = ", ".join(f"{t} {n}" for t, n in sorted(self.rows.items())) or "none"
         out = [f"forgot {self.kind} {self.subject} (request {self.request_id})"]
         if self.kind == "account":
@@ -98,8 +108,10 @@ def request_body(kind: Kind, subject: str, partitions: int, request_id: str,
         links = [subject]
         home = packs.partition_for(subject, partitions)
     else:
+        # Every key a person is known by: Segment's user and anonymous ids, the Zendesk
+        # requester, the Intercom contact (a user or lead).
         keys = [identity.segment_user(subject), identity.segment_anonymous(subject),
-                identity.zendesk_user(subject)]
+                identity.zendesk_user(subject), intercom_contact(subject)]
         links = keys  # anonymous ids an Identify call linked to the user go with it
         home = packs.partition_for(keys[0], partitions)
     return {"request_id": request_id, "kind": kind, "subject": subject, "phase": phase,
@@ -181,7 +193,10 @@ async def forget(settings: Settings, kind: Kind, subject: str,
                  timeout_s: float = 120.0) -> ForgetReport:
     """Ask the workers to forget an account or a user and wait for them (module docstring)."""
     if not settings.kafka_bootstrap_servers:
-        raise ForgetError("set KAFKA_BOOTSTRAP_SERVERS to the broker the workers use")
+        # The embedded defaults: no worker to ask (forget_embedded's docstring).
+        from churnsignal.app.forget_embedded import forget_embedded
+
+        return await forget_embedded(settings, kind, subject)
     deadline = time.monotonic() + timeout_s
     request_id = uuid.uuid4().hex
     now = time.time()

@@ -225,10 +225,22 @@ class ViewSettings(BaseModel):
         "(involuntary) after this many days of delinquency, unless it pays or recovers first; "
         "unset: churned only when the subscription is cancelled.")
 
+    reporting_currency: str | None = Field(
+        None, pattern=r"^[a-z]{3}$", description="ISO 4217 code (any case) of the one currency "
+        "`mrr_monthly_reporting` converts every currency's MRR movements to, with the rates "
+        "of `churnsignal import rates`; unset: that view is empty (MRR stays per currency).")
+
     @field_validator("past_due_churn_days", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("reporting_currency", mode="before")
+    @classmethod
+    def _currency_code(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return v.strip().lower() or None
+        return v
 
 
 class HealthSettings(BaseModel):

@@ -9,7 +9,9 @@ again is a duplicate everywhere (state dedup, ReplacingMergeTree keys).
 
 Reading reuses the backtest's subscription format (``history.read_subscriptions``):
 ``account_id``, ``start_date``, ``end_date`` (empty while active), ``mrr`` (currency units),
-optional ``plan``; and, read here only, optional ``currency`` and ``subscription_id``.
+optional ``plan``; and, read here only, optional ``currency``, ``subscription_id`` and
+``customer_id`` (or ``Customer ID``: the Stripe customer, which the snapshot then links to the
+account, so the customer's live events that name no account find it at once).
 
 A CSV from the Stripe Dashboard's subscription export is recognised by its header (``id``,
 ``Customer ID``, ``Status`` and a ``Start``/``Created (UTC)`` column; see STRIPE_EXPORT) and
@@ -27,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +44,11 @@ from churnsignal.offline.history import (
     read_subscriptions,
 )
 from churnsignal.schemas.events import EVENT_ADAPTER
+from churnsignal.sinks.ddl import minor_units
 
 MAX_ID = 200
+# The optional column naming a row's Stripe customer (first found), in the plain format.
+CUSTOMER_COLUMNS = ("customer_id", "Customer ID")
 
 
 @dataclass
@@ -88,9 +94,16 @@ def snapshots(path: Path, as_of: float, summary: ImportSummary,
         summary.skipped.update({k: int(counts[k]) for k in ("no_account", "no_start")
                                 if counts[k]})
         extra: dict[tuple[str, float], dict[str, str]] = {}
-        optional = [c for c in ("currency", "subscription_id") if c in columns]
+        optional: dict[str, str] = {c: c for c in ("currency", "subscription_id")
+                                    if c in columns}
+        customer = next((c for c in CUSTOMER_COLUMNS if c in columns), None)
+        if customer is not None:
+            optional["customer_id"] = customer
+        if "currency" in optional and "mrr" in columns:
+            optional["mrr_raw"] = "mrr"  # as written: minor units depend on the currency
         if optional:
-            picks = ", ".join(f"ifNull(toString({c}), '') AS {c}" for c in optional)
+            picks = ", ".join(f"ifNull(toString(`{c}`), '') AS {alias}"
+                              for alias, c in optional.items())
             for row in engine.rows(
                     f"SELECT toString(account_id) AS a, {_ts('start_date')} AS s, {picks} "  # noqa: S608
                     f"FROM {source} WHERE a != '' AND s IS NOT NULL"):
@@ -102,8 +115,9 @@ def snapshots(path: Path, as_of: float, summary: ImportSummary,
     events: list[dict[str, Any]] = []
     seen: set[str] = set()
     for account, periods in subs.periods.items():
-        for start, end, mrr, plan in sorted(periods, key=lambda p: p[0]):
+        for start, end, hundredths, plan in sorted(periods, key=lambda p: p[0]):
             more = extra.get((account, start), {})
+            mrr = _minor(hundredths, more)
             reason = _skip_reason(start, end, mrr, as_of, more.get("currency", ""))
             if reason:
                 summary.skipped[reason] += 1
@@ -120,6 +134,7 @@ def snapshots(path: Path, as_of: float, summary: ImportSummary,
                 "cancel_at_period_end": end is not None and end > as_of,
                 "current_period_end": _iso(end) if end is not None and end > as_of else None,
                 "currency": (more.get("currency") or "").lower() or None,
+                "stripe_customer_id": _customer(more.get("customer_id", ""), account),
             }
             data = {k: v for k, v in data.items() if v is not None}
             event = {"event_id": _snapshot_id(account, subscription, data, as_of),
@@ -135,6 +150,27 @@ def snapshots(path: Path, as_of: float, summary: ImportSummary,
     summary.subscriptions = len(events)
     summary.as_of = as_of
     return events
+
+
+def _minor(hundredths: int, more: dict[str, str]) -> int:
+    """A row's MRR (read as hundredths of its currency units) in the minor units of its
+    currency, as Stripe counts them (``sinks.ddl.minor_units``): a yen has no minor unit, a
+    Kuwaiti dinar a thousand; every other currency a hundred (unchanged)."""
+    units = minor_units((more.get("currency") or "").lower())
+    if units == 100:
+        return hundredths
+    try:
+        exact = Decimal(more.get("mrr_raw", "").strip()) * units
+        return int(exact.to_integral_value(ROUND_HALF_UP))
+    except (ArithmeticError, ValueError):
+        return round(hundredths * units / 100)
+
+
+def _customer(value: str, account: str) -> str | None:
+    """The Stripe customer a row names, kept when it is not the account itself: the
+    snapshot then links it to the account (``schemas.stripe.snapshot_links``)."""
+    value = value.strip()[:MAX_ID]
+    return value if value and value != account else None
 
 
 def _skip_reason(start: float, end: float | None, mrr: int, as_of: float,
@@ -178,7 +214,8 @@ def _chunks(items: list[dict[str, Any]], size: int) -> Iterable[list[dict[str, A
 
 
 async def write_direct(dsn: str, events: list[dict[str, Any]],
-                       progress: Callable[[int], None] = lambda n: None) -> None:
+                       progress: Callable[[int], None] = lambda n: None,
+                       views: Any = None) -> None:
     """The snapshots' billing rows straight into ClickHouse: for the embedded defaults when
     no worker runs (its engine's directory is free then, and its broker keeps nothing
     across runs). Same rows and keys as the worker writes, so a later import through the
@@ -186,7 +223,7 @@ async def write_direct(dsn: str, events: list[dict[str, Any]],
     from churnsignal.sinks.clickhouse import ClickHouseSink
     from churnsignal.stream.rows import BILLING_TABLE, snapshot_rows
 
-    sink = ClickHouseSink(dsn)
+    sink = ClickHouseSink(dsn, views=views)  # views: settings.views, as migrate makes them
     try:
         for chunk in _chunks(events, 5000):
             rows = [row for e in chunk for row in snapshot_rows(
@@ -268,9 +305,11 @@ def stripe_export_subscription(row: dict[str, str], account_key: str = "account_
     """The Stripe subscription object (the fields the snapshot mapping reads) one export row
     describes. Pure."""
     amount = _pick(row, "amount").replace(",", "")
+    units = minor_units(_pick(row, "currency").lower())  # a yen has no cents (Stripe's count)
     try:
-        unit_amount: int | None = round(float(amount) * 100) if amount else None
-    except ValueError:
+        unit_amount: int | None = int((Decimal(amount) * units).to_integral_value(
+            ROUND_HALF_UP)) if amount else None
+    except (ArithmeticError, ValueError):  # not a number, NaN, infinity
         unit_amount = None
     interval = _INTERVALS.get(_pick(row, "interval").lower())
     count = _pick(row, "interval_count")

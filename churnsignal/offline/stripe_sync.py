@@ -110,7 +110,10 @@ def snapshot_of(subscription: dict[str, Any], account: str, as_of: float) -> dic
       exactly as the stream normalises a subscription event (``monthly_cents``); 0 when a
       price cannot be read;
     - ended_at, cancel_at_period_end (or a scheduled ``cancel_at``), current_period_end,
-      currency, plan, ``cancellation_details.reason``.
+      currency, plan, ``cancellation_details.reason``;
+    - stripe_customer_id: the subscription's customer when the account is another id (linked
+      by metadata on the subscription or the customer): the worker learns that link from
+      the snapshot, before the customer's live events that name no account.
     """
     sub_id = str_id(subscription.get("id"))
     if sub_id is None:
@@ -144,6 +147,9 @@ def snapshot_of(subscription: dict[str, Any], account: str, as_of: float) -> dic
             subscription["pause_collection"].get("behavior"):
         status = "paused"
     mrr, _ = monthly_cents(subscription)
+    customer = subscription.get("customer")
+    customer_id = str_id(customer.get("id") if isinstance(customer, dict) else customer)
+    customer_id = customer_id[:MAX_ID] if customer_id else None
     period_end = _epoch(_period_end(subscription))
     scheduled = subscription.get("cancel_at_period_end") is True or \
         _epoch(subscription.get("cancel_at")) is not None
@@ -160,6 +166,9 @@ def snapshot_of(subscription: dict[str, Any], account: str, as_of: float) -> dic
         "currency": currency.lower() if isinstance(currency, str) and len(currency) == 3
         else None,
         "cancellation_reason": reason if isinstance(reason, str) and reason else None,
+        # The customer, when the account is another id: the snapshot links it to the account
+        # (decode: stripe.snapshot_links), as a customer.updated with the metadata would.
+        "stripe_customer_id": customer_id if customer_id and customer_id != account else None,
     }
     data = {k: v for k, v in data.items() if v is not None}
     event = {"event_id": _snapshot_id(account, data["subscription_id"], data, as_of),
@@ -364,10 +373,11 @@ class ClickHouseDestination:
     itself carries; MRR before is its own previous MRR, else 0), keyed by event id, their
     account resolved through the links this sync read."""
 
-    def __init__(self, dsn: str, links: dict[str, str], account_key: str = "account_id") -> None:
+    def __init__(self, dsn: str, links: dict[str, str], account_key: str = "account_id",
+                 views: Any = None) -> None:
         from churnsignal.sinks.clickhouse import ClickHouseSink
 
-        self.sink = ClickHouseSink(dsn)
+        self.sink = ClickHouseSink(dsn, views=views)  # settings.views, as migrate makes them
         self.runner = asyncio.Runner()
         self.links = links
         self.account_key = account_key

@@ -313,3 +313,79 @@ def test_the_synced_history_reaches_the_lifecycle_view(broker: str, tmp_path: Pa
     [[paid]] = clickhouse_query(
         worker.dsn(), "SELECT toInt64(count()) FROM billing_events WHERE event_id LIKE 'evt_paid_%'")
     assert paid == sum(1 for e in history.recent_events if e["type"] == "invoice.paid")
+
+
+def test_a_customer_linked_only_by_its_metadata_gets_its_live_events_at_once(
+        broker: str, tmp_path: Path) -> None:
+    """The sync knows a customer's account from the customer's metadata alone (its
+    subscriptions carry none); its snapshots name the customer, so the worker learns the link
+    from them: a later live invoice.paid keyed by the customer, without metadata, is applied
+    under the account at once, not after the identity grace (10 minutes here)."""
+    history = generate(n=12, seed=5)
+    env = new_env(broker, tmp_path)
+    snapshots_topic = f"{env.app_id}.snapshots"
+    worker = Worker(env, extra={"CHURNSIGNAL_TOPICS__SNAPSHOTS": snapshots_topic,
+                                "CHURNSIGNAL_INGEST__IDENTITY_GRACE_S": "600"})
+    links = {c["id"]: c["metadata"].get("account_id") for c in history.customers}
+    subs_of = {cid: [s for s in history.subscriptions if s["customer"] == cid] for cid in links}
+    # linked by the customer's metadata only: the case the stream could not attribute
+    only_customer = [cid for cid, account in links.items()
+                     if account and not any(s["metadata"] for s in subs_of[cid])]
+    snapshotted = [cid for cid in only_customer if any(
+        s["status"] not in ("incomplete", "incomplete_expired") for s in subs_of[cid])]
+    unsnapshotted = [cid for cid in only_customer if cid not in snapshotted]
+    assert snapshotted and unsnapshotted, (snapshotted, unsnapshotted)
+    fake = FakeStripe(history)
+    try:
+        worker.wait_ready()
+        done = sync(tmp_path / "sync", fake.url, {
+            **env.env(), "CHURNSIGNAL_TOPICS__SNAPSHOTS": snapshots_topic,
+            "KAFKA_BOOTSTRAP_SERVERS": broker})
+        assert done.returncode == 0, done.stderr + done.stdout
+        snapshots = int(done.stdout.split("snapshots: ")[1].split()[0])
+        deadline = time.monotonic() + 60  # snapshots make no daily rows: count them applied
+        while worker.summary()["stats"].get("events_applied", 0) < snapshots:
+            assert time.monotonic() < deadline, worker.summary()
+            time.sleep(0.3)
+        for cid in snapshotted:  # their snapshots reached their accounts
+            assert worker.account(str(links[cid]))["events"] >= 1, cid
+        # newer than anything synced (the snapshots' time included): seen by last_event
+        live_at = int(time.time()) + 30
+        started = time.monotonic()
+        asyncio.run(produce_live(broker, env.topics["billing"], [
+            event(f"evt_live_{cid}", "invoice.paid", live_at, {
+                "id": f"in_live_{cid}", "object": "invoice", "customer": cid,
+                "subscription": subs_of[cid][0]["id"], "amount_due": 4900,
+                "amount_paid": 4900, "currency": "usd", "attempt_count": 1,
+                "next_payment_attempt": None}) for cid in only_customer]))
+        deadline = time.monotonic() + 45  # far below the 600 s grace
+        while any(worker.account(str(links[cid]))["last_event"] < live_at
+                  for cid in snapshotted):
+            assert time.monotonic() < deadline, {
+                cid: worker.account(str(links[cid])) for cid in snapshotted}
+            time.sleep(0.3)
+        took = time.monotonic() - started
+        for cid in snapshotted:
+            assert worker.account(cid) == {"events": 0, "owned_here": False}  # no fallback
+        # a customer without a snapshot (its only subscription never paid) taught nothing:
+        # its invoice still waits under its identity, neither under the account nor the id
+        for cid in unsnapshotted:
+            assert worker.account(str(links[cid]))["events"] == 0
+            assert worker.account(cid)["events"] == 0
+    finally:
+        fake.close()
+        assert worker.stop() == 0, worker.log()[-3000:]
+    rows = dict(clickhouse_query(
+        worker.dsn(), "SELECT event_id, account_id FROM billing_events "
+                      "WHERE event_id LIKE 'evt_live_%'"))
+    assert rows == {f"evt_live_{cid}": links[cid] for cid in snapshotted}, rows
+    figures(f"sync stripe: {len(snapshotted)} customers linked only by their metadata got "
+            f"their live invoices under their accounts in {took:.1f}s (identity grace 600s)")
+
+
+async def produce_live(broker: str, topic: str, events: list[dict[str, Any]]) -> None:
+    """Live Stripe Events as a webhook relay sends them: keyed by their customer."""
+    from tests.integration.helpers import produce
+
+    await produce(broker, [(topic, e["data"]["object"]["customer"].encode(), orjson.dumps(e))
+                           for e in events])

@@ -61,7 +61,8 @@ def test_an_active_subscription_becomes_the_importers_snapshot() -> None:
     assert event["data"] == {
         "subscription_id": "sub_1", "status": "active", "plan": "pro", "mrr_cents": 4900,
         "started_at": "2025-01-10T00:00:00+00:00", "cancel_at_period_end": False,
-        "current_period_end": "2026-11-10T00:00:00+00:00", "currency": "usd"}
+        "current_period_end": "2026-11-10T00:00:00+00:00", "currency": "usd",
+        "stripe_customer_id": "cus_1"}  # the snapshot links cus_1 to acct-1 (decode)
     # the same object at the same time is the same snapshot: a re-sync is a duplicate
     assert snapshot_of(sub(), "acct-1", AS_OF) == event
 
