@@ -482,8 +482,8 @@ class Ingestor:
         for offset in range(first, end):
             dead.append(DeadLetter("unreadable_batch", detail, "ingest", tp.topic, tp.partition,
                                    offset))
-        self.metrics.events_dead_lettered.labels(topic=tp.topic, reason="unreadable_batch").inc(
-            end - first)
+        self.metrics.events_dead_lettered.labels(topic=tp.topic, reason="unreadable_batch",
+                                                 step="ingest").inc(end - first)
         self.problems.log(("unreadable", tp.topic, tp.partition), logging.ERROR,
                           "topic %s partition %d: %s; skipped, its %d offsets dead-lettered as "
                           "unreadable_batch", tp.topic, tp.partition, detail, end - first)
@@ -553,7 +553,9 @@ class Ingestor:
         for (topic, kind), n in accepted.items():
             m.events_accepted.labels(topic=topic, type=kind).inc(n)
         for (topic, reason), n in rejected.items():
-            m.events_dead_lettered.labels(topic=topic, reason=reason).inc(n)
+            m.events_dead_lettered.labels(topic=topic, reason=reason,
+                                          step="ingest" if reason == "processing_error"
+                                          else "decode").inc(n)
         for (topic, reason), n in skipped.items():
             m.events_skipped.labels(topic=topic, reason=reason).inc(n)
         await self._deliver(dead, by_partition, now)
@@ -648,7 +650,9 @@ class Ingestor:
         """One pack item larger than the ingested topic takes (only if that topic's limit is
         below the decoder's max_message_bytes)."""
         topic, partition = deadletter.source_of(item[0])
-        self.metrics.events_dead_lettered.labels(topic=topic, reason="processing_error").inc()
+        # (counted as accepted already: the one ingest dead letter of an accepted event)
+        self.metrics.events_dead_lettered.labels(topic=topic, reason="processing_error",
+                                                 step="ingest").inc()
         return DeadLetter("processing_error", "event too large for the ingested topic", "ingest",
                           topic, partition, item[1], value=orjson.dumps(item[2]))
 

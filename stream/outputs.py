@@ -47,9 +47,9 @@ class WorkerOutputs:
                                             timestamp=None, headers=d.headers())
                    for d in letters]
         await asyncio.gather(*futures)
-        counts = Counter((d.topic or self.s.ingested_topic, d.reason) for d in letters)
-        for (topic, reason), n in counts.items():
-            self.metrics.events_dead_lettered.labels(topic=topic, reason=reason).inc(n)
+        counts = Counter((d.topic or self.s.ingested_topic, d.reason, d.step) for d in letters)
+        for (topic, reason, step), n in counts.items():
+            self.metrics.events_dead_lettered.labels(topic=topic, reason=reason, step=step).inc(n)
 
     async def forward(self, forwards: Forwards) -> None:
         """Events that found their account, on to its partition as packs."""

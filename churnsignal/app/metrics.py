@@ -24,8 +24,10 @@ class Metrics:
             "Valid input churnsignal does not use (unused provider types, unattributed).",
             ["topic", "reason"], registry=r)
         self.events_dead_lettered = Counter(
-            "churnsignal_events_dead_lettered", "Messages sent to the dead-letter topic.",
-            ["topic", "reason"], registry=r)
+            "churnsignal_events_dead_lettered", "Messages sent to the dead-letter topic, by the "
+            "step that refused them (decode and ingest: instead of being accepted; state, "
+            "identity, sink: events accepted earlier).",
+            ["topic", "reason", "step"], registry=r)
         self.duplicates = Counter(
             "churnsignal_duplicates_skipped", "Events already applied (redelivery or same id).",
             registry=r)

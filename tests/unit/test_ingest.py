@@ -252,7 +252,7 @@ async def test_a_record_that_raises_is_dead_lettered_alone_and_logged_once(
         "e0", "e2", "e4"]
     assert ing.consumer.commits == [{USAGE: 5}]  # type: ignore[union-attr]
     assert _sample(ing.metrics, "churnsignal_events_dead_lettered_total",
-                   topic=USAGE.topic, reason="processing_error") == 2
+                   topic=USAGE.topic, reason="processing_error", step="ingest") == 2
     assert len([r for r in caplog.records if "processing_error" in r.getMessage()]) == 1
 
 
@@ -348,7 +348,7 @@ async def test_an_unreadable_batch_is_dead_lettered_per_offset_and_skipped(
     m = ing.metrics
     assert _sample(m, "churnsignal_ingest_unreadable_batches_total", topic=USAGE.topic) == 1
     assert _sample(m, "churnsignal_events_dead_lettered_total", topic=USAGE.topic,
-                   reason="unreadable_batch") == 3
+                   reason="unreadable_batch", step="ingest") == 3
     assert _sample(m, "churnsignal_events_consumed_total", topic=USAGE.topic) == 4
 
 
