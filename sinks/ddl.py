@@ -18,6 +18,18 @@ FROM_ENV = -1
 CURRENCY_FROM_ENV = "(env)"
 
 
+# Gross and net MRR churn and net revenue retention from a month's movements: one definition
+# for mrr_monthly (per currency) and mrr_monthly_reporting (converted), docs/clickhouse.md.
+MRR_RATIOS = """\
+               if(mrr_start_cents = 0, NULL,
+                  (churned_mrr_cents + contraction_mrr_cents) / mrr_start_cents) AS gross_mrr_churn,
+               if(mrr_start_cents = 0, NULL,
+                  (churned_mrr_cents + contraction_mrr_cents - expansion_mrr_cents)
+                  / mrr_start_cents) AS net_mrr_churn,
+               if(mrr_start_cents = 0, NULL,
+                  (mrr_start_cents - churned_mrr_cents - contraction_mrr_cents
+                   + expansion_mrr_cents) / mrr_start_cents) AS net_revenue_retention"""
+
 def statements(ttl_days: int = 400, past_due_churn_days: int | None = FROM_ENV,
                reporting_currency: str | None = CURRENCY_FROM_ENV) -> list[str]:
     """DDL in dependency order. ``ttl_days`` bounds score snapshots (the largest table);
@@ -255,7 +267,7 @@ def business_views(past_due_churn_days: int | None = None) -> list[str]:
         # MRR movements per currency (never summed across currencies), from each account's
         # MRR at the month's start and at its end: churned (to 0), contraction, expansion;
         # new MRR (accounts at 0 at the start: new and reactivated) is apart.
-        """CREATE OR REPLACE VIEW mrr_monthly AS
+        f"""CREATE OR REPLACE VIEW mrr_monthly AS
         SELECT month, currency, sum(mrr_start) AS mrr_start_cents,
                sumIf(mrr_start, mrr_start > 0 AND mrr_end = 0) AS churned_mrr_cents,
                sumIf(mrr_start - mrr_end, mrr_end > 0 AND mrr_end < mrr_start)
@@ -264,14 +276,7 @@ def business_views(past_due_churn_days: int | None = None) -> list[str]:
                    AS expansion_mrr_cents,
                sumIf(mrr_end, mrr_start = 0) AS new_mrr_cents,
                sum(mrr_end) AS mrr_end_cents,
-               if(mrr_start_cents = 0, NULL,
-                  (churned_mrr_cents + contraction_mrr_cents) / mrr_start_cents) AS gross_mrr_churn,
-               if(mrr_start_cents = 0, NULL,
-                  (churned_mrr_cents + contraction_mrr_cents - expansion_mrr_cents)
-                  / mrr_start_cents) AS net_mrr_churn,
-               if(mrr_start_cents = 0, NULL,
-                  (mrr_start_cents - churned_mrr_cents - contraction_mrr_cents
-                   + expansion_mrr_cents) / mrr_start_cents) AS net_revenue_retention
+{MRR_RATIOS}
         FROM (
             SELECT m.month AS month, t.account_id AS account_id, any(t.currency) AS currency,
                    argMaxIf(t.mrr_cents, (t.at, t.version, t.event_id), t.at < m.month)
@@ -399,14 +404,7 @@ def currency_views(reporting_currency: str | None) -> list[str]:
         f"""CREATE OR REPLACE VIEW mrr_monthly_reporting AS
         SELECT c.month AS month, '{rep}' AS reporting_currency,
                {figures},
-               if(mrr_start_cents = 0, NULL,
-                  (churned_mrr_cents + contraction_mrr_cents) / mrr_start_cents) AS gross_mrr_churn,
-               if(mrr_start_cents = 0, NULL,
-                  (churned_mrr_cents + contraction_mrr_cents - expansion_mrr_cents)
-                  / mrr_start_cents) AS net_mrr_churn,
-               if(mrr_start_cents = 0, NULL,
-                  (mrr_start_cents - churned_mrr_cents - contraction_mrr_cents
-                   + expansion_mrr_cents) / mrr_start_cents) AS net_revenue_retention,
+{MRR_RATIOS},
                toUInt32(countIf(c.converted)) AS currencies,
                toUInt32(countIf(NOT c.converted)) AS missing_rate,
                arraySort(groupArrayIf(c.currency, NOT c.converted)) AS missing_currencies
