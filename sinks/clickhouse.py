@@ -106,6 +106,9 @@ _CODE_RE = re.compile(r"\bCode:\s*(\d+)")
 _NAME_RE = re.compile(r"\(([A-Z][A-Z0-9_]+)\)")
 
 _FIRST_RETRY_S = 0.2
+# An attempt started with less time than this left could only time out, and would report
+# that timeout instead of what is really wrong: give up before it (never later than the bound).
+_MIN_ATTEMPT_S = 0.25
 _THREAD = "clickhouse"
 _MESSAGE_MAX = 1000
 _MEMO_MAX = 10_000
@@ -394,7 +397,7 @@ class ClickHouseSink:
         def stop(state: RetryCallState) -> bool:
             # upcoming_sleep: the back-off tenacity (>= 8.3) is about to sleep.
             wait = getattr(state, "upcoming_sleep", 0.0)
-            if time.monotonic() + wait < deadline:
+            if time.monotonic() + wait + _MIN_ATTEMPT_S < deadline:
                 return False
             self._retry_at = time.monotonic() + wait  # where the next write resumes
             return True
