@@ -12,6 +12,7 @@ from churnsignal.schemas import intercom, segment, stripe, zendesk
 from churnsignal.schemas._util import show
 from churnsignal.schemas.events import EVENT_ADAPTER, EVENT_TYPES, SNAPSHOT_TYPES, family_of
 from churnsignal.schemas.results import Accepted, Decoded, Rejected, Skipped
+from churnsignal.schemas.usage_lite import usage_event
 
 SourceName = Literal["auto", "canonical", "stripe", "segment", "zendesk", "intercom"]
 # A topic is pinned to one source, or to several (Zendesk and Intercom on support.events).
@@ -110,6 +111,13 @@ def decode(raw: bytes | None, opts: DecodeOptions, now: float, source: Source = 
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return Rejected("not_json", str(exc)[:_MAX_DETAIL])
+    return decode_object(payload, opts, now, source)
+
+
+def decode_object(payload: Any, opts: DecodeOptions, now: float,
+                  source: Source = "auto") -> Decoded:
+    """``decode`` of what ``orjson.loads`` made of the bytes (the gateway, which parsed them
+    already, checks each message with it)."""
     if not isinstance(payload, dict):
         return Rejected("not_object", f"top-level JSON is {type(payload).__name__}, not an object")
     try:
@@ -158,10 +166,13 @@ def _decode_object(payload: dict[str, Any], opts: DecodeOptions, now: float,
         return _crash(kind, exc)
     if isinstance(candidate, str):
         return Skipped(candidate, links)
-    try:
-        event = EVENT_ADAPTER.validate_python(candidate)
-    except ValidationError as exc:
-        return Rejected("invalid", f"{kind}: {_short(exc)}")
+    # Most events are plain usage: checked without pydantic when that is certain to agree.
+    event: Any = usage_event(candidate)
+    if event is None:
+        try:
+            event = EVENT_ADAPTER.validate_python(candidate)
+        except ValidationError as exc:
+            return Rejected("invalid", f"{kind}: {_short(exc)}")
     if event.type in SNAPSHOT_TYPES and kind == "canonical":
         # A snapshot of a Stripe subscription whose account is another id teaches the link
         # customer -> account, as a Stripe object with the metadata does (stripe.links).

@@ -7,7 +7,6 @@ pays its per-message cost once per pack instead of once per event.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -16,6 +15,7 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from churnsignal.schemas.events import EVENT_ADAPTER, SCHEMA_VERSION, USAGE_TYPE_SET
+from churnsignal.schemas.usage_lite import UsageDataLite, UsageLite
 
 MAX_PACK_ITEMS = 2000  # keeps a pack well under Kafka's default 1 MB message limit
 
@@ -86,26 +86,6 @@ def chunks(items: list[list[Any]], size: int = MAX_PACK_ITEMS) -> Iterator[list[
         yield items[start:start + size]
 
 
-@dataclass(slots=True)
-class PackedUsageData:
-    name: str | None
-    feature: str | None
-    count: int
-
-
-@dataclass(slots=True)
-class PackedUsage:
-    """A usage event read back from a pack: the fields the core reads, as plain attributes."""
-
-    event_id: str
-    account_id: str
-    type: str
-    user_id: str | None
-    occurred_at: datetime
-    data: PackedUsageData
-
-
-
 def event_of(data: dict[str, Any]) -> Any:
     """A pack item's canonical event. The ingest validated every event before packing it and
     is the only writer of the ingested topic, so usage events (the bulk of any stream) are
@@ -115,7 +95,7 @@ def event_of(data: dict[str, Any]) -> Any:
     if (data.get("type") in USAGE_TYPE_SET
             and data.get("schema_version", SCHEMA_VERSION) == SCHEMA_VERSION):
         d = data.get("data") or {}
-        return PackedUsage(data["event_id"], data["account_id"], data["type"],
-                           data.get("user_id"), datetime.fromisoformat(data["occurred_at"]),
-                           PackedUsageData(d.get("name"), d.get("feature"), d.get("count", 1)))
+        return UsageLite(data["event_id"], data["account_id"], data["type"],
+                         data.get("user_id"), datetime.fromisoformat(data["occurred_at"]),
+                         UsageDataLite(d.get("name"), d.get("feature"), d.get("count", 1)))
     return EVENT_ADAPTER.validate_python(data)

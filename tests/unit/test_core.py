@@ -213,7 +213,8 @@ def test_partition_loads_keep_what_stays_and_reload_after_a_missed_generation() 
 def test_usage_events_read_back_from_packs_fold_like_their_models() -> None:
     # The agent rebuilds usage events from packs without validating them again (the ingest
     # did): the state must come out byte for byte as from the validated models.
-    from churnsignal.stream.packs import PackedUsage, event_of
+    from churnsignal.schemas.usage_lite import UsageLite
+    from churnsignal.stream.packs import event_of
 
     models = [EVENT_ADAPTER.validate_python({
         "event_id": f"e{i}", "account_id": "acme", "type": kind, "user_id": user,
@@ -229,7 +230,7 @@ def test_usage_events_read_back_from_packs_fold_like_their_models() -> None:
         "occurred_at": "2026-11-21T10:00:00Z", "data": {"next_attempt_at": None}})
     dicts = [m.model_dump(mode="json") for m in [*models, billing]]
     packed = [event_of(d) for d in dicts]
-    assert all(isinstance(p, PackedUsage) for p in packed[:-1])
+    assert all(isinstance(p, UsageLite) for p in packed[:-1])
     assert type(packed[-1]) is type(billing)  # billing and support are validated again
     for model, fast in zip(models, packed[:-1], strict=True):
         assert (fast.event_id, fast.account_id, fast.type, fast.user_id, fast.occurred_at,

@@ -28,9 +28,10 @@ MUTANTS = 700    # per topic; each decoded four times (auto and pinned, twice ea
 
 def _revalidates(event: Any) -> None:
     """What the ingest does with an event (JSON for the pack) reads back as the same event."""
-    again = EVENT_ADAPTER.validate_python(
-        orjson.loads(orjson.dumps(event.model_dump(mode="json", exclude_none=True))))
-    assert again == event
+    dumped = event.model_dump(mode="json", exclude_none=True)
+    again = EVENT_ADAPTER.validate_python(orjson.loads(orjson.dumps(dumped)))
+    # (a usage event may be the fast path's UsageLite: compared by what it dumps)
+    assert again.model_dump(mode="json", exclude_none=True) == dumped
 
 
 def _event_id(result: Decoded) -> str | None:
