@@ -12,6 +12,7 @@ posted to the HTTP Tracking API's ``/v1/track`` endpoint has no ``type`` at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from typing import Any
@@ -76,6 +77,11 @@ def event_id(payload: dict[str, Any]) -> str:
 
 
 def _kind(name: str, properties: dict[str, Any], activation: frozenset[str]) -> str:
+    return _kind_of(name, bool(properties.get("feature")), activation)
+
+
+@functools.lru_cache(maxsize=8192)  # a product sends a few hundred distinct event names
+def _kind_of(name: str, has_feature: bool, activation: frozenset[str]) -> str:
     lowered = name.lower()
     if lowered in activation:
         return "activation"
@@ -85,7 +91,7 @@ def _kind(name: str, properties: dict[str, Any], activation: frozenset[str]) -> 
         return "export"
     if any(w in lowered for w in _INTEGRATION_WORDS):
         return "integration"
-    if properties.get("feature"):
+    if has_feature:
         return "feature_used"
     return "track"
 
@@ -123,14 +129,14 @@ def links(payload: dict[str, Any]) -> list[tuple[str, str]]:
     account_id / company.id). Track and page calls teach nothing: most name their account
     anyway, and a link per user would cost a state per user for little."""
     call = call_of(payload)
+    if call != "group" and call != "identify":
+        return []
     user = str_id(payload.get("userId"))
     anonymous = str_id(payload.get("anonymousId"))
     if call == "group":
         account = str_id(payload.get("groupId"))
-    elif call == "identify":
-        account = _traits_account(payload.get("traits"))
     else:
-        return []
+        account = _traits_account(payload.get("traits"))
     out: list[tuple[str, str]] = []
     if account is not None and user is not None:
         out.append((identity.segment_user(user), account))

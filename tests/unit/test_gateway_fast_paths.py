@@ -69,3 +69,14 @@ def test_times_are_formatted_and_parsed_once_per_request_with_the_same_result() 
     assert abs(segment_api.parse_time(first["timestamp"]) - (now - 5)) < 0.002  # type: ignore[operator]
     assert abs(segment_api.parse_time(second["timestamp"]) - (now - 4)) < 0.002  # type: ignore[operator]
     assert segment_api.normalise({}, now, 12345)["timestamp"] == segment_api.iso(now)
+
+
+@hsettings(max_examples=2000, deadline=None)
+@given(st.one_of(st.floats(-62_135_596_000.0, 253_402_300_000.0, allow_nan=False),
+                 st.integers(0, 4_000_000_000).map(lambda ms: ms / 1000),
+                 st.integers(0, 4_000_000_000_000).map(lambda us: us / 1e6),
+                 st.floats(1.7e9, 1.8e9)))
+def test_iso_is_datetimes_own_millisecond_format(seconds: float) -> None:
+    from datetime import UTC, datetime
+    long_way = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+    assert segment_api.iso(seconds) == long_way.replace("+00:00", "Z")
