@@ -15,6 +15,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, UnknownError, UnsupportedVersionError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
+from churnsignal.gateway.batches import PartitionBatches
+
 log = logging.getLogger("churnsignal.gateway")
 
 
@@ -54,6 +56,7 @@ class Producer:
         self.max_request_size = max_request_size
         self.producer: AIOKafkaProducer | None = None
         self.partitioner = CachedPartitioner()
+        self.batches: PartitionBatches | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -61,7 +64,7 @@ class Producer:
         return AIOKafkaProducer(
             acks="all", enable_idempotence=idempotent, linger_ms=2,
             partitioner=self.partitioner,
-            # a request's records go in per-partition batches of up to this size
+            # records of concurrent requests share a partition's batch (gateway.batches)
             max_batch_size=min(self.max_request_size, 1 << 20),
             request_timeout_ms=int(self.timeout_s * 1000),
             max_request_size=self.max_request_size, **self.options)
@@ -90,6 +93,7 @@ class Producer:
                 delay = min(delay * 2, 5.0)
                 continue
             self.producer = candidate
+            self.batches = PartitionBatches(candidate)
             log.info("gateway producer connected (acks=all, idempotence=%s)", self.idempotence)
             return
 
@@ -103,34 +107,25 @@ class Producer:
     async def send_all(self, records: Sequence[Out]) -> None:
         """Every record acknowledged by Kafka (acks=all), or KafkaUnavailable. Some may have
         been written when it raises: the sender retries, the worker deduplicates."""
-        producer = self.producer
-        if producer is None:
+        if not records:  # an empty batch: nothing to wait for
+            return
+        producer, batches = self.producer, self.batches
+        if producer is None or batches is None:
             raise KafkaUnavailable("not connected to Kafka yet")
 
         async def run() -> None:
-            # One batch per partition, appended to directly: aiokafka's per-record send()
-            # (a coroutine, a future and the accumulator's bookkeeping per record) cost as
-            # much CPU as the rest of the gateway's work on a message.
             partitions: dict[str, list[int]] = {}
-            open_batches: dict[tuple[str, int], Any] = {}
-            futures: list[Any] = []
+            waits: set[asyncio.Future[None]] = set()
             for r in records:
                 every = partitions.get(r.topic)
                 if every is None:
                     every = partitions[r.topic] = sorted(await producer.partitions_for(r.topic))
-                partition = self.partitioner(r.key, every, every)
-                batch = open_batches.get((r.topic, partition))
-                if batch is None:
-                    batch = open_batches[r.topic, partition] = producer.create_batch()
-                if batch.append(key=r.key, value=r.value, timestamp=None,
-                                headers=r.headers) is None:  # full: send it, start another
-                    futures.append(await producer.send_batch(batch, r.topic,
-                                                             partition=partition))
-                    batch = open_batches[r.topic, partition] = producer.create_batch()
-                    batch.append(key=r.key, value=r.value, timestamp=None, headers=r.headers)
-            for (topic, partition), batch in open_batches.items():
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
-            await asyncio.gather(*futures)
+                waits.add(batches.add(r.topic, self.partitioner(r.key, every, every), r.key,
+                                      r.value, r.headers))
+            await asyncio.wait(waits)  # (a timeout cancels this wait, never the batches)
+            for done in waits:
+                if (exc := done.exception()) is not None:
+                    raise KafkaUnavailable(f"Kafka refused the write ({type(exc).__name__})")
 
         try:
             await asyncio.wait_for(run(), timeout=self.timeout_s)
@@ -159,6 +154,8 @@ class Producer:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self.batches is not None:
+            await self.batches.close()
         if self.producer is not None:
             await _quiet_stop(self.producer)
             self.producer = None
