@@ -157,6 +157,15 @@ def bench(
     peers: Annotated[str, typer.Option(help="Comma-separated: ceiling,faust-agent,faust,quix "
                                        "(faust-agent: a plain Faust agent, no table).")]
     = "ceiling,faust-agent,faust,quix",
+    dense_accounts: Annotated[int, typer.Option(
+        min=0, help="Accounts of the second, dense data set (every account active every "
+        "day); 0 skips it. Only the ceiling and Quix of --peers run on it.")] = 1000,
+    dense_days: Annotated[int, typer.Option(min=1, help="Days of the dense data set.")] = 30,
+    dense_per_day: Annotated[int, typer.Option(
+        min=1, help="Events per account per day in the dense data set.")] = 20,
+    scale_out: Annotated[bool, typer.Option(
+        help="Also run two workers of one deployment (one consumer group) on the data set "
+        "at once.")] = True,
     out: Annotated[Path, typer.Option(help="Where results.json goes.")] = Path(".bench"),
     gateway: Annotated[bool, typer.Option(
         "--gateway", help="Benchmark the HTTP ingest gateway against a bare HTTP-to-aiokafka "
@@ -179,7 +188,9 @@ def bench(
                 run_gateway_bench(effective, effective.kafka_bootstrap_servers or "", out)
                 return
             run_bench(effective, effective.kafka_bootstrap_servers or "", events=events,
-                      accounts=accounts, runs=runs, out_dir=out, peers=chosen)
+                      accounts=accounts, runs=runs, out_dir=out, peers=chosen,
+                      dense_accounts=dense_accounts, dense_days=dense_days,
+                      dense_per_day=dense_per_day, scale_out=scale_out)
     except ChurnsignalError as exc:
         _fail(exc)
 

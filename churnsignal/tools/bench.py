@@ -6,6 +6,11 @@ churnsignal end to end (decode, validate, state, score, alerts, ClickHouse, offs
 the shipped rules policy and under a model policy as calibrate writes one (every feature, the
 data set's event types tracked per day): what a calibrated deployment costs. The same data
 set is then replayed as `churnsignal backtest` replays a history, under both policies.
+
+Two workers of one deployment (one consumer group) then share that data set (the scale-out
+row), and a second, dense data set (few accounts, many events a day each) is read by the
+ceiling, Quix Streams and churnsignal: the sparse set is the many-accounts case, the dense
+one the many-events-per-account case.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +54,17 @@ from churnsignal.tools.synthetic import (
 )
 
 PEERS = ("ceiling", "faust-agent", "faust", "quix")
+# The Faust peers are references, not targets, and the slowest to run (~2 min a run for the
+# windowed table): run once, so that `make bench` with the dense set and the scale-out row
+# stays near 20 minutes. The ceiling and Quix, the ratios' denominators, run every time.
+ONCE_PEERS = ("faust-agent", "faust")
+DENSE_PEERS = ("ceiling", "quix")  # the Faust peers would take most of the bench on it
 MODEL_TYPES = 8  # calibrate's default number of tracked event types
 MODEL = "churnsignal-model"
+SCALE_WORKERS = 2
+LABELS = {"ceiling": "ceiling: aiokafka + orjson", "faust-agent": "plain Faust agent (no table)",
+          "faust": "Faust windowed table count", "quix": "Quix Streams windowed count",
+          "churnsignal": "churnsignal end to end", MODEL: "churnsignal end to end, model policy"}
 
 
 def model_policy(names: list[str]) -> Policy:
@@ -75,41 +90,57 @@ class Dataset:
     topics: dict[str, str] = field(default_factory=dict)
 
 
-def generate(events: int, accounts: int, now: float, seed: int = 11) -> list[tuple[str, bytes,
-                                                                               bytes, float]]:
+Record = tuple[str, bytes, bytes, float]  # (kind, key, value, event time)
+
+
+def _record(i: int, a: int, ts: float, roll: float) -> Record:
+    """Event ``i`` of account ``a`` at ``ts``; ``roll`` in [0, 1) picks the kind: 90 % Segment
+    track, 7 % Stripe (invoice.paid, subscription updates), 3 % Zendesk tickets."""
+    account = f"acct-{a:06d}"
+    key = account.encode()
+    if roll < 0.90:
+        feature = FEATURES[i % len(FEATURES)]
+        value = segment_track(account, f"{account}-u{i % 7}", f"{feature.title()} Viewed", ts,
+                              f"m{i}", feature)
+        return ("usage", key, value, ts)
+    if roll < 0.97:
+        if roll < 0.95:
+            obj = {"id": f"in_{i}", "object": "invoice", "customer": f"cus_{a}",
+                   "amount_due": 4900, "currency": "usd", "attempt_count": 1,
+                   "subscription_details": {"metadata": {"account_id": account}}}
+            value = stripe_event("invoice.paid", obj, ts, f"evt_{i}")
+        else:
+            sub = stripe_subscription(account, "active", 1 + a % 20, 4900)
+            value = stripe_event("customer.subscription.updated", sub, ts, f"evt_{i}")
+        return ("billing", key, value, ts)
+    value = zendesk_ticket(account, i, "created", ts, f"z{i}", priority="normal", current="new")
+    return ("support", key, value, ts)
+
+
+def generate(events: int, accounts: int, now: float, seed: int = 11) -> list[Record]:
     """A realistic mix with skewed activity: (kind, key, value, event time), in time order."""
     rng = random.Random(seed)
     weights = [1 / (rank + 1) ** 0.8 for rank in range(accounts)]
     picks = rng.choices(range(accounts), weights, k=events)
     times = sorted(now - rng.uniform(0, 30 * DAY) for _ in range(events))
-    out = []
-    for i, (a, ts) in enumerate(zip(picks, times, strict=True)):
-        account = f"acct-{a:06d}"
-        key = account.encode()
-        roll = rng.random()
-        if roll < 0.90:
-            feature = FEATURES[i % len(FEATURES)]
-            value = segment_track(account, f"{account}-u{i % 7}", f"{feature.title()} Viewed", ts,
-                                  f"m{i}", feature)
-            out.append(("usage", key, value, ts))
-        elif roll < 0.97:
-            if roll < 0.95:
-                obj = {"id": f"in_{i}", "object": "invoice", "customer": f"cus_{a}",
-                       "amount_due": 4900, "currency": "usd", "attempt_count": 1,
-                       "subscription_details": {"metadata": {"account_id": account}}}
-                value = stripe_event("invoice.paid", obj, ts, f"evt_{i}")
-            else:
-                sub = stripe_subscription(account, "active", 1 + a % 20, 4900)
-                value = stripe_event("customer.subscription.updated", sub, ts, f"evt_{i}")
-            out.append(("billing", key, value, ts))
-        else:
-            value = zendesk_ticket(account, i, "created", ts, f"z{i}", priority="normal",
-                                   current="new")
-            out.append(("support", key, value, ts))
-    return out
+    return [_record(i, a, ts, rng.random())
+            for i, (a, ts) in enumerate(zip(picks, times, strict=True))]
 
 
-async def produce_dataset(bootstrap: str, data: Dataset, records: list[Any]) -> None:
+def generate_dense(accounts: int, days: int, per_day: int, now: float,
+                   seed: int = 13) -> Iterator[Record]:
+    """Dense daily use: every account sends ``per_day`` events on each of the last ``days``
+    days (the same mix as `generate`), in time order. Payloads are built as they are
+    produced: 600,000 of them at once would be ~0.5 GB for nothing."""
+    rng = random.Random(seed)
+    start = now - days * DAY
+    slots = sorted((start + (d + rng.random()) * DAY, a)
+                   for a in range(accounts) for d in range(days) for _ in range(per_day))
+    for i, (ts, a) in enumerate(slots):
+        yield _record(i, a, ts, rng.random())
+
+
+async def produce_dataset(bootstrap: str, data: Dataset, records: Iterable[Record]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=50, acks="all",
                                 max_batch_size=1 << 20)
     await producer.start()
@@ -148,13 +179,30 @@ def _metrics(port: int) -> str:
         return resp.read().decode()
 
 
-def run_churnsignal(settings: Settings, bootstrap: str, data: Dataset, timeout: float,
-                    keep: bool = False, policy_file: Path | None = None
-                    ) -> tuple[float, dict[str, Any], subprocess.Popen[bytes] | None]:
-    """Worker process on the data set; returns (events/s, facts, running worker if keep)."""
-    state = Path(tempfile.mkdtemp(prefix="churnsignal-bench-"))
-    port = free_port()
-    app_id = f"bench-{uuid.uuid4().hex[:8]}"
+@dataclass
+class BenchWorker:
+    """A `churnsignal worker` process the bench started, and what it measured of it."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    state: Path
+    ps: psutil.Process | None = None
+    applied: float = 0.0
+    peak_rss: int = 0
+    cpu_start: float = 0.0  # user + system CPU seconds at the start of the measured span
+    cpu_end: float = 0.0
+
+    def cpu(self) -> float:
+        assert self.ps is not None
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    @property
+    def cpu_s(self) -> float:
+        return self.cpu_end - self.cpu_start
+
+
+def _worker_env(data: Dataset, app_id: str, policy_file: Path | None) -> dict[str, str]:
     env = {"CHURNSIGNAL_APP_ID": app_id, "CHURNSIGNAL_LOG_LEVEL": "warning",
            "CHURNSIGNAL_TOPICS__USAGE": data.topics["usage"],
            "CHURNSIGNAL_TOPICS__BILLING": data.topics["billing"],
@@ -164,50 +212,116 @@ def run_churnsignal(settings: Settings, bootstrap: str, data: Dataset, timeout: 
            "CHURNSIGNAL_RESCORE_INTERVAL_S": "600"}
     if policy_file is not None:
         env["CHURNSIGNAL_POLICY_FILE"] = str(policy_file)
-    worker = start_worker(settings, bootstrap, state, port, extra_env=env)
-    peak_rss = 0
-    first = last = 0.0
+    return env
+
+
+def _start_workers(settings: Settings, bootstrap: str, env: dict[str, str], n: int,
+                   deadline: float) -> list[BenchWorker]:
+    """``n`` workers of one deployment (``env`` names the app id, so one consumer group), each
+    with its own state directory (chdb: one embedded ClickHouse per process) and web port.
+    All are started before any is waited for, so that they join the group together."""
+    workers: list[BenchWorker] = []
+    try:
+        for _ in range(n):
+            state = Path(tempfile.mkdtemp(prefix="churnsignal-bench-"))
+            port = free_port()
+            workers.append(BenchWorker(start_worker(settings, bootstrap, state, port,
+                                                    extra_env=env), port, state))
+        for w in workers:
+            if not wait_for_port(w.port, max(1.0, min(120.0, deadline - time.monotonic()))):
+                raise RuntimeError(f"worker did not start; see {w.state / 'worker.log'}")
+            w.ps = psutil.Process(w.proc.pid)
+    except BaseException:
+        _stop_workers(workers)
+        raise
+    return workers
+
+
+def _stop_workers(workers: list[BenchWorker]) -> None:
+    for w in workers:
+        stop_process(w.proc)
+
+
+def _measure(workers: list[BenchWorker], expected: int, deadline: float, timeout: float
+             ) -> tuple[float, float]:
+    """Poll the workers' metrics until the events they applied add up to ``expected``;
+    returns the wall times (first, last) of the span in which they applied them."""
+    first = 0.0
     idle_at = 0.0  # the last poll that saw nothing applied yet
     applied = 0.0
+    while time.monotonic() < deadline:
+        for w in workers:
+            w.applied = _metric(_metrics(w.port), "churnsignal_events_applied_total")
+        now = time.time()
+        cpus = [w.cpu() for w in workers]
+        applied = sum(w.applied for w in workers)
+        if not applied:
+            # Not from the first event read: between it and the first applied, the workers
+            # wait (no CPU) for the state agent's group to form, a one-time cost.
+            idle_at = now
+            for w, cpu in zip(workers, cpus, strict=True):
+                w.cpu_start = cpu
+        elif not first:
+            # Work began after the last idle poll: counting from there keeps a small
+            # data set, applied between two polls, from dividing by almost nothing.
+            first = idle_at or now
+        for w in workers:
+            assert w.ps is not None
+            w.peak_rss = max(w.peak_rss, w.ps.memory_info().rss)
+        if applied >= expected:
+            for w, cpu in zip(workers, cpus, strict=True):
+                w.cpu_end = cpu
+            return first, now
+        time.sleep(0.1)
+    raise RuntimeError(f"churnsignal applied {applied} of {expected} in {timeout}s")
+
+
+def run_churnsignal(settings: Settings, bootstrap: str, data: Dataset, timeout: float,
+                    keep: bool = False, policy_file: Path | None = None
+                    ) -> tuple[float, dict[str, Any], subprocess.Popen[bytes] | None]:
+    """Worker process on the data set; returns (events/s, facts, running worker if keep)."""
     deadline = time.monotonic() + timeout
+    app_id = f"bench-{uuid.uuid4().hex[:8]}"
+    env = _worker_env(data, app_id, policy_file)
+    [worker] = _start_workers(settings, bootstrap, env, 1, deadline)
     try:
-        if not wait_for_port(port, 120):
-            raise RuntimeError(f"worker did not start; see {state / 'worker.log'}")
-        proc = psutil.Process(worker.pid)
-        while time.monotonic() < deadline:
-            text = _metrics(port)
-            applied = _metric(text, "churnsignal_events_applied_total")
-            now = time.time()
-            if not applied:
-                idle_at = now
-            elif not first:
-                # Work began after the last idle poll: counting from there keeps a small
-                # data set, applied between two polls, from dividing by almost nothing.
-                first = idle_at or now
-            peak_rss = max(peak_rss, proc.memory_info().rss)
-            if applied >= data.events:
-                last = now
-                break
-            time.sleep(0.1)
+        first, last = _measure([worker], data.events, deadline, timeout)
         # States are stored by the flush after the last pack: wait for it (at most 10 s).
         for _ in range(100):
-            summary = http_json(port, "/api/summary")
+            summary = http_json(worker.port, "/api/summary")
             if summary["stats"].get("accounts"):
                 break
             time.sleep(0.1)
     except BaseException:
-        stop_process(worker)
+        stop_process(worker.proc)
         raise
-    facts = {"peak_rss_mb": peak_rss / 2**20, "alerts_topic": env["CHURNSIGNAL_TOPICS__ALERTS"],
+    facts = {"peak_rss_mb": worker.peak_rss / 2**20,
+             "alerts_topic": env["CHURNSIGNAL_TOPICS__ALERTS"],
              "accounts": summary["stats"].get("accounts", 0),
              "state_bytes_per_account": summary["stats"].get("state_bytes_per_account", 0),
-             "port": port, "topics": env}
-    if not last:
-        stop_process(worker)
-        raise RuntimeError(f"churnsignal applied {applied} of {data.events} in {timeout}s")
+             "cpu_s": worker.cpu_s, "port": worker.port, "topics": env}
     if not keep:
-        stop_process(worker)
-    return applied / max(1e-9, last - first), facts, worker if keep else None
+        stop_process(worker.proc)
+    return worker.applied / max(1e-9, last - first), facts, worker.proc if keep else None
+
+
+def run_scale_out(settings: Settings, bootstrap: str, data: Dataset, timeout: float,
+                  n: int = 2) -> dict[str, Any]:
+    """``n`` workers (rules policy) of one deployment on the data set at once: they split the
+    topics' partitions. Total events/s until their applied events add up to the data set,
+    and each worker's CPU seconds over that span and peak RSS."""
+    deadline = time.monotonic() + timeout
+    env = _worker_env(data, f"bench-{uuid.uuid4().hex[:8]}", None)
+    workers = _start_workers(settings, bootstrap, env, n, deadline)
+    try:
+        first, last = _measure(workers, data.events, deadline, timeout)
+    finally:
+        _stop_workers(workers)
+    return {"eps": sum(w.applied for w in workers) / max(1e-9, last - first),
+            "seconds": last - first,
+            "cpu_s_per_worker": [w.cpu_s for w in workers],
+            "peak_rss_mb_per_worker": [w.peak_rss / 2**20 for w in workers],
+            "applied_per_worker": [int(w.applied) for w in workers]}
 
 
 async def measure_latency(bootstrap: str, data: Dataset, alerts_topic: str, rate: float,
@@ -272,10 +386,10 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int, runs: int,
-              out_dir: Path, peers: tuple[str, ...] = PEERS) -> dict[str, Any]:
-    console = Console()
-    data = Dataset(prefix=f"bench{uuid.uuid4().hex[:6]}", events=events, accounts=accounts,
+def new_dataset(settings: Settings, bootstrap: str, prefix: str, events: int,
+                accounts: int) -> Dataset:
+    """A data set's topics (``prefix``.usage, .billing, .support), created on the broker."""
+    data = Dataset(prefix=f"{prefix}{uuid.uuid4().hex[:6]}", events=events, accounts=accounts,
                    partitions=settings.partitions)
     data.topics = {k: f"{data.prefix}.{k}" for k in ("usage", "billing", "support")}
     topic_settings = settings.model_copy(update={
@@ -285,6 +399,15 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
             "support": data.topics["support"]})})
     # Explicit retention: the data set keeps old timestamps, and Quix reads retention.ms.
     asyncio.run(ensure_topics(topic_settings, {"retention.ms": "-1"}))
+    return data
+
+
+def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int, runs: int,
+              out_dir: Path, peers: tuple[str, ...] = PEERS, dense_accounts: int = 0,
+              dense_days: int = 30, dense_per_day: int = 20,
+              scale_out: bool = False) -> dict[str, Any]:
+    console = Console()
+    data = new_dataset(settings, bootstrap, "bench", events, accounts)
     console.print(f"generating {events:,} events over {accounts:,} accounts ...")
     records = generate(events, accounts, time.time())
     started = time.monotonic()
@@ -304,9 +427,12 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     eps: dict[str, list[float]] = {name: [] for name in (*peers, "churnsignal", MODEL)}
     facts: dict[str, Any] = {}
     model_facts: dict[str, Any] = {}
+    scale_runs: list[dict[str, Any]] = []
     worker = None
     for run in range(runs):
         for name in peers:
+            if run and name in ONCE_PEERS:
+                continue
             eps[name].append(run_peer(name, bootstrap, data, timeout=120 + events / 500))
             console.print(f"run {run + 1}/{runs} {name:<12} {eps[name][-1]:>10,.0f} events/s")
         value, model_facts, _ = run_churnsignal(settings, bootstrap, data, 900,
@@ -314,6 +440,12 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
         eps[MODEL].append(value)
         console.print(f"run {run + 1}/{runs} {'churnsignal, model policy':<12} "
                       f"{value:>10,.0f} events/s")
+        if scale_out and run == runs - 1:  # once: it shows how it grows, not a target
+            # Before the one-worker run: the last of those stays up for the latency test.
+            scale_runs.append(run_scale_out(settings, bootstrap, data, 900, SCALE_WORKERS))
+            console.print(f"run {run + 1}/{runs} churnsignal, {SCALE_WORKERS} workers "
+                          f"{scale_runs[-1]['eps']:>10,.0f} events/s (applied per worker: "
+                          f"{', '.join(f'{n:,}' for n in scale_runs[-1]['applied_per_worker'])})")
         keep = run == runs - 1
         value, facts, worker = run_churnsignal(settings, bootstrap, data, 900, keep=keep)
         eps["churnsignal"].append(value)
@@ -332,6 +464,12 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
               for label, policy in (("rules", Policy()), ("model", model))}
     for label, value in replay.items():
         console.print(f"replay (backtest) of the data set, {label} policy: {value:,.0f} events/s")
+    scale = _scale_out_results(scale_runs, median["churnsignal"], facts) if scale_runs else None
+    dense = None
+    if dense_accounts > 0 and dense_days > 0 and dense_per_day > 0:
+        dense = run_dense(settings, bootstrap, console, accounts=dense_accounts, days=dense_days,
+                          per_day=dense_per_day, runs=1,
+                          peers=tuple(p for p in peers if p in DENSE_PEERS))
     results = {
         "ceiling_eps": median.get("ceiling"),
         "faust_agent_eps": median.get("faust-agent"),
@@ -355,6 +493,8 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
         "runs": {name: v for name, v in eps.items()},
         "events": events,
         "accounts": accounts,
+        "scale_out": scale,
+        "dense": dense,
         "broker": "embedded Tansu" if settings.embedded_broker else bootstrap,
         "machine": {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total
                                                                    / 2**30, 1),
@@ -368,14 +508,7 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     table.add_column("events/s (median)", justify="right")
     table.add_column("min - max", justify="right")
     table.add_column("churnsignal / system", justify="right")
-    labels = {"ceiling": "ceiling: aiokafka + orjson", "faust-agent": "plain Faust agent (no table)",
-              "faust": "Faust windowed table count",
-              "quix": "Quix Streams windowed count", "churnsignal": "churnsignal end to end",
-              MODEL: "churnsignal end to end, model policy"}
-    for name, values in eps.items():
-        table.add_row(labels[name], f"{median[name]:,.0f}",
-                      f"{min(values):,.0f} - {max(values):,.0f}",
-                      f"{median['churnsignal'] / median[name]:.2f}x")
+    _eps_rows(table, eps, median)
     console.print(table)
     console.print(f"event-to-alert latency at half the max rate: p50 "
                   f"{results['latency_p50_s']:.3f}s, p99 {results['latency_p99_s']:.3f}s "
@@ -389,8 +522,101 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
                   f"{results['model_policy_state_bytes_per_account'] or 0:.0f} bytes per account")
     console.print(f"reading all state back (what a worker taking every partition over "
                   f"does): {load_s:.2f}s for {loaded:,} keys")
+    if scale is not None:
+        console.print(_scale_out_table(scale, median["churnsignal"], facts, events))
+    if dense is not None:
+        console.print(_dense_table(dense))
     console.print(f"written: {out_dir / 'results.json'}")
     return results
+
+
+def _eps_rows(table: Table, eps: dict[str, list[float]], median: dict[str, float]) -> None:
+    for name, values in eps.items():
+        table.add_row(LABELS[name], f"{median[name]:,.0f}",
+                      f"{min(values):,.0f} - {max(values):,.0f}",
+                      f"{median['churnsignal'] / median[name]:.2f}x")
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median rate (the lower one of an even number): its CPU and memory
+    figures go with the median rate reported."""
+    return sorted(runs, key=lambda r: float(r["eps"]))[(len(runs) - 1) // 2]
+
+
+def _scale_out_results(runs: list[dict[str, Any]], one_worker_eps: float,
+                       facts: dict[str, Any]) -> dict[str, Any]:
+    eps = statistics.median(r["eps"] for r in runs)
+    mid = _median_run(runs)
+    return {"workers": len(mid["cpu_s_per_worker"]), "eps": eps,
+            "vs_one_worker": eps / one_worker_eps,
+            "cpu_s_per_worker": mid["cpu_s_per_worker"],
+            "peak_rss_mb_per_worker": mid["peak_rss_mb_per_worker"],
+            "applied_per_worker": mid["applied_per_worker"],
+            "one_worker_cpu_s": facts.get("cpu_s"),  # the last one-worker run's
+            "runs": runs}
+
+
+def _scale_out_table(scale: dict[str, Any], one_eps: float, facts: dict[str, Any],
+                     events: int) -> Table:
+    table = Table(title="scale-out: workers of one deployment (one consumer group), the same "
+                        "data set")
+    table.add_column("system", min_width=13)
+    for column in ("events/s (median)", "vs one worker", "CPU s per worker",
+                   "events per CPU-second", "peak RSS per worker"):
+        table.add_column(column, justify="right")
+    one_cpu = facts.get("cpu_s") or 0.0
+    table.add_row("churnsignal, 1 worker", f"{one_eps:,.0f}", "1.00x", f"{one_cpu:.1f}",
+                  f"{events / max(1e-9, one_cpu):,.0f}", f"{facts['peak_rss_mb']:.0f} MB")
+    cpus = scale["cpu_s_per_worker"]
+    table.add_row(f"churnsignal, {scale['workers']} workers", f"{scale['eps']:,.0f}",
+                  f"{scale['vs_one_worker']:.2f}x", " / ".join(f"{c:.1f}" for c in cpus),
+                  f"{sum(scale['applied_per_worker']) / max(1e-9, sum(cpus)):,.0f}",
+                  " / ".join(f"{m:.0f}" for m in scale["peak_rss_mb_per_worker"]) + " MB")
+    return table
+
+
+def run_dense(settings: Settings, bootstrap: str, console: Console, *, accounts: int, days: int,
+              per_day: int, runs: int, peers: tuple[str, ...]) -> dict[str, Any]:
+    """The dense data set (``accounts`` x ``days`` x ``per_day`` events) on its own topics:
+    the ``peers`` given (of the ceiling and Quix) and churnsignal under the rules."""
+    events = accounts * days * per_day
+    data = new_dataset(settings, bootstrap, "dense", events, accounts)
+    console.print(f"dense data set: {events:,} events, {accounts:,} accounts x {days} days x "
+                  f"{per_day} a day ...")
+    started = time.monotonic()
+    asyncio.run(produce_dataset(bootstrap, data, generate_dense(accounts, days, per_day,
+                                                                time.time())))
+    console.print(f"generated and produced in {time.monotonic() - started:.1f}s")
+    eps: dict[str, list[float]] = {name: [] for name in (*peers, "churnsignal")}
+    facts: dict[str, Any] = {}
+    for run in range(runs):
+        for name in peers:
+            eps[name].append(run_peer(name, bootstrap, data, timeout=120 + events / 500))
+            console.print(f"dense run {run + 1}/{runs} {name:<12} {eps[name][-1]:>10,.0f} "
+                          "events/s")
+        value, facts, _ = run_churnsignal(settings, bootstrap, data, 900 + events / 500)
+        eps["churnsignal"].append(value)
+        console.print(f"dense run {run + 1}/{runs} {'churnsignal':<12} {value:>10,.0f} events/s")
+    median = {name: statistics.median(v) for name, v in eps.items()}
+    return {"events": events, "accounts": accounts, "days": days, "per_day": per_day,
+            "ceiling_eps": median.get("ceiling"), "quix_count_eps": median.get("quix"),
+            "churnsignal_eps": median["churnsignal"],
+            "peak_rss_mb": facts.get("peak_rss_mb"),
+            "state_bytes_per_account": facts.get("state_bytes_per_account"),
+            "accounts_tracked": facts.get("accounts"),
+            "runs": eps}
+
+
+def _dense_table(dense: dict[str, Any]) -> Table:
+    table = Table(title=f"dense data set: {dense['events']:,} events, {dense['accounts']:,} "
+                        f"accounts x {dense['days']} days x {dense['per_day']} a day")
+    table.add_column("system")
+    table.add_column("events/s (median)", justify="right")
+    table.add_column("min - max", justify="right")
+    table.add_column("churnsignal / system", justify="right")
+    runs: dict[str, list[float]] = dense["runs"]
+    _eps_rows(table, runs, {name: statistics.median(v) for name, v in runs.items()})
+    return table
 
 
 def _time_replay(history: Path, policy: Policy) -> float:

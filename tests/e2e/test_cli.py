@@ -165,7 +165,8 @@ def test_bench_runs_end_to_end_on_a_small_data_set(tmp_path: Path) -> None:
 
     out_dir = tmp_path / "bench"
     code, out, _ = run(["bench", "--events", "3000", "--accounts", "300", "--runs", "1",
-                        "--peers", "ceiling", "--out", str(out_dir)], timeout=600)
+                        "--peers", "ceiling", "--dense-accounts", "10", "--dense-days", "3",
+                        "--dense-per-day", "10", "--out", str(out_dir)], timeout=600)
     assert code == 0, out[-3000:]
     results = json.loads((out_dir / "results.json").read_text())
     for key in ("ceiling_eps", "churnsignal_eps", "latency_p50_s", "latency_p99_s",
@@ -173,6 +174,21 @@ def test_bench_runs_end_to_end_on_a_small_data_set(tmp_path: Path) -> None:
         assert results[key] is not None and results[key] > 0, (key, results)
     assert results["state_keys_loaded"] >= results["accounts_tracked"] > 0
     assert "written:" in out and "reading all state back" in out
+    # Two workers of one group split the data set: every event applied, by both.
+    scale = results["scale_out"]
+    assert scale["workers"] == 2 and scale["eps"] > 0 and scale["vs_one_worker"] > 0, scale
+    assert sum(scale["applied_per_worker"]) >= 3000, scale
+    assert all(n > 0 for n in scale["applied_per_worker"]), scale
+    assert len(scale["cpu_s_per_worker"]) == 2 and all(
+        c >= 0 for c in scale["cpu_s_per_worker"]), scale
+    assert "churnsignal, 2 workers" in out
+    # The dense set: only the peers that run on it (of those asked for) and churnsignal.
+    dense = results["dense"]
+    assert (dense["events"], dense["accounts"]) == (300, 10), dense
+    assert dense["ceiling_eps"] > 0 and dense["churnsignal_eps"] > 0, dense
+    assert dense["quix_count_eps"] is None and set(dense["runs"]) == {"ceiling", "churnsignal"}
+    assert dense["accounts_tracked"] == 10, dense
+    assert "dense data set" in out
 
 
 def test_a_killed_demo_takes_its_worker_and_broker_with_it(tmp_path: Path) -> None:
