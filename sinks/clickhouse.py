@@ -323,6 +323,10 @@ class ClickHouseSink:
 
     async def start(self) -> None:
         await self._call(self._ensure)
+        # clickhouse-connect imports pandas (if installed) at the first insert, to see whether
+        # the data is a DataFrame: about a second under the GIL in the middle of the first
+        # flush, delaying its alerts. Paid here, before any event is read.
+        await self._call(_preload_insert_modules)
         self.writable = True
 
     async def write(self, rows: Rows) -> list[RefusedRow]:
@@ -520,3 +524,9 @@ class ClickHouseSink:
         self._thread.shutdown(wait=True)
         if self._client is not None:
             _close_quietly(self._client)
+
+
+def _preload_insert_modules() -> None:
+    from clickhouse_connect.driver import options
+
+    getattr(options, "pd", None)  # resolves (imports) pandas once; None when absent
