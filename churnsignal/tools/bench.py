@@ -502,14 +502,8 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = Table(title=f"churnsignal bench: {events:,} events, {accounts:,} accounts, "
-                        f"{runs} run(s) each")
-    table.add_column("system")
-    table.add_column("events/s (median)", justify="right")
-    table.add_column("min - max", justify="right")
-    table.add_column("churnsignal / system", justify="right")
-    _eps_rows(table, eps, median)
-    console.print(table)
+    console.print(_eps_table(f"churnsignal bench: {events:,} events, {accounts:,} accounts, "
+                             f"{runs} run(s) each", eps, median))
     console.print(f"event-to-alert latency at half the max rate: p50 "
                   f"{results['latency_p50_s']:.3f}s, p99 {results['latency_p99_s']:.3f}s "
                   f"({len(latencies)} alerts)")
@@ -530,11 +524,17 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     return results
 
 
-def _eps_rows(table: Table, eps: dict[str, list[float]], median: dict[str, float]) -> None:
+def _eps_table(title: str, eps: dict[str, list[float]], median: dict[str, float]) -> Table:
+    table = Table(title=title)
+    table.add_column("system")
+    table.add_column("events/s (median)", justify="right")
+    table.add_column("min - max", justify="right")
+    table.add_column("churnsignal / system", justify="right")
     for name, values in eps.items():
         table.add_row(LABELS[name], f"{median[name]:,.0f}",
                       f"{min(values):,.0f} - {max(values):,.0f}",
                       f"{median['churnsignal'] / median[name]:.2f}x")
+    return table
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -608,15 +608,10 @@ def run_dense(settings: Settings, bootstrap: str, console: Console, *, accounts:
 
 
 def _dense_table(dense: dict[str, Any]) -> Table:
-    table = Table(title=f"dense data set: {dense['events']:,} events, {dense['accounts']:,} "
-                        f"accounts x {dense['days']} days x {dense['per_day']} a day")
-    table.add_column("system")
-    table.add_column("events/s (median)", justify="right")
-    table.add_column("min - max", justify="right")
-    table.add_column("churnsignal / system", justify="right")
     runs: dict[str, list[float]] = dense["runs"]
-    _eps_rows(table, runs, {name: statistics.median(v) for name, v in runs.items()})
-    return table
+    return _eps_table(f"dense data set: {dense['events']:,} events, {dense['accounts']:,} "
+                      f"accounts x {dense['days']} days x {dense['per_day']} a day", runs,
+                      {name: statistics.median(v) for name, v in runs.items()})
 
 
 def _time_replay(history: Path, policy: Policy) -> float:
