@@ -35,7 +35,8 @@ ROUTES = {"track": "track", "identify": "identify", "group": "group", "page": "p
 MAX_BATCH_MESSAGES = 10_000  # 500 KB holds far fewer real messages; a bound on tiny ones
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one or more of these is made per message, and a frozen init costs 3x.
+@dataclass(slots=True)
 class Record:
     """One message for usage.events."""
 
@@ -43,7 +44,7 @@ class Record:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Invalid:
     """One message refused: ``reason`` from decode's REJECT_REASONS."""
 
