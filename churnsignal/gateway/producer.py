@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, UnknownError, UnsupportedVersionError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
-from churnsignal.gateway.batches import PartitionBatches
+from churnsignal.gateway.batches import Full, PartitionBatches
 
 log = logging.getLogger("churnsignal.gateway")
 
@@ -115,14 +115,25 @@ class Producer:
             raise KafkaUnavailable("not connected to Kafka yet")
 
         async def run() -> None:
-            partitions: dict[str, list[int]] = {}
+            # topic -> (all partitions, those with a leader): a key picks among all, as the
+            # default partitioner does; a record without a key among those with a leader
+            partitions: dict[str, tuple[list[int], list[int]]] = {}
             waits: set[asyncio.Future[None]] = set()
+            touched: set[tuple[str, int]] = set()
             for r in records:
-                every = partitions.get(r.topic)
-                if every is None:
-                    every = partitions[r.topic] = sorted(await producer.partitions_for(r.topic))
-                waits.add(batches.add(r.topic, self.partitioner(r.key, every, every), r.key,
-                                      r.value, r.headers))
+                known = partitions.get(r.topic)
+                if known is None:
+                    every = sorted(await producer.partitions_for(r.topic))
+                    led = producer.client.cluster.available_partitions_for_topic(r.topic)
+                    known = partitions[r.topic] = (every, sorted(led) if led else every)
+                partition = self.partitioner(r.key, *known)
+                first = (r.topic, partition) not in touched
+                touched.add((r.topic, partition))
+                try:
+                    waits.add(batches.add(r.topic, partition, r.key, r.value, list(r.headers),
+                                          first=first))
+                except Full as full:
+                    raise KafkaUnavailable(f"Kafka is not keeping up ({full})") from None
             await asyncio.wait(waits)  # (a timeout cancels this wait, never the batches)
             for done in waits:
                 if (exc := done.exception()) is not None:

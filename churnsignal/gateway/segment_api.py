@@ -18,6 +18,7 @@ A message without ``messageId`` first gets the id the worker would derive from i
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -164,8 +165,10 @@ def check(message: Any, max_bytes: int, received: float, sent_at: Any, opts: Dec
         return Invalid("invalid", problem, raw)
     try:
         out = normalise(message, received, sent_at)
-        value = _dumps(out)
-    except (ValueError, TypeError, OverflowError) as exc:
+        # Not _dumps: orjson writes at most 254 levels of nesting (it reads 1024), and a
+        # message it cannot write must be refused, not written as null
+        value = orjson.dumps(out)
+    except (ValueError, TypeError, OverflowError) as exc:  # JSONEncodeError is a TypeError
         return Invalid("invalid", f"{type(exc).__name__}: {exc}"[:300], raw)
     if len(value) > opts.max_bytes:  # as the worker's decode would refuse it
         return Invalid("too_large", f"message is {len(value)} bytes; the worker's limit is "
@@ -213,8 +216,13 @@ def _with_defaults(message: dict[str, Any], shared: dict[str, Any]) -> dict[str,
 
 
 def _dumps(value: Any) -> bytes:
+    """The message's JSON, for its size and the dead letter: orjson, else (deeper than the
+    254 levels orjson writes) the standard library's, else null."""
     try:
         return orjson.dumps(value)
     except (orjson.JSONEncodeError, TypeError):
-        return b"null"
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        except (ValueError, TypeError, RecursionError):
+            return b"null"
 

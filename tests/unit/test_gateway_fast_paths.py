@@ -80,3 +80,19 @@ def test_iso_is_datetimes_own_millisecond_format(seconds: float) -> None:
     from datetime import UTC, datetime
     long_way = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
     assert segment_api.iso(seconds) == long_way.replace("+00:00", "Z")
+
+
+def test_a_message_too_deep_for_orjson_to_write_is_refused_not_written_as_null() -> None:
+    # orjson reads 1024 levels but writes 254: the decoder reads the dict, so the bytes
+    # written must be checked to exist (a review found b"null" written to usage.events)
+    deep: dict[str, Any] = {}
+    leaf = deep
+    for _ in range(300):
+        leaf["x"] = {}
+        leaf = leaf["x"]
+    message = {"type": "track", "event": "Report Exported", "userId": "u1", "messageId": "m-1",
+               "timestamp": "2026-11-20T10:00:00Z", "context": {"groupId": "acme"},
+               "properties": {"feature": "reports", "blob": deep}}
+    result = segment_api.check(message, 32_768, time.time(), None, OPTS)
+    assert isinstance(result, segment_api.Invalid) and result.reason == "invalid", result
+    assert result.value.startswith(b'{"type":"track"')  # the dead letter keeps the message
