@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from churnsignal.gateway import segment_api
 from churnsignal.gateway.producer import CachedPartitioner
-from churnsignal.schemas.decode import DecodeOptions
+from churnsignal.schemas.decode import DecodeOptions, decode
+from churnsignal.schemas.results import Rejected
 
 OPTS = DecodeOptions(max_age_s=float("inf"))
 ids = st.one_of(st.none(), st.text(min_size=0, max_size=12), st.integers(-5, 10**6),
@@ -29,13 +30,21 @@ def messages(draw: st.DrawFn) -> dict[str, Any]:
         message["event"] = draw(st.sampled_from(["Logged In", "Reports Viewed", "x"]))
     if call == "group":
         message["groupId"] = draw(ids)
+    depth = draw(st.sampled_from([0, 0, 0, 3, 253, 254, 255, 300]))
+    if draw(st.booleans()):  # without one, a message too deep to hash is refused earlier
+        message["messageId"] = "m-1"
+    if depth:  # around the 254 levels orjson writes (it reads 1024)
+        blob: dict[str, Any] = {}
+        for _ in range(depth - 2):
+            blob = {"x": blob}
+        message["properties"] = {"blob": blob}
     for where in draw(st.lists(st.sampled_from(["context", "properties", "traits"]),
                                max_size=3)):
         account = draw(ids)
         if where == "context":
             message["context"] = {"groupId": account}
         elif where == "properties":
-            message["properties"] = {"account_id": account}
+            message.setdefault("properties", {})["account_id"] = account
         else:
             message.setdefault("context", {})["traits"] = {"company": {"id": account}}
     return message
@@ -45,9 +54,12 @@ def messages(draw: st.DrawFn) -> dict[str, Any]:
 @given(messages())
 def test_the_key_of_an_accepted_message_is_what_record_key_finds(message: dict[str, Any]
                                                                   ) -> None:
-    result = segment_api.check(message, 32_768, time.time(), None, OPTS)
+    now = time.time()
+    result = segment_api.check(message, 32_768, now, None, OPTS)
     if isinstance(result, segment_api.Record):
         assert result.key == segment_api.record_key(orjson.loads(result.value))
+        # the gateway decoded the dict; the worker decodes these bytes: never a rejection
+        assert not isinstance(decode(result.value, OPTS, now, "segment"), Rejected), result
 
 
 @hsettings(max_examples=200, deadline=None)
