@@ -30,7 +30,7 @@ class Out:
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
+    headers: list[tuple[str, bytes]]  # a list: aiokafka's batch builder takes no tuple
 
 
 class CachedPartitioner(DefaultPartitioner):
@@ -130,7 +130,7 @@ class Producer:
                 first = (r.topic, partition) not in touched
                 touched.add((r.topic, partition))
                 try:
-                    waits.add(batches.add(r.topic, partition, r.key, r.value, list(r.headers),
+                    waits.add(batches.add(r.topic, partition, r.key, r.value, r.headers,
                                           first=first))
                 except Full as full:
                     raise KafkaUnavailable(f"Kafka is not keeping up ({full})") from None
