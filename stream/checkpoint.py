@@ -22,6 +22,11 @@ account skips. A forget request redelivered after step 4 deletes again what came
 and everything after it in its partition is redelivered too and applied afresh, so the
 result is the same.
 
+A flush takes what it writes at once, before its first await: the rows, the packs to ack
+and the states they left (serialised). The agent goes on folding while the flush writes (a
+flush is mostly waiting on ClickHouse and Kafka); what it folds meanwhile is the next
+flush's, so the stored states never run ahead of the packs acked with them.
+
 A failed step (Kafka or ClickHouse unavailable) is not a data error: nothing is
 dead-lettered for it; what was not done yet waits for the next flush, the packs stay unacked,
 and the lock is released (every step is bounded in time).
@@ -52,7 +57,9 @@ from churnsignal.stream.rows import (
 )
 from churnsignal.stream.store import StateStore
 
-ALERT_FLUSH_S = 0.1  # a waiting alert brings the flush forward, at most this often
+# A waiting alert brings the flush forward: at once, unless a flush started less than this
+# ago (flushes back to back while alerts keep coming, never more often than this).
+ALERT_FLUSH_S = 0.1
 
 Forwards = dict[int, list[list[Any]]]  # ingested partition -> pack items
 
@@ -95,7 +102,6 @@ class Pending:
     forgotten: list[Forgotten] = field(default_factory=list)
     count: int = 0  # rows and touched days waiting: the flush trigger and memory bound
     since: float = 0.0
-    alerts_since: float = 0.0
 
     def _touch(self, touched: dict[str, set[int]]) -> None:
         for account, days in touched.items():
@@ -137,7 +143,6 @@ class Pending:
         self.forgotten[:0] = taken.forgotten
         now = time.monotonic()
         self.since = min(self.since, now) if self.events else now
-        self.alerts_since = now
 
 
 class Checkpoint:
@@ -153,15 +158,20 @@ class Checkpoint:
         self.ack = ack
         self.step_timeout_s = step_timeout_s
         self.pending = Pending()
+        # Held by the agent while it folds and by a drain (revoke, shutdown) around its
+        # flush: no fold between a drain's flush and what follows it. A flush itself does
+        # not hold it: it takes what it writes at once, and folds go on while it writes.
         self.lock = asyncio.Lock()
+        self.flushing = asyncio.Lock()  # one flush at a time, in order
         self.flushes = 0
+        self.started = 0.0  # when the last flush started (monotonic)
 
     # -- collecting --------------------------------------------------------------------
 
     def add(self, result: StepResult, events: list[Any], pack_partition: int) -> None:
         """A folded step and the packs it came from (acked after the flush)."""
         p = self.pending
-        if not p.events:
+        if not p.events and not p.count:
             p.since = time.monotonic()
         for done in result.forgotten:  # before this step's rows: those came after it
             if done.account is not None:
@@ -174,8 +184,6 @@ class Checkpoint:
         p._touch(result.touched)
         p.events.extend(events)
         if result.alerts:
-            if not p.alerts:
-                p.alerts_since = time.monotonic()
             p.alerts.extend(result.alerts)
         for failure in result.failures:
             topic, partition = source_of(failure.source)
@@ -230,9 +238,10 @@ class Checkpoint:
     def due(self, max_rows: int, max_wait_s: float) -> bool:
         p = self.pending
         now = time.monotonic()
-        return bool(p.events) and (
+        # Rows without a pack: slices of a re-score tick still being folded.
+        return bool(p.events or p.count) and (
             p.count >= max_rows or now - p.since >= max_wait_s
-            or (bool(p.alerts) and now - p.alerts_since >= ALERT_FLUSH_S))
+            or (bool(p.alerts) and now - self.started >= ALERT_FLUSH_S))
 
     # -- flushing ----------------------------------------------------------------------
 
@@ -242,15 +251,21 @@ class Checkpoint:
     async def flush(self) -> int:
         """Make everything waiting durable, in order; returns the packs acked. Raises when
         a step failed (what was not done waits for the next flush)."""
-        async with self.lock:
+        async with self.flushing:
             p = self.pending
-            if not p.events:
+            if not p.events and not p.count:
                 return 0
+            self.started = time.monotonic()
+            # Taken together, before the first await: the rows, the packs to ack and the
+            # states they left. Folds go on while this flush writes; what they change is
+            # the next flush's.
             taken = p.take()
             store = self.store
             taken.rows[DAILY] = [row for account, days in taken.touched.items()
                                  if (state := store.get(account)) is not None
                                  for row in daily_rows(state, days)]
+            values = store.take_dirty()
+            written = False
             try:
                 for done in taken.forgotten:
                     # Once per request: a retry must not delete rows of the new state that
@@ -273,17 +288,15 @@ class Checkpoint:
                 if taken.alerts:
                     await self._step(self.outputs.publish(taken.alerts))
                     taken.alerts = []
-                values = store.take_dirty()
-                try:
-                    await self._step(self.outputs.write_states(values))
-                except BaseException:
-                    store.unstored(values)
-                    raise
+                await self._step(self.outputs.write_states(values))
                 store.stored(values)
+                written = True
                 if taken.forgotten:
                     await self._step(self.outputs.forgotten(taken.forgotten))
                     taken.forgotten = []
             except BaseException:
+                if not written:
+                    store.unstored(values)
                 p.restore(taken)
                 raise
             await self.ack(taken.events)

@@ -107,6 +107,12 @@ class StateStore(Protocol):
     def __len__(self) -> int: ...
 
 
+def _decode(key: str, raw: bytes) -> State:
+    if key.startswith(IDENTITY_PREFIX):
+        return IdentityState.from_bytes(raw)
+    return AccountState.from_bytes(raw)
+
+
 def _copy(state: State) -> State:
     if isinstance(state, AccountState):
         return state.clone()
@@ -130,6 +136,10 @@ class MemoryStateStore:
         # stored bytes stay (a rebalance before the ack makes them the truth again), but
         # nothing reads them (a forgotten account's next event starts afresh).
         self.gone: set[str] = set()
+        # What the checkpoint in progress took (``take_dirty``) and the state topic has not
+        # acknowledged yet: the stored truth for a fold that is undone meanwhile (folds go on
+        # while a flush writes).
+        self.inflight: dict[str, bytes | None] = {}
         self.max_cached = max_cached
         self.loads = PartitionLoads()
 
@@ -197,8 +207,13 @@ class MemoryStateStore:
         self.gone.add(key)
 
     def _raw(self, key: str) -> bytes | None:
-        """A key's stored bytes, unless it was deleted since."""
-        return None if key in self.gone else self.data.get(key.encode())
+        """A key's stored bytes (or those a flush in progress is storing), unless it was
+        deleted since."""
+        if key in self.gone:
+            return None
+        if key in self.inflight:
+            return self.inflight[key]
+        return self.data.get(key.encode())
 
     def snapshot(self, key: str) -> Snapshot:
         """What ``restore`` needs to undo a fold of ``key``: a copy only when the working
@@ -216,6 +231,7 @@ class MemoryStateStore:
     def keys_in(self, partition: int) -> list[str]:
         """Accounts and identities of one partition."""
         keys = {k.decode() for k in self.data}
+        keys.update(k for k, v in self.inflight.items() if v is not None)
         keys -= self.gone
         keys.update(self.cache)
         return [k for k in keys if packs.partition_for(k, self.partitions) == partition]
@@ -230,12 +246,16 @@ class MemoryStateStore:
         for key in [k for k in self.data
                     if packs.partition_for(k.decode(), self.partitions) in partitions]:
             del self.data[key]
+        for name in [k for k in self.inflight
+                     if packs.partition_for(k, self.partitions) in partitions]:
+            del self.inflight[name]
 
     def take_dirty(self) -> dict[bytes, bytes | None]:
         """Every changed state as bytes (None: a tombstone), and nothing dirty any more.
 
-        Taken before the first await of a checkpoint: the agent keeps changing states
-        meanwhile, and those changes belong to the next checkpoint."""
+        Taken with the checkpoint's rows, before its first await: the agent keeps folding
+        meanwhile, and those changes belong to the next checkpoint. Until ``stored`` or
+        ``unstored``, these bytes are what undoing a fold goes back to."""
         values: dict[bytes, bytes | None] = {}
         for key in self.dirty:
             state = self.cache[key]
@@ -247,10 +267,12 @@ class MemoryStateStore:
                 values[key.encode()] = bytes(memoryview(state.to_bytes()))
         values.update(dict.fromkeys((key.encode() for key in self.deleted), None))
         self.dirty, self.deleted = set(), set()
+        self.inflight = {key.decode(): value for key, value in values.items()}
         return values
 
     def stored(self, values: dict[bytes, bytes | None]) -> None:
         """The state topic acknowledged these: they are the stored truth now."""
+        self.inflight = {}
         for key, value in values.items():
             if value is None:
                 self.data.pop(key, None)
@@ -269,12 +291,17 @@ class MemoryStateStore:
 
     def unstored(self, values: dict[bytes, bytes | None]) -> None:
         """A checkpoint failed: these are written again by the next one."""
-        for raw in values:
+        self.inflight = {}
+        for raw, value in values.items():
             key = raw.decode()
             if key in self.cache:
                 self.dirty.add(key)
-            elif values[raw] is None and key not in self.dirty:
-                self.deleted.add(key)
+            elif value is None:
+                if key not in self.dirty:
+                    self.deleted.add(key)
+            elif key not in self.gone:  # a fold undone meanwhile dropped its working copy
+                self.cache[key] = _decode(key, value)
+                self.dirty.add(key)
 
     def account_sizes(self) -> list[int]:
         """The stored size in bytes of each account state (identity states not counted)."""
@@ -288,4 +315,4 @@ class MemoryStateStore:
         self.dirty.clear()
         self.deleted.clear()
         self.gone.clear()
-
+        self.inflight = {}
