@@ -33,7 +33,7 @@ from churnsignal.sinks.clickhouse import ClickHouseSink
 from churnsignal.stream import packs, patches
 from churnsignal.stream.checkpoint import ALERT_FLUSH_S, Checkpoint
 from churnsignal.stream.clock import PartitionClock
-from churnsignal.stream.fold import IdentityLimits, StepResult, fold_step, steps
+from churnsignal.stream.fold import IdentityLimits, StepResult, fold_step, steps, tick_steps
 from churnsignal.stream.ingest import Ingestor
 from churnsignal.stream.outputs import WorkerOutputs
 from churnsignal.stream.policy import Policy, load_policy
@@ -44,6 +44,9 @@ log = logging.getLogger("churnsignal")
 
 PACKS_PER_STEP = 16  # packs the agent takes at once (when that many are waiting)
 PACKS_WAIT_S = 0.01  # ...or what has come within this
+TICK_SLICE = 1000  # accounts re-scored between two turns of the event loop
+BACKLOG_EVENTS = 5_000  # source records the ingest is behind: catching up, not live
+BACKLOG_WAIT_S = 0.25  # packs gather this long between steps while catching up
 BACKOFF_MAX_S = 10.0  # longest wait between flush attempts while ClickHouse or Kafka is out
 
 
@@ -176,8 +179,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         async def deliver_alerts() -> None:
             await delivery.run()
 
-    def _record(result: StepResult) -> None:
-        m = metrics
+    m = metrics
+
+    def _record(result: StepResult, pack_done: bool = True) -> None:
         if result.newest:
             m.event_to_score.observe(max(0.0, time.time() - result.newest))
         m.duplicates.inc(result.duplicates)
@@ -195,7 +199,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             log.error("re-scoring %d accounts failed; their states are unchanged", result.errors)
         runtime.stats["events_applied"] += result.applied
         runtime.stats["duplicates"] += result.duplicates
-        m.packs.inc()
+        if pack_done:
+            m.packs.inc()
         m.accounts_tracked.set(len(store))
 
     def _fold(group: list[Any]) -> None:
@@ -217,6 +222,31 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                       len(result.failures), partition)
         _record(result)
         checkpoint.add(result, group, partition)
+
+    async def _tick(event: Any, partition: int) -> None:
+        """A re-score tick, a slice of accounts at a time: between slices the ingest, the
+        flush (with the alerts folded before) and the web endpoints run. Acked once every
+        slice is folded; a revoke half way leaves it to the partition's next owner."""
+        try:
+            pack = packs.decode(event.value)
+        except Exception as exc:  # not written by us: the DLQ, never a crash
+            checkpoint.add_unreadable(event, exc)
+            return
+        slices = tick_steps(store, pack, partition, policy, runtime.clocks[partition],
+                            identity_limits, shadow, TICK_SLICE)
+        while not runtime.closing and await store.loads.ready(partition, _owned):
+            async with checkpoint.lock:
+                result = next(slices, None)
+                if result is None:
+                    checkpoint.add_tick(event)
+                    m.packs.inc()
+                    return
+                _record(result, pack_done=False)
+                checkpoint.add(result, [], partition)
+            liveness.progress(time.monotonic())
+            if checkpoint.pending.count >= s.sink.batch_max_rows:
+                await flush_until_done("batch full")
+            await asyncio.sleep(0)
 
     liveness = runtime.liveness
     ingestor.on_outage = lambda failing: liveness.outage("kafka-ingest", failing,
@@ -282,9 +312,12 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 # A partition's states must be read back before anything is folded into
                 # them; a partition that went to another worker meanwhile is its to apply.
                 partition = group[0].message.partition
-                if await store.loads.ready(partition, _owned):
-                    # Under the flush lock: a revoke-time flush waits for the packs being
-                    # folded.
+                if _is_tick(group[0]):
+                    await _tick(group[0], partition)
+                elif await store.loads.ready(partition, _owned):
+                    # Under the checkpoint's lock: a drain (revoke, shutdown) waits for the
+                    # packs being folded, and no fold runs during a drain. A regular flush
+                    # does not hold it: folds go on while it writes.
                     async with checkpoint.lock:
                         _fold(group)
                 left -= len(group)
@@ -293,8 +326,14 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 liveness.waiting(left, now, "packs")
                 if checkpoint.pending.count >= s.sink.batch_max_rows:
                     await flush_until_done("batch full")
+            if len(batch) < PACKS_PER_STEP and ingestor.backlog() >= BACKLOG_EVENTS:
+                # Catching up: the ingest is behind and packs trickle in. Let them gather
+                # (the ingest has the core meanwhile) and fold them as one step: an account's
+                # per-batch work (prune, score, rows) is then paid once for more events.
+                # Live, every pack is folded as it comes, for latency.
+                await asyncio.sleep(BACKLOG_WAIT_S)
 
-    @app.timer(min(ALERT_FLUSH_S, s.sink.flush_interval_s / 2))
+    @app.timer(min(ALERT_FLUSH_S / 2, s.sink.flush_interval_s / 2))
     async def flush_when_due() -> None:
         # Quiet periods: rows reach ClickHouse within the flush interval, alerts at once.
         if (runtime.stream is not None and time.monotonic() >= retry_at[0]
@@ -304,7 +343,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
 
     async def drain() -> None:
         if runtime.stream is not None:
-            await asyncio.wait_for(checkpoint.flush(), timeout=30)
+            async with checkpoint.lock:  # no fold in between: what follows is the last flush
+                await asyncio.wait_for(checkpoint.flush(), timeout=30)
 
     async def drain_for_shutdown() -> None:
         runtime.closing = True  # packs Faust still hands the agent are not applied

@@ -17,6 +17,7 @@ forgotten, and what comes after starts afresh (``_forget``).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,9 +250,9 @@ def _history(store: StateStore, source: str | None, offset: int, data: dict[str,
     result.history += 1
 
 
-def _tick(store: StateStore, partition: int, wall: float, policy: Policy,
-          clock: PartitionClock, identity: IdentityLimits, result: StepResult,
-          shadow: Policy | None) -> None:
+def _sweep(store: StateStore, partition: int, wall: float, identity: IdentityLimits,
+           result: StepResult) -> list[str]:
+    """A tick's identity sweep; returns the partition's keys."""
     keys = store.keys_in(partition)
     # Identities that may still wait (joined ones, most of them, are not even decoded):
     # the grace, the time-to-live and the count bound.
@@ -261,11 +262,12 @@ def _tick(store: StateStore, partition: int, wall: float, policy: Policy,
         store.put_identity(store.identity(res.key))  # a tombstoned one is blank: a deletion
     result.identities.extend(swept.resolutions)
     result.waiting_identities = swept.waiting
-    if clock.catching_up(wall):
-        return  # re-scoring at the wall clock now would be premature
-    for account_id in keys:
-        if is_identity(account_id):
-            continue
+    return keys
+
+
+def _rescore(store: StateStore, accounts: list[str], partition: int, wall: float,
+             policy: Policy, result: StepResult, shadow: Policy | None) -> None:
+    for account_id in accounts:
         snapshot = store.snapshot(account_id)
         state = store.get(account_id)
         if state is None:
@@ -280,6 +282,27 @@ def _tick(store: StateStore, partition: int, wall: float, policy: Policy,
         _commit(store, out, rows, alerts, result)
 
 
+def tick_steps(store: StateStore, pack: dict[str, Any], partition: int, policy: Policy,
+               clock: PartitionClock, identity: IdentityLimits = IdentityLimits(),
+               shadow: Policy | None = None, size: int = 1000) -> Iterator[StepResult]:
+    """A re-score tick in slices of ``size`` accounts, a result per slice (the first also
+    carries the identity sweep): the agent lets other work run between slices, so a
+    partition of many accounts does not hold the worker for the whole re-scoring."""
+    wall = float(pack["now"])
+    result = StepResult()
+    keys = _sweep(store, partition, wall, identity, result)
+    if clock.catching_up(wall):  # re-scoring at the wall clock now would be premature
+        yield result
+        return
+    accounts = [k for k in keys if not is_identity(k)]
+    for start in range(0, len(accounts), size):
+        _rescore(store, accounts[start:start + size], partition, wall, policy, result, shadow)
+        yield result
+        result = StepResult()
+    if not accounts:
+        yield result
+
+
 def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: int,
               policy: Policy, clock: PartitionClock,
               identity: IdentityLimits = IdentityLimits(),
@@ -291,8 +314,9 @@ def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: i
     ``policy.tracking(shadow)``, so the states count what it reads)."""
     wall = float(pack["now"])
     result = StepResult()
-    if pack.get("tick"):
-        _tick(store, partition, wall, policy, clock, identity, result, shadow)
+    if pack.get("tick"):  # whole: the agent goes through tick_steps
+        for part in tick_steps(store, pack, partition, policy, clock, identity, shadow):
+            _merge(result, part)
         return result
     segment: list[Any] = []
     folded = False
@@ -312,6 +336,18 @@ def fold_step(store: StateStore, pack: dict[str, Any], partition: int, offset: i
         _fold_items(store, segment, wall, partition, offset, policy, clock, identity, result,
                     shadow)
     return result
+
+
+def _merge(into: StepResult, part: StepResult) -> None:
+    for table, rows in part.rows.items():
+        into.rows.setdefault(table, []).extend(rows)
+    into.alerts.extend(part.alerts)
+    for account, days in part.touched.items():
+        into.touched.setdefault(account, set()).update(days)
+    into.identities.extend(part.identities)
+    into.errors += part.errors
+    if part.waiting_identities is not None:
+        into.waiting_identities = part.waiting_identities
 
 
 def _fold_items(store: StateStore, items: list[Any], wall: float, partition: int,

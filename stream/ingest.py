@@ -344,6 +344,7 @@ class Ingestor:
         self._stopping = asyncio.Event()
         self.assigned = False
         self.batches = 0
+        self._lag: dict[Any, int] = {}  # source partition -> records behind, at its last batch
         # Links already sent (identity -> target): most calls repeat a known one.
         self._links_sent: dict[str, str] = {}
         self.problems = RateLimitedLog(log)
@@ -450,6 +451,14 @@ class Ingestor:
                 item.append(packs.HISTORY)
             routed.append((packs.partition_for(event.account_id, partitions), item))
         return routed
+
+    def backlog(self) -> int:
+        """Source records behind the newest, over the partitions this consumer holds (as of
+        each partition's last batch): how far the ingest is from live."""
+        if self.consumer is None:
+            return 0
+        held = self.consumer.assignment()
+        return sum(lag for tp, lag in self._lag.items() if tp in held)
 
     def forget_links(self) -> None:
         """Forget which links were sent (``churnsignal forget`` deleted identity keys): the
@@ -568,8 +577,9 @@ class Ingestor:
         for tp, offset in offsets.items():
             high = self.consumer.highwater(tp)
             if high is not None:
+                self._lag[tp] = max(0, high - offset)
                 m.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                    max(0, high - offset))
+                    self._lag[tp])
 
     async def _deliver(self, dead: list[DeadLetter], by_partition: dict[int, list[list[Any]]],
                        now: float) -> None:
