@@ -45,7 +45,7 @@ log = logging.getLogger("churnsignal")
 PACKS_PER_STEP = 16  # packs the agent takes at once (when that many are waiting)
 PACKS_WAIT_S = 0.01  # ...or what has come within this
 TICK_SLICE = 1000  # accounts re-scored between two turns of the event loop
-BACKLOG_EVENTS = 5_000  # source records the ingest is behind: catching up, not live
+BACKLOG_EVENTS = 50_000  # source records the ingest is behind: catching up (seconds of work)
 BACKLOG_WAIT_S = 0.25  # packs gather this long between steps while catching up
 BACKOFF_MAX_S = 10.0  # longest wait between flush attempts while ClickHouse or Kafka is out
 
