@@ -234,8 +234,12 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             return
         slices = tick_steps(store, pack, partition, policy, runtime.clocks[partition],
                             identity_limits, shadow, TICK_SLICE)
-        while not runtime.closing and await store.loads.ready(partition, _owned):
+        epoch = checkpoint.epoch  # a revoke in between: the states it folded into are gone
+        while (not runtime.closing and epoch == checkpoint.epoch
+               and await store.loads.ready(partition, _owned)):
             async with checkpoint.lock:
+                if epoch != checkpoint.epoch:
+                    return
                 result = next(slices, None)
                 if result is None:
                     checkpoint.add_tick(event)
@@ -402,7 +406,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             await drain()
         except Exception:  # the packs stay unacked and are redelivered to the new owner
             log.warning("flush before revoke failed", exc_info=True)
-            checkpoint.pending.take()
+        # A flush that outlived the drain's wait puts nothing back when it fails; what is
+        # left (after a failed drain, or a re-score tick's slices) belongs to packs that
+        # are redelivered, and goes with the working states.
+        checkpoint.revoked()
+        checkpoint.pending.take()
         store.forget()
         now = time.monotonic()
         liveness.waiting(0, now, "packs")

@@ -118,6 +118,12 @@ class Pending:
         self.forgotten = []
         return taken
 
+    def has_work(self) -> bool:
+        """Anything to flush: packs to ack, or what a re-score tick's slices left (rows, a
+        sweep's dead letters, forwards) before its pack is added."""
+        return bool(self.events or self.count or self.letters or self.forwards
+                    or self.forgotten)
+
     def drop_account(self, account: str) -> None:
         """A forgotten account: what earlier steps left waiting for it is not written."""
         for table, rows in self.rows.items():
@@ -129,14 +135,22 @@ class Pending:
         self.alerts = [a for a in self.alerts if a.alert.account_id != account]
 
     def restore(self, taken: Taken) -> None:
-        """Put back what a failed flush did not make durable, before what came since."""
+        """Put back what a failed flush did not make durable, before what came since.
+
+        An account forgotten by a fold during that flush loses what the flush had taken of
+        it too: its deletion is the next flush's first step, and nothing of before may be
+        written after it."""
+        gone = {done.account for done in self.forgotten if done.account is not None}
         for table, data in taken.rows.items():
             if table != DAILY:  # rebuilt from the states at the next flush
+                if gone:
+                    at = 1 if table == ALERTS else 0  # alerts are keyed by alert_id first
+                    data = [row for row in data if row[at] not in gone]
                 self.rows[table][:0] = data
                 self.count += len(data)
-        self._touch(taken.touched)
+        self._touch({a: days for a, days in taken.touched.items() if a not in gone})
         self.events[:0] = taken.events
-        self.alerts[:0] = taken.alerts
+        self.alerts[:0] = [a for a in taken.alerts if a.alert.account_id not in gone]
         self.letters[:0] = taken.letters
         for partition, items in taken.forwards.items():
             self.forwards[partition][:0] = items
@@ -165,13 +179,14 @@ class Checkpoint:
         self.flushing = asyncio.Lock()  # one flush at a time, in order
         self.flushes = 0
         self.started = 0.0  # when the last flush started (monotonic)
+        self.epoch = 0  # revokes so far (``revoked``)
 
     # -- collecting --------------------------------------------------------------------
 
     def add(self, result: StepResult, events: list[Any], pack_partition: int) -> None:
         """A folded step and the packs it came from (acked after the flush)."""
         p = self.pending
-        if not p.events and not p.count:
+        if not p.has_work():
             p.since = time.monotonic()
         for done in result.forgotten:  # before this step's rows: those came after it
             if done.account is not None:
@@ -235,11 +250,15 @@ class Checkpoint:
             self.pending.since = time.monotonic()
         self.pending.events.append(event)
 
+    def revoked(self) -> None:
+        """Partitions were revoked: a flush still running (it outlived a drain's wait) must
+        not put back what it took once it fails, into a store that was reset since."""
+        self.epoch += 1
+
     def due(self, max_rows: int, max_wait_s: float) -> bool:
         p = self.pending
         now = time.monotonic()
-        # Rows without a pack: slices of a re-score tick still being folded.
-        return bool(p.events or p.count) and (
+        return p.has_work() and (
             p.count >= max_rows or now - p.since >= max_wait_s
             or (bool(p.alerts) and now - self.started >= ALERT_FLUSH_S))
 
@@ -253,9 +272,10 @@ class Checkpoint:
         a step failed (what was not done waits for the next flush)."""
         async with self.flushing:
             p = self.pending
-            if not p.events and not p.count:
+            if not p.has_work():
                 return 0
             self.started = time.monotonic()
+            epoch = self.epoch
             # Taken together, before the first await: the rows, the packs to ack and the
             # states they left. Folds go on while this flush writes; what they change is
             # the next flush's.
@@ -295,9 +315,12 @@ class Checkpoint:
                     await self._step(self.outputs.forgotten(taken.forgotten))
                     taken.forgotten = []
             except BaseException:
-                if not written:
-                    store.unstored(values)
-                p.restore(taken)
+                # After a revoke (``revoked``) the states were forgotten and the packs go
+                # to be redelivered: what this flush took is not put back.
+                if epoch == self.epoch:
+                    if not written:
+                        store.unstored(values)
+                    p.restore(taken)
                 raise
             await self.ack(taken.events)
             self.flushes += 1

@@ -457,7 +457,8 @@ class Ingestor:
         each partition's last batch): how far the ingest is from live."""
         if self.consumer is None:
             return 0
-        held = self.consumer.assignment()
+        # A paused partition (an unreadable record) keeps its last lag: not counted.
+        held = self.consumer.assignment() - self.consumer.paused()
         return sum(lag for tp, lag in self._lag.items() if tp in held)
 
     def forget_links(self) -> None:

@@ -299,6 +299,8 @@ class MemoryStateStore:
             elif value is None:
                 if key not in self.dirty:
                     self.deleted.add(key)
+                    # the older stored bytes are not the truth: it was deleted (or expired)
+                    self.gone.add(key)
             elif key not in self.gone:  # a fold undone meanwhile dropped its working copy
                 self.cache[key] = _decode(key, value)
                 self.dirty.add(key)

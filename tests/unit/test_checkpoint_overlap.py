@@ -162,3 +162,128 @@ def test_a_waiting_alert_flushes_at_once_unless_a_flush_just_started() -> None:
     assert not checkpoint.due(50_000, 60.0)  # a flush just started: at most this often
     checkpoint.started -= ALERT_FLUSH_S
     assert checkpoint.due(50_000, 60.0)
+
+
+def test_an_account_forgotten_during_a_failed_flush_gets_none_of_its_rows_back() -> None:
+    from tests.unit.test_forget import PARTITIONS, ForgetRecorder, forget_item, home
+
+    class HeldForget(ForgetRecorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered, self.release = asyncio.Event(), asyncio.Event()
+            self.first = True
+
+        async def write_rows(self, rows: dict[str, list[Any]]) -> list[Any]:
+            if self.first:  # the first flush is held, then ClickHouse fails
+                self.first = False
+                self.entered.set()
+                await self.release.wait()
+                raise ConnectionError("ClickHouse unavailable")
+            return await super().write_rows(rows)
+
+    async def run() -> None:
+        p = home("acme")
+        store = MemoryStateStore(PARTITIONS)
+        out = HeldForget()
+
+        async def ack(events: list[Any]) -> None:
+            pass
+
+        checkpoint = Checkpoint(store, out, "ingested", PARTITIONS, ack)
+        checkpoint.add(fold_step(store, pack([["u/0", 1, usage(1, 1)]]), p, 1, POLICY,
+                                 PartitionClock()), ["pack-1"], p)
+        flushing = asyncio.ensure_future(checkpoint.flush())
+        await out.entered.wait()  # acme's rows are taken
+        checkpoint.add(fold_step(store, pack([forget_item("account", "acme", "states")]), p,
+                                 2, POLICY, PartitionClock()), ["pack-2"], p)
+        out.release.set()
+        with pytest.raises(ConnectionError):
+            await flushing
+        await checkpoint.flush()
+        assert out.calls[:2] == ["delete", "rows"]  # deleted first, then...
+        written = [row for rows in out.rows for table in rows.values() for row in table]
+        assert not [row for row in written if "acme" in row[:2]]  # ...nothing of before
+
+    asyncio.run(run())
+
+
+def test_an_identity_expired_by_a_failed_flush_stays_expired() -> None:
+    from churnsignal.stream import fold as fold_module
+    from churnsignal.stream import packs
+    from churnsignal.stream.fold import IdentityLimits
+    from tests.unit.test_fold import NOW
+
+    async def run() -> None:
+        key = "~segment:user:u9"
+        part = packs.partition_for(key, 4)
+        store, out = MemoryStateStore(4), Held("rows")
+        out.release.set()  # not held until the tick's flush
+
+        async def ack(events: list[Any]) -> None:
+            pass
+
+        checkpoint = Checkpoint(store, out, "ingested", 4, ack)
+        limits = IdentityLimits(ttl_s=3600)
+        checkpoint.add(fold_step(store, pack([["usage.events/2", 5, usage(5, 0.1, key)]]), part,
+                                 1, POLICY, PartitionClock(), limits), ["pack-1"], part)
+        await checkpoint.flush()  # stored: the identity, its event waiting
+        checkpoint.add(fold_step(store, packs.decode(packs.encode_tick(NOW + 7200)), part, 2,
+                                 POLICY, PartitionClock(), limits), ["tick-2"], part)
+        out.release.clear()
+        out.entered.clear()
+        flushing = asyncio.ensure_future(checkpoint.flush())  # takes the expiry: a tombstone
+        await out.entered.wait()
+        real = fold_module.resolve
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise ValueError("bad event")
+
+        fold_module.resolve = broken  # a fold of the identity fails: its copy is dropped
+        try:
+            fold_step(store, pack([["usage.events/2", 9, usage(9, 0.01, key)]]), part, 3,
+                      POLICY, PartitionClock(), limits)
+        finally:
+            fold_module.resolve = real
+        out.fail = "rows"
+        out.release.set()
+        with pytest.raises(ConnectionError):
+            await flushing
+        # Not read back from the older stored bytes: its event expired (and was dead-lettered).
+        assert not store.may_wait(key) and store.identity(key).parked == []
+
+    asyncio.run(run())
+
+
+def test_a_flush_that_fails_after_a_revoke_puts_nothing_back() -> None:
+    async def run() -> None:
+        store = MemoryStateStore(4)
+        out = Held("rows")
+        checkpoint = Checkpoint(store, out, "ingested", 4, lambda events: asyncio.sleep(0))
+        fold(store, checkpoint, 1, 1, "pack-1")
+        flushing = asyncio.ensure_future(checkpoint.flush())
+        await out.entered.wait()
+        # The revoke's drain gave up waiting for it: the states are forgotten.
+        checkpoint.revoked()
+        checkpoint.pending.take()
+        store.forget()
+        out.fail = "rows"
+        out.release.set()
+        with pytest.raises(ConnectionError):
+            await flushing
+        assert not checkpoint.pending.has_work() and not store.dirty and not store.cache
+
+    asyncio.run(run())
+
+
+def test_dead_letters_without_a_pack_are_flushed() -> None:
+    from churnsignal.stream.fold import Failure, StepResult
+
+    store = MemoryStateStore(4)
+    out = Recorder()
+    checkpoint = Checkpoint(store, out, "ingested", 4, lambda events: asyncio.sleep(0))
+    result = StepResult()  # as a tick's first slice may be: its sweep's letters, no rows
+    result.failures.append(Failure("processing_error", "x", "usage.events/0", 1, {}))
+    checkpoint.add(result, [], 0)
+    assert checkpoint.due(50_000, 0.0)
+    asyncio.run(checkpoint.flush())
+    assert "dlq" in out.calls and not checkpoint.pending.has_work()
