@@ -56,16 +56,21 @@ def seq_of(raw: bytes | None) -> int:
     return AccountState.from_bytes(raw).seq
 
 
+def held_checkpoint(hold: str) -> tuple[MemoryStateStore, Held, list[Any], Checkpoint]:
+    """A store, outputs holding ``hold``, the packs acked so far, and their checkpoint."""
+    store = MemoryStateStore(4)
+    out = Held(hold)
+    acked: list[Any] = []
+
+    async def ack(events: list[Any]) -> None:
+        acked.extend(events)
+
+    return store, out, acked, Checkpoint(store, out, "ingested", 4, ack)
+
+
 def test_a_fold_during_a_flush_belongs_to_the_next_one() -> None:
     async def run() -> None:
-        store = MemoryStateStore(4)
-        out = Held("rows")
-        acked: list[Any] = []
-
-        async def ack(events: list[Any]) -> None:
-            acked.extend(events)
-
-        checkpoint = Checkpoint(store, out, "ingested", 4, ack)
+        store, out, acked, checkpoint = held_checkpoint("rows")
         fold(store, checkpoint, 1, 2, "pack-1")
         flushing = asyncio.ensure_future(checkpoint.flush())
         await out.entered.wait()
@@ -90,14 +95,7 @@ def test_a_fold_during_a_flush_belongs_to_the_next_one() -> None:
 def test_a_fold_undone_during_a_flush_goes_back_to_what_that_flush_stores(
         monkeypatch: pytest.MonkeyPatch) -> None:
     async def run() -> None:
-        store = MemoryStateStore(4)
-        out = Held("states")
-        acked: list[Any] = []
-
-        async def ack(events: list[Any]) -> None:
-            acked.extend(events)
-
-        checkpoint = Checkpoint(store, out, "ingested", 4, ack)
+        store, out, acked, checkpoint = held_checkpoint("states")
         fold(store, checkpoint, 1, 3, "pack-1")
         fold(store, checkpoint, 2, 2, "pack-2")
         flushing = asyncio.ensure_future(checkpoint.flush())
@@ -125,13 +123,7 @@ def test_a_fold_undone_during_a_flush_goes_back_to_what_that_flush_stores(
 def test_a_state_whose_working_copy_was_dropped_is_written_again_after_a_failed_flush(
         monkeypatch: pytest.MonkeyPatch) -> None:
     async def run() -> None:
-        store = MemoryStateStore(4)
-        out = Held("states")
-
-        async def ack(events: list[Any]) -> None:
-            pass
-
-        checkpoint = Checkpoint(store, out, "ingested", 4, ack)
+        store, out, _, checkpoint = held_checkpoint("states")
         fold(store, checkpoint, 1, 2, "pack-1")
         flushing = asyncio.ensure_future(checkpoint.flush())
         await out.entered.wait()
@@ -256,9 +248,7 @@ def test_an_identity_expired_by_a_failed_flush_stays_expired() -> None:
 
 def test_a_flush_that_fails_after_a_revoke_puts_nothing_back() -> None:
     async def run() -> None:
-        store = MemoryStateStore(4)
-        out = Held("rows")
-        checkpoint = Checkpoint(store, out, "ingested", 4, lambda events: asyncio.sleep(0))
+        store, out, _, checkpoint = held_checkpoint("rows")
         fold(store, checkpoint, 1, 1, "pack-1")
         flushing = asyncio.ensure_future(checkpoint.flush())
         await out.entered.wait()
