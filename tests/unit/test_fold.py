@@ -13,7 +13,7 @@ from churnsignal.stream import fold as fold_module
 from churnsignal.stream import packs, patches
 from churnsignal.stream.checkpoint import Checkpoint
 from churnsignal.stream.clock import PartitionClock
-from churnsignal.stream.engine import apply_batch
+from churnsignal.stream.engine import apply_batch, rescore
 from churnsignal.stream.fold import BILLING, fold_step
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.state import DAY, AccountState
@@ -264,12 +264,22 @@ def test_a_tick_in_slices_rescores_as_the_whole_tick_does() -> None:
         store.stored(store.take_dirty())
         return store
 
-    tick = packs.decode(packs.encode_tick(NOW + 20 * DAY))  # silence: scores move
+    def states(store: MemoryStateStore) -> dict[str, bytes]:
+        return {k: state_bytes(store, k) for k in store.keys_in(0)}
+
+    wall = NOW + 20 * DAY  # silence: scores move
+    tick = packs.decode(packs.encode_tick(wall))
+    # The reference, independent of the tick's code: every account re-scored at the wall.
+    reference = stored_accounts()
+    changed = sum(rescore(state, wall, POLICY).score_changed
+                  for k in reference.keys_in(0) if (state := reference.get(k)) is not None)
     whole_store, sliced_store = stored_accounts(), stored_accounts()
     whole = fold_step(whole_store, tick, 0, 2, POLICY, PartitionClock())
     parts = list(tick_steps(sliced_store, tick, 0, POLICY, PartitionClock(), size=1000))
     assert len(parts) == 3
-    assert len(whole.rows[SCORES]) > 1000  # enough changed for every slice to matter
-    assert [row for part in parts for row in part.rows[SCORES]] == whole.rows[SCORES]
+    assert changed > 1000  # enough changed for every slice to matter
+    sliced_rows = [row for part in parts for row in part.rows[SCORES]]
+    assert len(sliced_rows) == changed and sliced_rows == whole.rows[SCORES]
     assert len([a for part in parts for a in part.alerts]) == len(whole.alerts)
+    assert states(sliced_store) == states(reference) == states(whole_store)
     assert whole_store.take_dirty() == sliced_store.take_dirty()
