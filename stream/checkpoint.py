@@ -45,7 +45,13 @@ import orjson
 
 from churnsignal.stream import packs
 from churnsignal.stream.deadletter import DeadLetter, source_of
-from churnsignal.stream.fold import ALERTS, DAILY, Forgotten, PendingAlert, StepResult
+from churnsignal.stream.fold import (
+    DAILY,
+    Forgotten,
+    PendingAlert,
+    StepResult,
+    account_column,
+)
 from churnsignal.stream.identity import Resolution
 from churnsignal.stream.rows import (
     ALERT_COLUMNS,
@@ -127,7 +133,7 @@ class Pending:
     def drop_account(self, account: str) -> None:
         """A forgotten account: what earlier steps left waiting for it is not written."""
         for table, rows in self.rows.items():
-            at = 1 if table == ALERTS else 0  # alerts are keyed by alert_id first
+            at = account_column(table)
             kept = [row for row in rows if row[at] != account]
             self.count -= len(rows) - len(kept)
             rows[:] = kept
@@ -144,7 +150,7 @@ class Pending:
         for table, data in taken.rows.items():
             if table != DAILY:  # rebuilt from the states at the next flush
                 if gone:
-                    at = 1 if table == ALERTS else 0  # alerts are keyed by alert_id first
+                    at = account_column(table)
                     data = [row for row in data if row[at] not in gone]
                 self.rows[table][:0] = data
                 self.count += len(data)

@@ -41,6 +41,12 @@ DAILY = "account_daily_data"
 ACTIONS = "alert_actions_data"
 
 
+def account_column(table: str) -> int:
+    """Where a pending row of ``table`` names its account: alerts are keyed by alert_id
+    first, every other table by the account."""
+    return 1 if table == ALERTS else 0
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityLimits:
     """How long and how many events may wait for their account (see stream.identity)."""
@@ -466,7 +472,7 @@ def _acknowledge(store: StateStore, request: dict[str, Any], result: StepResult)
 def _drop_pending(result: StepResult, account: str) -> None:
     """Rows and alerts of a forgotten account folded earlier in this step are not written."""
     for table, rows in result.rows.items():
-        at = 1 if table == ALERTS else 0  # alerts are keyed by alert_id first
+        at = account_column(table)
         rows[:] = [row for row in rows if row[at] != account]
     result.touched.pop(account, None)
     result.alerts = [a for a in result.alerts if a.alert.account_id != account]
