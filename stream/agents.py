@@ -30,7 +30,7 @@ from churnsignal.app.settings import Settings
 from churnsignal.errors import SinkUnavailable
 from churnsignal.schemas.decode import DecodeOptions
 from churnsignal.sinks.clickhouse import ClickHouseSink
-from churnsignal.stream import packs, patches
+from churnsignal.stream import outbox, packs, patches
 from churnsignal.stream.checkpoint import ALERT_FLUSH_S, Checkpoint
 from churnsignal.stream.clock import PartitionClock
 from churnsignal.stream.fold import IdentityLimits, StepResult, fold_step, steps, tick_steps
@@ -337,13 +337,26 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 # Live, every pack is folded as it comes, for latency.
                 await asyncio.sleep(BACKLOG_WAIT_S)
 
+    flushes: set[asyncio.Future[Any]] = set()
+
+    async def flush_quietly(reason: str) -> None:
+        with contextlib.suppress(Exception):  # logged; the packs stay unacked
+            await flush(reason)
+
+    def flush_if_due() -> None:
+        # Not awaited: the next flush may store states and publish alerts while this one
+        # writes ClickHouse (never more than that one: it holds ``flushing`` until then).
+        if (runtime.stream is not None and time.monotonic() >= retry_at[0]
+                and not checkpoint.flushing.locked()
+                and checkpoint.due(s.sink.batch_max_rows, s.sink.flush_interval_s)):
+            task = asyncio.ensure_future(flush_quietly("interval"))
+            flushes.add(task)
+            task.add_done_callback(flushes.discard)
+
     @app.timer(min(ALERT_FLUSH_S / 2, s.sink.flush_interval_s / 2))
     async def flush_when_due() -> None:
         # Quiet periods: rows reach ClickHouse within the flush interval, alerts at once.
-        if (runtime.stream is not None and time.monotonic() >= retry_at[0]
-                and checkpoint.due(s.sink.batch_max_rows, s.sink.flush_interval_s)):
-            with contextlib.suppress(Exception):  # logged; the packs stay unacked
-                await flush("interval")
+        flush_if_due()
 
     async def drain() -> None:
         if runtime.stream is not None:
@@ -392,12 +405,23 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             with attempt:
                 got = await read_partitions(s, partitions)
         liveness.outage("kafka", False, time.monotonic())
+        boxed = 0
         for records in got.values():
+            # What the partition's last owner stored but had not delivered yet: written and
+            # published by the next flush (stream.outbox).
+            box = {k: v for k, v in records.items() if outbox.is_outbox(k, v)}
+            for key in box:
+                del records[key]
+            if box:
+                found = outbox.read(box)
+                checkpoint.pending.recover(found.rows, found.row_keys, found.alerts,
+                                           found.alert_keys)
+                boxed += len(box)
             store.load(records)
         await store.loads.mark_loaded(partitions)
         log.info("states loaded", extra={
             "partitions": sorted(partitions), "keys": sum(len(r) for r in got.values()),
-            "seconds": round(time.monotonic() - started, 3)})
+            "outbox_records": boxed, "seconds": round(time.monotonic() - started, 3)})
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # as load_states
     async def flush_before_revoke(sender: Any, revoked: Any, **kwargs: Any) -> None:

@@ -11,7 +11,7 @@ import asyncio
 from collections import defaultdict
 from typing import Any
 
-from churnsignal.stream import packs
+from churnsignal.stream import outbox, packs
 
 
 async def send_batches(aio: Any, topic: str, partition: int,
@@ -32,11 +32,15 @@ async def send_batches(aio: Any, topic: str, partition: int,
 
 async def write_states(aio: Any, topic: str, partitions: int,
                        values: dict[bytes, bytes | None]) -> None:
-    """Store states (None: a tombstone) in the partition each key's pack uses, and wait
-    for the broker's acknowledgement of every batch."""
+    """Store states (None: a tombstone) in the partition each key's pack uses (an outbox
+    record: the partition its key names), and wait for the broker's acknowledgement of
+    every batch."""
     by_partition: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
     for key, value in values.items():
-        by_partition[packs.partition_for(key.decode(), partitions)].append((key, value))
+        partition = outbox.partition_of(key, value)
+        if partition is None:
+            partition = packs.partition_for(key.decode(), partitions)
+        by_partition[partition].append((key, value))
     futures = []
     for partition, records in by_partition.items():
         futures += await send_batches(aio, topic, partition, records)

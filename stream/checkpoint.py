@@ -5,27 +5,32 @@ Folded packs leave rows, alerts, dead letters and identity forwards waiting here
 
 0. deletes the ClickHouse rows of accounts forgotten (``churnsignal forget``), before any
    row of their new state is written;
-1. writes the rows, one insert per table (rows a table refuses come back, for the DLQ);
-2. sends the dead letters and the identity forwards, and awaits their acks;
-3. publishes the alerts and awaits their acks;
-4. stores each changed state once (and tombstones) and awaits the acks;
+1. sends the dead letters and the identity forwards, and awaits their acks (before the
+   states that no longer hold those events);
+2. stores each changed state once (and tombstones), with the outbox (``stream.outbox``):
+   the rows only an applied event makes (alerts, billing and support facts) and the alerts
+   to publish, and awaits the acks;
+3. publishes the alerts, awaits their acks, and deletes their outbox records;
+4. writes the rows, one insert per table (rows a table refuses go to the DLQ), then
+   deletes their outbox records;
 4b. audits and confirms the forget requests carried out (the command waits for that);
 5. acks the packs, so Faust commits their offsets.
 
-A crash before 3 redelivers the packs, which fold again on the stored states: the same rows
-(whole-day totals with a growing version; facts keyed by event id) and the same alerts
-(deterministic ``alert_id``), which were not published yet. Only a crash between 3 and 4
-(milliseconds) publishes an alert again, with the same id. After 4 but before 5, the packs'
-events are duplicates, and their days' rows and score snapshot are re-derived from the
-stored states. Forwards sent again carry the same (identity, sequence), which the receiving
-account skips. A forget request redelivered after step 4 deletes again what came after it,
-and everything after it in its partition is redelivered too and applied afresh, so the
-result is the same.
+Alerts do not wait for ClickHouse (and go out while it is down). A crash before 2
+redelivers the packs, which fold again on the stored states: the same rows and the same
+alerts (deterministic ``alert_id``). After 2, the packs' events are duplicates: their days'
+rows and score snapshot are re-derived from the stored states, and the next owner of the
+partition delivers what the outbox holds. Only a crash between publishing an alert and
+deleting its outbox record (milliseconds) publishes it again, with the same id. Forwards
+sent again carry the same (identity, sequence), which the receiving account skips. A forget
+request redelivered after step 2 deletes again what came after it, and everything after it
+in its partition is redelivered too and applied afresh, so the result is the same.
 
 A flush takes what it writes at once, before its first await: the rows, the packs to ack
-and the states they left (serialised). The agent goes on folding while the flush writes (a
-flush is mostly waiting on ClickHouse and Kafka); what it folds meanwhile is the next
-flush's, so the stored states never run ahead of the packs acked with them.
+and the states they left (serialised). The agent goes on folding while the flush writes;
+what it folds meanwhile is the next flush's, so the stored states never run ahead of the
+packs a flush acks. Flushes run in order, two at a time: the next one stores its states
+and publishes its alerts while the one before it writes ClickHouse.
 
 A failed step (Kafka or ClickHouse unavailable) is not a data error: nothing is
 dead-lettered for it; what was not done yet waits for the next flush, the packs stay unacked,
@@ -43,7 +48,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from churnsignal.stream import packs
+from churnsignal.stream import outbox, packs
 from churnsignal.stream.deadletter import DeadLetter, source_of
 from churnsignal.stream.fold import (
     DAILY,
@@ -84,20 +89,29 @@ class Outputs(Protocol):
 
 @dataclass
 class Taken:
-    rows: dict[str, list[Any]]
+    rows: dict[str, list[Any]]  # new rows: the outbox keeps those no redelivery re-derives
     touched: dict[str, set[int]]
     events: list[Any]
-    alerts: list[PendingAlert]
+    alerts: list[PendingAlert]  # new alerts, not in the outbox yet
     letters: list[DeadLetter]
     forwards: Forwards
     forgotten: list[Forgotten] = field(default_factory=list)
+    retry: dict[str, list[Any]] = field(default_factory=dict)  # rows only ClickHouse lacks
+    row_keys: list[bytes] = field(default_factory=list)  # their outbox records
+    retry_alerts: list[PendingAlert] = field(default_factory=list)  # in the outbox already
+    alert_keys: list[bytes] = field(default_factory=list)  # their outbox records
 
 
 @dataclass
 class Pending:
     """What waits for the next flush. Daily rows are whole-day totals keyed by (account,
     day) with a growing version, so only the days a flush touched are kept; their rows are
-    built once, at the flush, from the states as they stand then."""
+    built once, at the flush, from the states as they stand then.
+
+    ``retry`` holds rows whose states are stored already (a flush whose ClickHouse write
+    failed, or what a partition's outbox held when it was assigned): they only need
+    writing, and ``row_keys`` are the outbox records to delete then; ``retry_alerts`` and
+    ``alert_keys`` the same for alerts waiting to be published."""
 
     rows: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     touched: dict[str, set[int]] = field(default_factory=dict)
@@ -106,6 +120,10 @@ class Pending:
     letters: list[DeadLetter] = field(default_factory=list)
     forwards: Forwards = field(default_factory=lambda: defaultdict(list))
     forgotten: list[Forgotten] = field(default_factory=list)
+    retry: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    row_keys: list[bytes] = field(default_factory=list)
+    retry_alerts: list[PendingAlert] = field(default_factory=list)
+    alert_keys: list[bytes] = field(default_factory=list)
     count: int = 0  # rows and touched days waiting: the flush trigger and memory bound
     since: float = 0.0
 
@@ -118,27 +136,43 @@ class Pending:
 
     def take(self) -> Taken:
         taken = Taken(dict(self.rows), self.touched, self.events, self.alerts, self.letters,
-                      dict(self.forwards), self.forgotten)
+                      dict(self.forwards), self.forgotten, dict(self.retry), self.row_keys,
+                      self.retry_alerts, self.alert_keys)
         self.rows, self.touched, self.events, self.alerts = defaultdict(list), {}, [], []
         self.letters, self.forwards, self.count = [], defaultdict(list), 0
         self.forgotten = []
+        self.retry, self.row_keys = defaultdict(list), []
+        self.retry_alerts, self.alert_keys = [], []
         return taken
 
     def has_work(self) -> bool:
         """Anything to flush: packs to ack, or what a re-score tick's slices left (rows, a
-        sweep's dead letters, forwards) before its pack is added."""
+        sweep's dead letters, forwards) before its pack is added, or what an outbox held."""
         return bool(self.events or self.count or self.letters or self.forwards
-                    or self.forgotten)
+                    or self.forgotten or self.alerts or self.retry_alerts or self.row_keys
+                    or self.alert_keys)
 
     def drop_account(self, account: str) -> None:
         """A forgotten account: what earlier steps left waiting for it is not written."""
-        for table, rows in self.rows.items():
-            at = account_column(table)
-            kept = [row for row in rows if row[at] != account]
-            self.count -= len(rows) - len(kept)
-            rows[:] = kept
+        for held in (self.rows, self.retry):
+            for table, rows in held.items():
+                at = account_column(table)
+                kept = [row for row in rows if row[at] != account]
+                self.count -= len(rows) - len(kept)
+                rows[:] = kept
         self.count -= len(self.touched.pop(account, ()))
         self.alerts = [a for a in self.alerts if a.alert.account_id != account]
+        self.retry_alerts = [a for a in self.retry_alerts if a.alert.account_id != account]
+
+    def recover(self, rows: dict[str, list[Any]], row_keys: list[bytes],
+                alerts: list[PendingAlert], alert_keys: list[bytes]) -> None:
+        """What a partition's outbox held when it was assigned (``stream.outbox.read``)."""
+        for table, data in rows.items():
+            self.retry[table].extend(data)
+            self.count += len(data)
+        self.row_keys += row_keys
+        self.retry_alerts += alerts
+        self.alert_keys += alert_keys
 
     def restore(self, taken: Taken) -> None:
         """Put back what a failed flush did not make durable, before what came since.
@@ -147,16 +181,21 @@ class Pending:
         it too: its deletion is the next flush's first step, and nothing of before may be
         written after it."""
         gone = {done.account for done in self.forgotten if done.account is not None}
-        for table, data in taken.rows.items():
-            if table != DAILY:  # rebuilt from the states at the next flush
-                if gone:
-                    at = account_column(table)
-                    data = [row for row in data if row[at] not in gone]
-                self.rows[table][:0] = data
-                self.count += len(data)
+        for source, into in ((taken.rows, self.rows), (taken.retry, self.retry)):
+            for table, data in source.items():
+                if table != DAILY:  # rebuilt from the states at the next flush
+                    if gone:
+                        at = account_column(table)
+                        data = [row for row in data if row[at] not in gone]
+                    into[table][:0] = data
+                    self.count += len(data)
+        self.row_keys[:0] = taken.row_keys
+        self.alert_keys[:0] = taken.alert_keys
         self._touch({a: days for a, days in taken.touched.items() if a not in gone})
         self.events[:0] = taken.events
         self.alerts[:0] = [a for a in taken.alerts if a.alert.account_id not in gone]
+        self.retry_alerts[:0] = [a for a in taken.retry_alerts
+                                 if a.alert.account_id not in gone]
         self.letters[:0] = taken.letters
         for partition, items in taken.forwards.items():
             self.forwards[partition][:0] = items
@@ -182,7 +221,11 @@ class Checkpoint:
         # flush: no fold between a drain's flush and what follows it. A flush itself does
         # not hold it: it takes what it writes at once, and folds go on while it writes.
         self.lock = asyncio.Lock()
-        self.flushing = asyncio.Lock()  # one flush at a time, in order
+        # Flushes in order: one stores states and publishes alerts while the one before it
+        # writes ClickHouse (``writing``), and acks its packs only after that one.
+        self.flushing = asyncio.Lock()
+        self.writing = asyncio.Lock()
+        self.keys = outbox.Keys()
         self.flushes = 0
         self.started = 0.0  # when the last flush started (monotonic)
         self.epoch = 0  # revokes so far (``revoked``)
@@ -266,7 +309,7 @@ class Checkpoint:
         now = time.monotonic()
         return p.has_work() and (
             p.count >= max_rows or now - p.since >= max_wait_s
-            or (bool(p.alerts) and now - self.started >= ALERT_FLUSH_S))
+            or (bool(p.alerts or p.retry_alerts) and now - self.started >= ALERT_FLUSH_S))
 
     # -- flushing ----------------------------------------------------------------------
 
@@ -279,7 +322,8 @@ class Checkpoint:
         async with self.flushing:
             p = self.pending
             if not p.has_work():
-                return 0
+                async with self.writing:  # the flush before is done: packs acked
+                    return 0
             self.started = time.monotonic()
             epoch = self.epoch
             # Taken together, before the first await: the rows, the packs to ack and the
@@ -291,46 +335,111 @@ class Checkpoint:
                                  if (state := store.get(account)) is not None
                                  for row in daily_rows(state, days)]
             values = store.take_dirty()
-            written = False
+            flush_id = self.keys.flush()
+            rows_box = outbox.row_records(flush_id, outbox.by_partition(taken.rows, self._partition))
+            alerts_box = outbox.alert_records(flush_id, taken.alerts)
             try:
-                for done in taken.forgotten:
-                    # Once per request: a retry must not delete rows of the new state that
-                    # an earlier attempt wrote after it.
-                    if done.account is not None and not done.deleted:
-                        done.rows = await self._step(self.outputs.delete_account(done.account))
-                        done.deleted = True
-                refused = await self._step(self.outputs.write_rows(taken.rows))
-                taken.rows, taken.touched = {}, {}
-                taken.letters.extend(_refused_letters(refused or []))
-                if taken.letters:
-                    await self._step(self.outputs.dead_letter(taken.letters))
-                    taken.letters = []
-                if taken.forwards:
-                    await self._step(self.outputs.forward(taken.forwards))
-                    taken.forwards = {}
-                # Alerts after their rows and before the states that record them: a crash
-                # before the states are stored redelivers the packs, which decide the same
-                # alerts again (same ids); only one between publish and store repeats one.
-                if taken.alerts:
-                    await self._step(self.outputs.publish(taken.alerts))
-                    taken.alerts = []
-                await self._step(self.outputs.write_states(values))
-                store.stored(values)
-                written = True
-                if taken.forgotten:
-                    await self._step(self.outputs.forgotten(taken.forgotten))
-                    taken.forgotten = []
+                await self._store(taken, values, rows_box, alerts_box)
             except BaseException:
-                # After a revoke (``revoked``) the states were forgotten and the packs go
-                # to be redelivered: what this flush took is not put back.
-                if epoch == self.epoch:
-                    if not written:
-                        store.unstored(values)
-                    p.restore(taken)
+                self._failed(epoch, taken)
                 raise
-            await self.ack(taken.events)
-            self.flushes += 1
-            return len(taken.events)
+            # The next flush may store and publish while this one writes ClickHouse.
+            await self.writing.acquire()
+        try:
+            await self._write(taken)
+            await self.ack(taken.events)  # in flush order
+        except BaseException:
+            self._failed(epoch, taken)
+            raise
+        finally:
+            self.writing.release()
+        self.flushes += 1
+        return len(taken.events)
+
+    def _partition(self, account: str) -> int:
+        return packs.partition_for(account, self.partitions)
+
+    def _failed(self, epoch: int, taken: Taken) -> None:
+        # After a revoke (``revoked``) the states were forgotten and the packs go to be
+        # redelivered: what this flush took is not put back.
+        if epoch == self.epoch:
+            self.pending.restore(taken)
+
+    async def _store(self, taken: Taken, values: dict[bytes, bytes | None],
+                     rows_box: dict[bytes, bytes], alerts_box: dict[bytes, bytes]) -> None:
+        """Steps 0-3: up to the states stored and the alerts published."""
+        store = self.store
+        stored = False
+        try:
+            for done in taken.forgotten:
+                # Once per request: a retry must not delete rows of the new state that
+                # an earlier attempt wrote after it.
+                if done.account is not None and not done.deleted:
+                    done.rows = await self._step(self.outputs.delete_account(done.account))
+                    done.deleted = True
+            if taken.letters:
+                await self._step(self.outputs.dead_letter(taken.letters))
+                taken.letters = []
+            if taken.forwards:
+                await self._step(self.outputs.forward(taken.forwards))
+                taken.forwards = {}
+            # A record half written by a failed attempt is deleted with the others.
+            taken.row_keys += list(rows_box)
+            taken.alert_keys += list(alerts_box)
+            # The alerting accounts' states (and the whole outbox) first, then the alerts:
+            # the other states, most of the bytes, follow with the alerts' deletion.
+            alerting = {a.alert.account_id.encode() for a in taken.alerts}
+            first = {key: values[key] for key in alerting if key in values}
+            head = {**first, **rows_box, **alerts_box}
+            if head:
+                await self._step(self.outputs.write_states(head))
+            store.stored(first)
+            stored = True
+        except BaseException:
+            if not stored:
+                store.unstored(values)
+            raise
+        # Stored: the rows only ClickHouse lacks now, the alerts only the alerts topic.
+        for table, data in taken.rows.items():
+            if table != DAILY and data:
+                taken.retry[table] = [*taken.retry.get(table, ()), *data]
+        taken.rows = {DAILY: taken.rows.get(DAILY, [])}
+        taken.retry_alerts += taken.alerts
+        taken.alerts = []
+        rest = {key: value for key, value in values.items() if key not in first}
+        try:
+            if taken.retry_alerts:
+                await self._step(self.outputs.publish(taken.retry_alerts))
+                taken.retry_alerts = []
+            # The alerts' records deleted at once: a crash from here on publishes none of
+            # them again.
+            if rest or taken.alert_keys:
+                await self._step(self.outputs.write_states(
+                    {**rest, **dict.fromkeys(taken.alert_keys)}))
+        except BaseException:
+            store.unstored(rest)
+            raise
+        store.stored(rest)
+        taken.alert_keys = []
+
+    async def _write(self, taken: Taken) -> None:
+        """Steps 4-4b: the rows into ClickHouse, then their outbox records deleted."""
+        rows = {table: data for table, data in taken.rows.items() if data}
+        for table, data in taken.retry.items():
+            if data:
+                rows[table] = [*rows.get(table, ()), *data]
+        refused = await self._step(self.outputs.write_rows(rows))
+        taken.rows, taken.retry, taken.touched = {}, {}, {}
+        taken.letters = _refused_letters(refused or [])  # put back if they fail
+        if taken.letters:
+            await self._step(self.outputs.dead_letter(taken.letters))
+            taken.letters = []
+        if taken.forgotten:
+            await self._step(self.outputs.forgotten(taken.forgotten))
+            taken.forgotten = []
+        if taken.row_keys:
+            await self._step(self.outputs.write_states(dict.fromkeys(taken.row_keys)))
+            taken.row_keys = []
 
 
 _ACCOUNT_COLUMN = {table: columns.index("account_id") for table, columns in (

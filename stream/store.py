@@ -272,8 +272,8 @@ class MemoryStateStore:
 
     def stored(self, values: dict[bytes, bytes | None]) -> None:
         """The state topic acknowledged these: they are the stored truth now."""
-        self.inflight = {}
         for key, value in values.items():
+            self.inflight.pop(key.decode(), None)
             if value is None:
                 self.data.pop(key, None)
                 name = key.decode()
@@ -291,9 +291,9 @@ class MemoryStateStore:
 
     def unstored(self, values: dict[bytes, bytes | None]) -> None:
         """A checkpoint failed: these are written again by the next one."""
-        self.inflight = {}
         for raw, value in values.items():
             key = raw.decode()
+            self.inflight.pop(key, None)
             if key in self.cache:
                 self.dirty.add(key)
             elif value is None:

@@ -191,8 +191,10 @@ def test_an_account_forgotten_during_a_failed_flush_gets_none_of_its_rows_back()
         out.release.set()
         with pytest.raises(ConnectionError):
             await flushing
+        first = len(out.calls)
         await checkpoint.flush()
-        assert out.calls[:2] == ["delete", "rows"]  # deleted first, then...
+        second = out.calls[first:]
+        assert second[0] == "delete" and "rows" in second  # deleted first, then...
         written = [row for rows in out.rows for table in rows.values() for row in table]
         assert not [row for row in written if "acme" in row[:2]]  # ...nothing of before
 

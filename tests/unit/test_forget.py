@@ -238,7 +238,7 @@ def test_the_checkpoint_deletes_rows_first_confirms_last_and_deletes_once() -> N
     out.fail = "forgotten"
     with pytest.raises(ConnectionError):
         asyncio.run(checkpoint.flush())
-    assert out.calls == ["delete", "rows", "states", "forgotten"] and acked == []
+    assert out.calls == ["delete", "states", "rows", "forgotten"] and acked == []
     # acme's rows from before the request never reach ClickHouse; the new state's do
     scores = [row[0] for row in out.rows[0][SCORES]]
     assert sorted(scores) == ["acme", "globex"]
@@ -248,7 +248,7 @@ def test_the_checkpoint_deletes_rows_first_confirms_last_and_deletes_once() -> N
     out.fail, out.calls = None, []
     assert asyncio.run(checkpoint.flush()) == 2
     # not deleted again: that would take the new state's rows written by the first attempt
-    assert out.calls == ["rows", "states", "forgotten"] and acked == ["pack-1", "pack-2"]
+    assert out.calls == ["rows", "forgotten"] and acked == ["pack-1", "pack-2"]
     assert [(d.account, d.rows, d.states) for d in out.confirmed] == [
         ("acme", {"account_daily_data": 3}, 1)]
 

@@ -1,0 +1,236 @@
+"""Alerts that do not wait for ClickHouse (stream.outbox, stream.checkpoint), without Kafka.
+
+A flush stores the states with the outbox (alert rows, billing and support facts, alerts to
+publish), publishes, then writes ClickHouse. These tests fail ClickHouse, the alerts topic or
+the worker itself at each point and check that nothing is lost or delivered twice: a new
+checkpoint over what the state topic holds plays the worker's successor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from churnsignal.stream import outbox
+from churnsignal.stream.checkpoint import Checkpoint
+from churnsignal.stream.clock import PartitionClock
+from churnsignal.stream.fold import ALERTS, BILLING, SCORES, fold_step
+from churnsignal.stream.state import DAY
+from churnsignal.stream.store import MemoryStateStore
+from tests.unit.test_checkpoint_overlap import Held
+from tests.unit.test_fold import NOW, POLICY, Recorder, pack, usage
+
+PARTITIONS = 4
+
+
+class Topic(Recorder):
+    """Outputs that keep what a real run would leave: the state topic compacted (newest value
+    per key, tombstones removing), every alert published, every row written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[Any] = []
+        self.rows: list[dict[str, list[Any]]] = []
+        self.writes: list[set[bytes]] = []  # the keys of each state-topic write
+
+    async def publish(self, alerts: list[Any]) -> None:
+        await super().publish(alerts)
+        self.published += [a.alert.alert_id for a in alerts]
+
+    async def write_rows(self, rows: dict[str, list[Any]]) -> list[Any]:
+        refused = await super().write_rows(rows)
+        self.rows.append({t: list(r) for t, r in rows.items() if r})
+        return refused
+
+    async def write_states(self, values: dict[bytes, bytes | None]) -> None:
+        await super().write_states(values)
+        self.writes.append(set(values))
+
+    def compacted(self) -> dict[bytes, bytes]:
+        return {k: v for k, v in self.states.items() if v is not None}
+
+    def written(self, table: str) -> list[Any]:
+        return [row for rows in self.rows for row in rows.get(table, ())]
+
+
+def billing(n: int, kind: str, age_days: float, **data: Any) -> dict[str, Any]:
+    return {"event_id": f"b{n}", "account_id": "acme", "type": kind,
+            "occurred_at": datetime.fromtimestamp(NOW - age_days * DAY, tz=UTC).isoformat(),
+            "data": {"status": "active", "mrr_cents": 9900, **data}}
+
+
+def history() -> list[list[Any]]:
+    """A subscribed, active account that schedules its cancellation now: a critical alert,
+    an alert row and two billing facts, none of which a redelivery makes again."""
+    items: list[list[Any]] = [["billing/0", 1, billing(1, "subscription_created", 30)]]
+    items += [["usage/0", 10 + n, usage(10 + n, 20 - n)] for n in range(20)]
+    items.append(["billing/0", 2, billing(2, "subscription_updated", 0.001,
+                                          cancel_at_period_end=True)])
+    return items
+
+
+def worker(out: Any) -> tuple[MemoryStateStore, Checkpoint, list[Any]]:
+    store = MemoryStateStore(PARTITIONS)
+    acked: list[Any] = []
+
+    async def ack(events: list[Any]) -> None:
+        acked.extend(events)
+
+    return store, Checkpoint(store, out, "ingested", PARTITIONS, ack), acked
+
+
+def fold(store: MemoryStateStore, checkpoint: Checkpoint, name: str,
+         items: list[list[Any]]) -> Any:
+    partition = 0
+    result = fold_step(store, pack(items), partition, 1, POLICY, PartitionClock())
+    checkpoint.add(result, [name], partition)
+    return result
+
+
+def successor(out: Topic) -> tuple[MemoryStateStore, Checkpoint, list[Any]]:
+    """The partition's next owner: the states and the outbox read back, as ``_load`` does."""
+    store, checkpoint, acked = worker(out)
+    records = out.compacted()
+    box = {k: v for k, v in records.items() if outbox.is_outbox(k, v)}
+    found = outbox.read(box)
+    checkpoint.pending.recover(found.rows, found.row_keys, found.alerts, found.alert_keys)
+    store.load({k: v for k, v in records.items() if k not in box})
+    return store, checkpoint, acked
+
+
+def test_an_alert_goes_out_while_clickhouse_is_down_and_its_rows_follow() -> None:
+    out = Topic()
+    store, checkpoint, acked = worker(out)
+    result = fold(store, checkpoint, "pack-1", history())
+    [alert] = [a.alert.alert_id for a in result.alerts]
+    out.fail = "rows"
+    with pytest.raises(ConnectionError):
+        asyncio.run(checkpoint.flush())
+    # Stored, published, its outbox record deleted; the rows could not be written.
+    assert out.calls == ["states", "alerts", "states", "rows"]
+    assert out.published == [alert] and acked == []
+    box = {k: v for k, v in out.compacted().items() if outbox.is_outbox(k, v)}
+    found = outbox.read(box)
+    assert not found.alerts  # published: not in the outbox any more
+    assert [r[0] for r in found.rows[ALERTS]] == [alert]
+    assert sorted(r[1] for r in found.rows[BILLING]) == ["b1", "b2"]
+
+    out.fail, out.calls = None, []
+    assert asyncio.run(checkpoint.flush()) == 1
+    assert out.calls == ["rows", "states"] and acked == ["pack-1"]  # rows, then their records deleted
+    assert out.published == [alert]  # once
+    assert [r[0] for r in out.written(ALERTS)] == [alert]
+    assert sorted(r[1] for r in out.written(BILLING)) == ["b1", "b2"]
+    assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]  # all delivered
+
+
+def test_a_crash_while_clickhouse_is_down_loses_no_row_and_repeats_no_alert() -> None:
+    out = Topic()
+    store, checkpoint, _ = worker(out)
+    fold(store, checkpoint, "pack-1", history())
+    out.fail = "rows"
+    with pytest.raises(ConnectionError):
+        asyncio.run(checkpoint.flush())
+    before = {t: list(out.written(t)) for t in (ALERTS, BILLING)}
+    assert before == {ALERTS: [], BILLING: []}
+
+    # The worker dies. Its successor reads the states and the outbox back; the pack, never
+    # acked, comes again and its events are duplicates now.
+    out.fail = None
+    store, checkpoint, acked = successor(out)
+    again = fold(store, checkpoint, "pack-1", history())
+    assert again.applied == 0 and again.duplicates == len(history()) and not again.alerts
+    assert asyncio.run(checkpoint.flush()) == 1 and acked == ["pack-1"]
+    assert len(out.published) == 1  # not published again
+    assert len(out.written(ALERTS)) == 1
+    assert sorted(r[1] for r in out.written(BILLING)) == ["b1", "b2"]
+    assert [r[0] for r in out.written(SCORES)] == ["acme"]  # re-derived from the state
+    assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
+
+
+def test_alerts_stored_but_not_published_are_published_by_the_successor() -> None:
+    out = Topic()
+    store, checkpoint, _ = worker(out)
+    result = fold(store, checkpoint, "pack-1", history())
+    out.fail = "alerts"  # the alerts topic refuses: the states are stored already
+    with pytest.raises(ConnectionError):
+        asyncio.run(checkpoint.flush())
+    assert out.published == []
+    out.fail = None
+    store, checkpoint, acked = successor(out)
+    assert checkpoint.due(50_000, 60.0)  # an alert waits: flushed at once
+    fold(store, checkpoint, "pack-1", history())
+    asyncio.run(checkpoint.flush())
+    assert out.published == [a.alert.alert_id for a in result.alerts] and acked == ["pack-1"]
+    assert len(out.written(ALERTS)) == 1
+    assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
+
+
+def test_the_same_worker_publishes_what_the_alerts_topic_refused_once_it_is_back() -> None:
+    out = Topic()
+    store, checkpoint, acked = worker(out)
+    result = fold(store, checkpoint, "pack-1", history())
+    out.fail = "alerts"
+    with pytest.raises(ConnectionError):
+        asyncio.run(checkpoint.flush())
+    out.fail = None
+    asyncio.run(checkpoint.flush())
+    assert out.published == [a.alert.alert_id for a in result.alerts] and acked == ["pack-1"]
+    assert len(out.written(ALERTS)) == 1 and len(out.written(BILLING)) == 2
+    assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
+
+
+def test_the_alerting_state_goes_first_and_the_other_states_after_the_alert() -> None:
+    out = Topic()
+    store, checkpoint, _ = worker(out)
+    fold(store, checkpoint, "pack-1", [*history(), ["usage/0", 99, usage(99, 1, "globex")]])
+    asyncio.run(checkpoint.flush())
+    assert out.calls[:3] == ["states", "alerts", "states"]
+    head, rest = out.writes[0], out.writes[1]
+    assert b"acme" in head and b"globex" not in head  # with the outbox records
+    assert any(k.startswith(outbox.PREFIX) for k in head)
+    assert b"globex" in rest  # with the alerts' records deleted
+    assert [k for k in rest if k.startswith(outbox.PREFIX)]
+
+
+def test_the_next_flush_publishes_while_the_one_before_writes_clickhouse() -> None:
+    async def run() -> None:
+        out = Held("rows")
+        store, checkpoint, acked = worker(out)
+        fold(store, checkpoint, "pack-1", [["usage/0", 1, usage(1, 1)]])
+        first = asyncio.ensure_future(checkpoint.flush())
+        await out.entered.wait()  # the first flush is writing ClickHouse
+        fold(store, checkpoint, "pack-2", history())
+        second = asyncio.ensure_future(checkpoint.flush())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert out.calls[-2:] == ["alerts", "states"]  # published, outbox record deleted
+        assert acked == [] and not second.done()
+        out.release.set()
+        assert await first == 1 and await second == 1
+        assert acked == ["pack-1", "pack-2"]  # in order
+
+    asyncio.run(run())
+
+
+def test_outbox_rows_read_back_as_they_were_written() -> None:
+    out = Topic()
+    store, checkpoint, _ = worker(out)
+    result = fold(store, checkpoint, "pack-1", history())
+    rows = {t: result.rows[t] for t in (ALERTS, BILLING)}
+    records = outbox.row_records("f1", outbox.by_partition(rows, lambda a: 2))
+    assert all(outbox.partition_of(k, v) == 2 for k, v in records.items())
+    assert dict(outbox.read(records).rows) == rows
+    alerts = outbox.alert_records("f1", result.alerts)
+    [back] = outbox.read(alerts).alerts
+    assert back == result.alerts[0]
+
+
+def test_an_account_named_like_an_outbox_key_is_still_an_account() -> None:
+    key = outbox.PREFIX + b"1/x/alerts"
+    assert not outbox.is_outbox(key, orjson.dumps({"account_id": key.decode()}))
+    assert outbox.is_outbox(key, None)  # a tombstone: by its key
