@@ -346,8 +346,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     def flush_if_due() -> None:
         # Not awaited: the next flush may store states and publish alerts while this one
         # writes ClickHouse (never more than that one: it holds ``flushing`` until then).
-        if (runtime.stream is not None and time.monotonic() >= retry_at[0]
-                and not checkpoint.flushing.locked()
+        if (runtime.stream is not None and not runtime.closing
+                and time.monotonic() >= retry_at[0] and not checkpoint.flushing.locked()
                 and checkpoint.due(s.sink.batch_max_rows, s.sink.flush_interval_s)):
             task = asyncio.ensure_future(flush_quietly("interval"))
             flushes.add(task)
@@ -413,9 +413,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             for key in box:
                 del records[key]
             if box:
-                found = outbox.read(box)
-                checkpoint.pending.recover(found.rows, found.row_keys, found.alerts,
-                                           found.alert_keys)
+                checkpoint.recover(outbox.read(box))
                 boxed += len(box)
             store.load(records)
         await store.loads.mark_loaded(partitions)
@@ -433,7 +431,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         # A flush that outlived the drain's wait puts nothing back when it fails; what is
         # left (after a failed drain, or a re-score tick's slices) belongs to packs that
         # are redelivered, and goes with the working states.
-        checkpoint.revoked()
+        if checkpoint.revoked():
+            # The outbox may hold what was not delivered: partitions kept read it back.
+            store.loads.reload_all()
         checkpoint.pending.take()
         store.forget()
         now = time.monotonic()

@@ -7,10 +7,11 @@ Folded packs leave rows, alerts, dead letters and identity forwards waiting here
    row of their new state is written;
 1. sends the dead letters and the identity forwards, and awaits their acks (before the
    states that no longer hold those events);
-2. stores each changed state once (and tombstones), with the outbox (``stream.outbox``):
-   the rows only an applied event makes (alerts, billing and support facts) and the alerts
-   to publish, and awaits the acks;
-3. publishes the alerts, awaits their acks, and deletes their outbox records;
+2. writes the outbox (``stream.outbox``): the rows only an applied event makes (alerts,
+   billing and support facts) and the alerts to publish; then stores the alerting accounts'
+   states; awaiting the acks of each;
+3. publishes the alerts, then stores every other changed state once (and tombstones) with
+   the deletion of the alerts' outbox records, and awaits the acks;
 4. writes the rows, one insert per table (rows a table refuses go to the DLQ), then
    deletes their outbox records;
 4b. audits and confirms the forget requests carried out (the command waits for that);
@@ -34,7 +35,10 @@ and publishes its alerts while the one before it writes ClickHouse.
 
 A failed step (Kafka or ClickHouse unavailable) is not a data error: nothing is
 dead-lettered for it; what was not done yet waits for the next flush, the packs stay unacked,
-and the lock is released (every step is bounded in time).
+and the lock is released (every step is bounded in time). A flush carrying a forget request
+waits for the one before to finish first: none of the account's older rows may land after
+its deletion. A revoke while outbox records may still be undelivered has every partition
+read back (``revoked``), so a partition that stays delivers them too.
 """
 
 from __future__ import annotations
@@ -229,6 +233,8 @@ class Checkpoint:
         self.flushes = 0
         self.started = 0.0  # when the last flush started (monotonic)
         self.epoch = 0  # revokes so far (``revoked``)
+        # Alerts published whose outbox records are not deleted yet (``recover``).
+        self.published: set[str] = set()
 
     # -- collecting --------------------------------------------------------------------
 
@@ -299,10 +305,24 @@ class Checkpoint:
             self.pending.since = time.monotonic()
         self.pending.events.append(event)
 
-    def revoked(self) -> None:
+    def revoked(self) -> bool:
         """Partitions were revoked: a flush still running (it outlived a drain's wait) must
-        not put back what it took once it fails, into a store that was reset since."""
+        not put back what it took once it fails, into a store that was reset since.
+
+        True when outbox records may still hold undelivered rows or alerts (a flush failed
+        or is still running): then every partition kept must be read back from the state
+        topic, outbox included, before anything more is folded into it."""
         self.epoch += 1
+        p = self.pending
+        return bool(p.retry_alerts or p.alert_keys or p.row_keys or any(p.retry.values())
+                    or self.flushing.locked() or self.writing.locked())
+
+    def recover(self, found: outbox.Recovered) -> None:
+        """What a partition's outbox records held, read back with its states: delivered by
+        the next flush. Alerts this worker published but could not delete the records of
+        (the state topic failed right after) are not published again."""
+        alerts = [a for a in found.alerts if a.alert.alert_id not in self.published]
+        self.pending.recover(found.rows, found.row_keys, alerts, found.alert_keys)
 
     def due(self, max_rows: int, max_wait_s: float) -> bool:
         p = self.pending
@@ -321,9 +341,13 @@ class Checkpoint:
         a step failed (what was not done waits for the next flush)."""
         async with self.flushing:
             p = self.pending
-            if not p.has_work():
-                async with self.writing:  # the flush before is done: packs acked
-                    return 0
+            if not p.has_work() or p.forgotten:
+                # The flush before is done (packs acked). Before a forget's deletion, too:
+                # none of the account's older rows may land after it, and what that flush
+                # puts back if it fails is filtered by the requests still waiting here.
+                async with self.writing:
+                    if not p.has_work():
+                        return 0
             self.started = time.monotonic()
             epoch = self.epoch
             # Taken together, before the first await: the rows, the packs to ack and the
@@ -339,12 +363,12 @@ class Checkpoint:
             rows_box = outbox.row_records(flush_id, outbox.by_partition(taken.rows, self._partition))
             alerts_box = outbox.alert_records(flush_id, taken.alerts)
             try:
-                await self._store(taken, values, rows_box, alerts_box)
+                await self._store(taken, values, rows_box, alerts_box, epoch)
+                # The next flush may store and publish while this one writes ClickHouse.
+                await self.writing.acquire()
             except BaseException:
                 self._failed(epoch, taken)
                 raise
-            # The next flush may store and publish while this one writes ClickHouse.
-            await self.writing.acquire()
         try:
             await self._write(taken)
             await self.ack(taken.events)  # in flush order
@@ -366,10 +390,17 @@ class Checkpoint:
             self.pending.restore(taken)
 
     async def _store(self, taken: Taken, values: dict[bytes, bytes | None],
-                     rows_box: dict[bytes, bytes], alerts_box: dict[bytes, bytes]) -> None:
+                     rows_box: dict[bytes, bytes], alerts_box: dict[bytes, bytes],
+                     epoch: int) -> None:
         """Steps 0-3: up to the states stored and the alerts published."""
         store = self.store
         stored = False
+
+        def settle(done: dict[bytes, bytes | None], ok: bool) -> None:
+            # Not after a revoke: the store was reset; these states are not ours to keep.
+            if epoch == self.epoch:
+                (store.stored if ok else store.unstored)(done)
+
         try:
             for done in taken.forgotten:
                 # Once per request: a retry must not delete rows of the new state that
@@ -386,18 +417,21 @@ class Checkpoint:
             # A record half written by a failed attempt is deleted with the others.
             taken.row_keys += list(rows_box)
             taken.alert_keys += list(alerts_box)
-            # The alerting accounts' states (and the whole outbox) first, then the alerts:
-            # the other states, most of the bytes, follow with the alerts' deletion.
+            # The outbox first (a state must never be stored without it), then the
+            # alerting accounts' states, then the alerts: the other states, most of the
+            # bytes, follow with the alerts' deletion.
+            box: dict[bytes, bytes | None] = {**rows_box, **alerts_box}
+            if box:
+                await self._step(self.outputs.write_states(box))
             alerting = {a.alert.account_id.encode() for a in taken.alerts}
             first = {key: values[key] for key in alerting if key in values}
-            head = {**first, **rows_box, **alerts_box}
-            if head:
-                await self._step(self.outputs.write_states(head))
-            store.stored(first)
+            if first:
+                await self._step(self.outputs.write_states(first))
+            settle(first, True)
             stored = True
         except BaseException:
             if not stored:
-                store.unstored(values)
+                settle(values, False)
             raise
         # Stored: the rows only ClickHouse lacks now, the alerts only the alerts topic.
         for table, data in taken.rows.items():
@@ -410,6 +444,7 @@ class Checkpoint:
         try:
             if taken.retry_alerts:
                 await self._step(self.outputs.publish(taken.retry_alerts))
+                self.published.update(a.alert.alert_id for a in taken.retry_alerts)
                 taken.retry_alerts = []
             # The alerts' records deleted at once: a crash from here on publishes none of
             # them again.
@@ -417,10 +452,11 @@ class Checkpoint:
                 await self._step(self.outputs.write_states(
                     {**rest, **dict.fromkeys(taken.alert_keys)}))
         except BaseException:
-            store.unstored(rest)
+            settle(rest, False)
             raise
-        store.stored(rest)
+        settle(rest, True)
         taken.alert_keys = []
+        self.published.clear()  # every record of a published alert is deleted now
 
     async def _write(self, taken: Taken) -> None:
         """Steps 4-4b: the rows into ClickHouse, then their outbox records deleted."""

@@ -36,13 +36,20 @@ class PartitionLoads:
         self.generation = -1
         self._changed = asyncio.Condition()
         self.task: asyncio.Task[Any] | None = None
+        self.stale = False  # read everything again at the next assignment
+
+    def reload_all(self) -> None:
+        """What is in memory is not the whole truth (an outbox not delivered): the next
+        assignment reads every partition back, kept ones too."""
+        self.stale = True
 
     def plan(self, assigned: set[int], generation: int) -> tuple[set[int], set[int]]:
         """(to drop, to load) for a new assignment. Partitions kept across consecutive
         generations stay loaded: nobody else wrote them in between. After a gap (a missed
         generation) everything is read again."""
-        if generation != self.generation + 1:
+        if generation != self.generation + 1 or self.stale:
             keep: set[int] = set()
+            self.stale = False
         else:
             keep = self.loaded & assigned
         drop = (self.loaded | self.assigned) - keep

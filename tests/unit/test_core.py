@@ -208,6 +208,12 @@ def test_partition_loads_keep_what_stays_and_reload_after_a_missed_generation() 
     # a generation this worker never saw: nothing it holds can be trusted
     assert loads.plan({0, 1}, generation=5) == ({0, 1, 2, 3}, {0, 1})
     assert not loads.all_loaded()
+    loads.loaded = {0, 1}
+    # an outbox left undelivered at a revoke: kept partitions are read back too, once
+    loads.reload_all()
+    assert loads.plan({0, 1}, generation=6) == ({0, 1}, {0, 1})
+    loads.loaded = {0, 1}
+    assert loads.plan({0, 1}, generation=7) == (set(), set())
 
 
 def test_usage_events_read_back_from_packs_fold_like_their_models() -> None:

@@ -94,12 +94,25 @@ def fold(store: MemoryStateStore, checkpoint: Checkpoint, name: str,
 def successor(out: Topic) -> tuple[MemoryStateStore, Checkpoint, list[Any]]:
     """The partition's next owner: the states and the outbox read back, as ``_load`` does."""
     store, checkpoint, acked = worker(out)
+    load(out, store, checkpoint)
+    return store, checkpoint, acked
+
+
+def load(out: Topic, store: MemoryStateStore, checkpoint: Checkpoint) -> None:
     records = out.compacted()
     box = {k: v for k, v in records.items() if outbox.is_outbox(k, v)}
-    found = outbox.read(box)
-    checkpoint.pending.recover(found.rows, found.row_keys, found.alerts, found.alert_keys)
+    checkpoint.recover(outbox.read(box))
     store.load({k: v for k, v in records.items() if k not in box})
-    return store, checkpoint, acked
+
+
+def revoke_and_keep(out: Topic, store: MemoryStateStore, checkpoint: Checkpoint) -> None:
+    """A rebalance that leaves the partition with this worker, after a failed flush: as
+    flush_before_revoke and load_states do (the store read back whole, outbox included)."""
+    assert checkpoint.revoked()  # undelivered outbox records: read everything back
+    checkpoint.pending.take()
+    store.forget()
+    store.data.clear()
+    load(out, store, checkpoint)
 
 
 def test_an_alert_goes_out_while_clickhouse_is_down_and_its_rows_follow() -> None:
@@ -110,8 +123,9 @@ def test_an_alert_goes_out_while_clickhouse_is_down_and_its_rows_follow() -> Non
     out.fail = "rows"
     with pytest.raises(ConnectionError):
         asyncio.run(checkpoint.flush())
-    # Stored, published, its outbox record deleted; the rows could not be written.
-    assert out.calls == ["states", "alerts", "states", "rows"]
+    # The outbox, the alerting state, the alert, the other states with the alert's record
+    # deleted; the rows could not be written.
+    assert out.calls == ["states", "states", "alerts", "states", "rows"]
     assert out.published == [alert] and acked == []
     box = {k: v for k, v in out.compacted().items() if outbox.is_outbox(k, v)}
     found = outbox.read(box)
@@ -184,15 +198,15 @@ def test_the_same_worker_publishes_what_the_alerts_topic_refused_once_it_is_back
     assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
 
 
-def test_the_alerting_state_goes_first_and_the_other_states_after_the_alert() -> None:
+def test_the_outbox_then_the_alerting_state_go_first_the_other_states_after_the_alert() -> None:
     out = Topic()
     store, checkpoint, _ = worker(out)
     fold(store, checkpoint, "pack-1", [*history(), ["usage/0", 99, usage(99, 1, "globex")]])
     asyncio.run(checkpoint.flush())
-    assert out.calls[:3] == ["states", "alerts", "states"]
-    head, rest = out.writes[0], out.writes[1]
-    assert b"acme" in head and b"globex" not in head  # with the outbox records
-    assert any(k.startswith(outbox.PREFIX) for k in head)
+    assert out.calls[:4] == ["states", "states", "alerts", "states"]
+    box, head, rest = out.writes[:3]
+    assert box and all(k.startswith(outbox.PREFIX) for k in box)  # the outbox first
+    assert head == {b"acme"}  # then the alerting account's state, then the alert
     assert b"globex" in rest  # with the alerts' records deleted
     assert [k for k in rest if k.startswith(outbox.PREFIX)]
 
@@ -234,3 +248,143 @@ def test_an_account_named_like_an_outbox_key_is_still_an_account() -> None:
     key = outbox.PREFIX + b"1/x/alerts"
     assert not outbox.is_outbox(key, orjson.dumps({"account_id": key.decode()}))
     assert outbox.is_outbox(key, None)  # a tombstone: by its key
+
+
+def test_a_revoke_after_clickhouse_failed_reads_the_outbox_back_for_kept_partitions() -> None:
+    out = Topic()
+    store, checkpoint, acked = worker(out)
+    fold(store, checkpoint, "pack-1", history())
+    out.fail = "rows"  # states and outbox stored, the alert published, rows not written
+    with pytest.raises(ConnectionError):
+        asyncio.run(checkpoint.flush())
+    revoke_and_keep(out, store, checkpoint)
+    out.fail = None
+    again = fold(store, checkpoint, "pack-1", history())  # redelivered to the same worker
+    assert again.applied == 0  # duplicates: their rows come from the outbox
+    asyncio.run(checkpoint.flush())
+    assert acked == ["pack-1"] and len(out.published) == 1
+    assert len(out.written(ALERTS)) == 1 and len(out.written(BILLING)) == 2
+
+
+def test_a_revoke_after_the_alerts_topic_failed_publishes_from_the_outbox() -> None:
+    out = Topic()
+    store, checkpoint, acked = worker(out)
+    fold(store, checkpoint, "pack-1", history())
+    out.fail = "alerts"
+    with pytest.raises(ConnectionError):
+        asyncio.run(checkpoint.flush())
+    revoke_and_keep(out, store, checkpoint)
+    out.fail = None
+    fold(store, checkpoint, "pack-1", history())
+    asyncio.run(checkpoint.flush())
+    assert acked == ["pack-1"] and len(out.published) == 1
+
+
+def test_an_alert_whose_record_could_not_be_deleted_is_not_published_again() -> None:
+    out = Topic()
+    store, checkpoint, acked = worker(out)
+    fold(store, checkpoint, "pack-1", history())
+    writes = {"n": 0}
+    real = out.write_states
+
+    async def write_states(values: dict[bytes, bytes | None]) -> None:
+        writes["n"] += 1
+        if writes["n"] == 3:  # outbox, alerting state, then this: the alert's deletion
+            raise ConnectionError("state topic unavailable")
+        await real(values)
+
+    out.write_states = write_states  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        asyncio.run(checkpoint.flush())
+    assert len(out.published) == 1
+    revoke_and_keep(out, store, checkpoint)  # the record is read back: published already
+    fold(store, checkpoint, "pack-1", history())
+    asyncio.run(checkpoint.flush())
+    assert acked == ["pack-1"] and len(out.published) == 1
+    # ...and its record is deleted now: a later successor publishes nothing either.
+    store, checkpoint, _ = successor(out)
+    asyncio.run(checkpoint.flush())
+    assert len(out.published) == 1
+
+
+def test_a_state_is_never_stored_without_its_outbox() -> None:
+    out = Topic()
+    store, checkpoint, _ = worker(out)
+    fold(store, checkpoint, "pack-1", history())
+    real = out.write_states
+
+    async def partial(values: dict[bytes, bytes | None]) -> None:
+        # A write whose state records are acked and whose outbox records are not.
+        await real({k: v for k, v in values.items() if not k.startswith(outbox.PREFIX)})
+        if any(k.startswith(outbox.PREFIX) for k in values):
+            raise ConnectionError("a batch timed out")
+
+    out.write_states = partial  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        asyncio.run(checkpoint.flush())
+    assert b"acme" not in out.states  # the outbox is written (and awaited) first
+    out.write_states = real  # type: ignore[method-assign]
+    store, checkpoint, _ = successor(out)  # the worker died
+    fold(store, checkpoint, "pack-1", history())
+    asyncio.run(checkpoint.flush())
+    assert len(out.published) == 1 and len(out.written(BILLING)) == 2
+
+
+class SlowForget(Topic):
+    """ClickHouse holds the first insert (then refuses it, or takes it); a forget's deletion
+    and every insert are recorded in order."""
+
+    def __init__(self, fail_first: bool) -> None:
+        super().__init__()
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+        self.first, self.fail_first = True, fail_first
+        self.deleted_at: int | None = None
+
+    async def delete_account(self, account: str) -> dict[str, int]:
+        self.calls.append("delete")
+        self.deleted_at = len(self.rows)  # inserts completed before the deletion
+        return {}
+
+    async def forgotten(self, done: list[Any]) -> None:
+        self.calls.append("forgotten")
+
+    async def write_rows(self, rows: dict[str, list[Any]]) -> list[Any]:
+        if self.first:
+            self.first = False
+            self.entered.set()
+            await self.release.wait()
+            if self.fail_first:
+                raise ConnectionError("ClickHouse unavailable")
+        return await super().write_rows(rows)
+
+
+@pytest.mark.parametrize("fail_first", [False, True])
+def test_a_forget_waits_for_the_flush_still_writing_the_accounts_older_rows(
+        fail_first: bool) -> None:
+    from tests.unit.test_forget import forget_item, home
+
+    async def run() -> SlowForget:
+        p = home("acme")
+        out = SlowForget(fail_first)
+        store, checkpoint, _ = worker(out)
+        checkpoint.add(fold_step(store, pack(history()), p, 1, POLICY, PartitionClock()),
+                       ["pack-1"], p)
+        first = asyncio.ensure_future(checkpoint.flush())  # stored; writing ClickHouse
+        await out.entered.wait()
+        checkpoint.add(fold_step(store, pack([forget_item("account", "acme", "states")]), p,
+                                 2, POLICY, PartitionClock()), ["pack-2"], p)
+        second = asyncio.ensure_future(checkpoint.flush())
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert out.deleted_at is None  # not while acme's older rows are being written
+        out.release.set()
+        await asyncio.gather(first, second, return_exceptions=True)
+        await checkpoint.flush()
+        return out
+
+    out = asyncio.run(run())
+    assert out.deleted_at is not None
+    later = [row for rows in out.rows[out.deleted_at:] for data in rows.values()
+             for row in data]
+    assert not [row for row in later if "acme" in row[:2]]  # nothing of before after it
+    assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
