@@ -233,6 +233,7 @@ class Checkpoint:
         self.flushes = 0
         self.started = 0.0  # when the last flush started (monotonic)
         self.epoch = 0  # revokes so far (``revoked``)
+        self.running = 0  # flushes that took work and have not finished
         # Alerts published whose outbox records are not deleted yet (``recover``).
         self.published: set[str] = set()
 
@@ -315,7 +316,7 @@ class Checkpoint:
         self.epoch += 1
         p = self.pending
         return bool(p.retry_alerts or p.alert_keys or p.row_keys or any(p.retry.values())
-                    or self.flushing.locked() or self.writing.locked())
+                    or self.running)
 
     def recover(self, found: outbox.Recovered) -> None:
         """What a partition's outbox records held, read back with its states: delivered by
@@ -354,19 +355,26 @@ class Checkpoint:
             # states they left. Folds go on while this flush writes; what they change is
             # the next flush's.
             taken = p.take()
+            self.running += 1
             store = self.store
-            taken.rows[DAILY] = [row for account, days in taken.touched.items()
-                                 if (state := store.get(account)) is not None
-                                 for row in daily_rows(state, days)]
-            values = store.take_dirty()
-            flush_id = self.keys.flush()
-            rows_box = outbox.row_records(flush_id, outbox.by_partition(taken.rows, self._partition))
-            alerts_box = outbox.alert_records(flush_id, taken.alerts)
             try:
+                taken.rows[DAILY] = [row for account, days in taken.touched.items()
+                                     if (state := store.get(account)) is not None
+                                     for row in daily_rows(state, days)]
+                values = store.take_dirty()
+                try:
+                    flush_id = self.keys.flush()
+                    rows_box = outbox.row_records(
+                        flush_id, outbox.by_partition(taken.rows, self._partition))
+                    alerts_box = outbox.alert_records(flush_id, taken.alerts)
+                except BaseException:
+                    store.unstored(values)
+                    raise
                 await self._store(taken, values, rows_box, alerts_box, epoch)
                 # The next flush may store and publish while this one writes ClickHouse.
                 await self.writing.acquire()
             except BaseException:
+                self.running -= 1
                 self._failed(epoch, taken)
                 raise
         try:
@@ -376,6 +384,7 @@ class Checkpoint:
             self._failed(epoch, taken)
             raise
         finally:
+            self.running -= 1
             self.writing.release()
         self.flushes += 1
         return len(taken.events)

@@ -388,3 +388,19 @@ def test_a_forget_waits_for_the_flush_still_writing_the_accounts_older_rows(
              for row in data]
     assert not [row for row in later if "acme" in row[:2]]  # nothing of before after it
     assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
+
+
+def test_a_revoke_reads_everything_back_only_when_something_may_be_undelivered() -> None:
+    async def run() -> None:
+        out = Held("rows")
+        store, checkpoint, _ = worker(out)
+        fold(store, checkpoint, "pack-1", history())
+        flushing = asyncio.ensure_future(checkpoint.flush())
+        await out.entered.wait()
+        assert checkpoint.running == 1 and checkpoint.revoked()  # a flush still writes
+        out.release.set()
+        await flushing
+        assert checkpoint.running == 0 and not checkpoint.revoked()  # all delivered
+        assert await checkpoint.flush() == 0 and not checkpoint.revoked()
+
+    asyncio.run(run())
