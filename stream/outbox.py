@@ -33,7 +33,10 @@ from churnsignal.stream.rows import ALERT_COLUMNS, BILLING_COLUMNS, SUPPORT_COLU
 PREFIX = b"\x00outbox/"  # an account id may start with anything: the magic says it is ours
 MAGIC = b"churnsignal-outbox/1\n"
 TABLES = {ALERTS: ALERT_COLUMNS, BILLING: BILLING_COLUMNS, SUPPORT: SUPPORT_COLUMNS}
-CHUNK_ROWS = 500  # rows per record: a few hundred KB at most, below a record's 1 MB limit
+# Per record: a few hundred KB at most, below a record's 1 MB limit (an alert row is ~0.3 KB,
+# a billing or support row less; an alert ~1-2 KB with its reasons).
+CHUNK_ROWS = 500
+CHUNK_ALERTS = 200
 _DATETIMES = {"triggered_at", "emitted_at", "occurred_at"}
 _DATES: set[str] = set()
 
@@ -106,13 +109,19 @@ def row_records(flush: str, rows: dict[int, Rows]) -> dict[bytes, bytes]:
 
 
 def alert_records(flush: str, alerts: list[PendingAlert]) -> dict[bytes, bytes]:
-    """Records holding alerts to publish (one per partition)."""
+    """Records holding alerts to publish (per partition, in chunks: a re-score tick may
+    raise thousands at once)."""
     grouped: dict[int, list[PendingAlert]] = defaultdict(list)
     for a in alerts:
         grouped[a.partition].append(a)
-    return {_key(partition, flush, "alerts"): MAGIC + orjson.dumps({"alerts": [
-        {"alert": a.alert.model_dump(mode="json"), "wall": a.wall, "partition": a.partition,
-         "offset": a.offset} for a in items]}) for partition, items in grouped.items()}
+    out: dict[bytes, bytes] = {}
+    for partition, items in grouped.items():
+        for start in range(0, len(items), CHUNK_ALERTS):
+            out[_key(partition, flush, f"alerts.{start // CHUNK_ALERTS}")] = MAGIC + orjson.dumps(
+                {"alerts": [{"alert": a.alert.model_dump(mode="json"), "wall": a.wall,
+                             "partition": a.partition, "offset": a.offset}
+                            for a in items[start:start + CHUNK_ALERTS]]})
+    return out
 
 
 @dataclass

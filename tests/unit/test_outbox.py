@@ -404,3 +404,19 @@ def test_a_revoke_reads_everything_back_only_when_something_may_be_undelivered()
         assert await checkpoint.flush() == 0 and not checkpoint.revoked()
 
     asyncio.run(run())
+
+
+def test_outbox_records_stay_well_below_a_records_size_limit() -> None:
+    out = Topic()
+    store, checkpoint, _ = worker(out)
+    result = fold(store, checkpoint, "pack-1", history())
+    [alert] = result.alerts
+    many = [alert] * 1000  # a re-score tick may raise thousands at once
+    records = outbox.alert_records("f1", many)
+    assert len(records) == 5 and max(map(len, records.values())) < 900_000
+    assert len(outbox.read(records).alerts) == 1000
+    rows = {ALERTS: result.rows[ALERTS] * 2000, BILLING: result.rows[BILLING] * 1000}
+    records = outbox.row_records("f1", outbox.by_partition(rows, lambda a: 0))
+    assert max(map(len, records.values())) < 900_000
+    assert {t: len(r) for t, r in outbox.read(records).rows.items()} == {ALERTS: 2000,
+                                                                         BILLING: 2000}
