@@ -115,6 +115,19 @@ def revoke_and_keep(out: Topic, store: MemoryStateStore, checkpoint: Checkpoint)
     load(out, store, checkpoint)
 
 
+def failed_once(fail: str) -> tuple[Topic, MemoryStateStore, Checkpoint, list[Any], list[str]]:
+    """A worker that folded ``history()`` and whose flush then failed at ``fail`` (which
+    works again afterwards); the ids of the alerts it decided."""
+    out = Topic()
+    store, checkpoint, acked = worker(out)
+    result = fold(store, checkpoint, "pack-1", history())
+    out.fail = fail
+    with pytest.raises(ConnectionError):
+        asyncio.run(checkpoint.flush())
+    out.fail = None
+    return out, store, checkpoint, acked, [a.alert.alert_id for a in result.alerts]
+
+
 def test_an_alert_goes_out_while_clickhouse_is_down_and_its_rows_follow() -> None:
     out = Topic()
     store, checkpoint, acked = worker(out)
@@ -143,18 +156,12 @@ def test_an_alert_goes_out_while_clickhouse_is_down_and_its_rows_follow() -> Non
 
 
 def test_a_crash_while_clickhouse_is_down_loses_no_row_and_repeats_no_alert() -> None:
-    out = Topic()
-    store, checkpoint, _ = worker(out)
-    fold(store, checkpoint, "pack-1", history())
-    out.fail = "rows"
-    with pytest.raises(ConnectionError):
-        asyncio.run(checkpoint.flush())
+    out, store, checkpoint, _, _ = failed_once("rows")
     before = {t: list(out.written(t)) for t in (ALERTS, BILLING)}
     assert before == {ALERTS: [], BILLING: []}
 
     # The worker dies. Its successor reads the states and the outbox back; the pack, never
     # acked, comes again and its events are duplicates now.
-    out.fail = None
     store, checkpoint, acked = successor(out)
     again = fold(store, checkpoint, "pack-1", history())
     assert again.applied == 0 and again.duplicates == len(history()) and not again.alerts
@@ -167,33 +174,22 @@ def test_a_crash_while_clickhouse_is_down_loses_no_row_and_repeats_no_alert() ->
 
 
 def test_alerts_stored_but_not_published_are_published_by_the_successor() -> None:
-    out = Topic()
-    store, checkpoint, _ = worker(out)
-    result = fold(store, checkpoint, "pack-1", history())
-    out.fail = "alerts"  # the alerts topic refuses: the states are stored already
-    with pytest.raises(ConnectionError):
-        asyncio.run(checkpoint.flush())
+    # The alerts topic refuses: the states are stored already.
+    out, store, checkpoint, _, alerts = failed_once("alerts")
     assert out.published == []
-    out.fail = None
     store, checkpoint, acked = successor(out)
     assert checkpoint.due(50_000, 60.0)  # an alert waits: flushed at once
     fold(store, checkpoint, "pack-1", history())
     asyncio.run(checkpoint.flush())
-    assert out.published == [a.alert.alert_id for a in result.alerts] and acked == ["pack-1"]
+    assert out.published == alerts and acked == ["pack-1"]
     assert len(out.written(ALERTS)) == 1
     assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
 
 
 def test_the_same_worker_publishes_what_the_alerts_topic_refused_once_it_is_back() -> None:
-    out = Topic()
-    store, checkpoint, acked = worker(out)
-    result = fold(store, checkpoint, "pack-1", history())
-    out.fail = "alerts"
-    with pytest.raises(ConnectionError):
-        asyncio.run(checkpoint.flush())
-    out.fail = None
+    out, store, checkpoint, acked, alerts = failed_once("alerts")
     asyncio.run(checkpoint.flush())
-    assert out.published == [a.alert.alert_id for a in result.alerts] and acked == ["pack-1"]
+    assert out.published == alerts and acked == ["pack-1"]
     assert len(out.written(ALERTS)) == 1 and len(out.written(BILLING)) == 2
     assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
 
@@ -251,14 +247,9 @@ def test_an_account_named_like_an_outbox_key_is_still_an_account() -> None:
 
 
 def test_a_revoke_after_clickhouse_failed_reads_the_outbox_back_for_kept_partitions() -> None:
-    out = Topic()
-    store, checkpoint, acked = worker(out)
-    fold(store, checkpoint, "pack-1", history())
-    out.fail = "rows"  # states and outbox stored, the alert published, rows not written
-    with pytest.raises(ConnectionError):
-        asyncio.run(checkpoint.flush())
+    # States and outbox stored, the alert published, the rows not written.
+    out, store, checkpoint, acked, _ = failed_once("rows")
     revoke_and_keep(out, store, checkpoint)
-    out.fail = None
     again = fold(store, checkpoint, "pack-1", history())  # redelivered to the same worker
     assert again.applied == 0  # duplicates: their rows come from the outbox
     asyncio.run(checkpoint.flush())
@@ -267,14 +258,8 @@ def test_a_revoke_after_clickhouse_failed_reads_the_outbox_back_for_kept_partiti
 
 
 def test_a_revoke_after_the_alerts_topic_failed_publishes_from_the_outbox() -> None:
-    out = Topic()
-    store, checkpoint, acked = worker(out)
-    fold(store, checkpoint, "pack-1", history())
-    out.fail = "alerts"
-    with pytest.raises(ConnectionError):
-        asyncio.run(checkpoint.flush())
+    out, store, checkpoint, acked, _ = failed_once("alerts")
     revoke_and_keep(out, store, checkpoint)
-    out.fail = None
     fold(store, checkpoint, "pack-1", history())
     asyncio.run(checkpoint.flush())
     assert acked == ["pack-1"] and len(out.published) == 1
