@@ -398,6 +398,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             log.warning("reading states of partitions %s failed (%s); retrying",
                         sorted(partitions), state.outcome.exception() if state.outcome else None)
 
+        # A flush from before the revoke that outlived the drain writes first: what it stores
+        # and publishes is then in what is read back.
+        if not await checkpoint.settled(2 * checkpoint.step_timeout_s):
+            log.warning("a flush from before the rebalance is still running; reading states "
+                        "of partitions %s anyway", sorted(partitions))
         # Until it works: the broker comes back; a cancel (a newer assignment) is not retried.
         async for attempt in AsyncRetrying(
                 wait=wait_exponential_jitter(multiplier=0.5, max=10.0), reraise=True,

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -184,7 +184,10 @@ class Pending:
         An account forgotten by a fold during that flush loses what the flush had taken of
         it too: its deletion is the next flush's first step, and nothing of before may be
         written after it."""
-        gone = {done.account for done in self.forgotten if done.account is not None}
+        # Requests carried out already (their rows deleted) came back from a failed flush:
+        # what was folded after them is the account's new life, and stays.
+        gone = {done.account for done in self.forgotten
+                if done.account is not None and not done.deleted}
         for source, into in ((taken.rows, self.rows), (taken.retry, self.retry)):
             for table, data in source.items():
                 if table != DAILY:  # rebuilt from the states at the next flush
@@ -233,7 +236,8 @@ class Checkpoint:
         self.flushes = 0
         self.started = 0.0  # when the last flush started (monotonic)
         self.epoch = 0  # revokes so far (``revoked``)
-        self.running = 0  # flushes that took work and have not finished
+        # Flushes that took work and have not finished, by the epoch they started in.
+        self.running: Counter[int] = Counter()
         # Alerts published whose outbox records are not deleted yet (``recover``).
         self.published: set[str] = set()
 
@@ -316,7 +320,18 @@ class Checkpoint:
         self.epoch += 1
         p = self.pending
         return bool(p.retry_alerts or p.alert_keys or p.row_keys or any(p.retry.values())
-                    or self.running)
+                    or self.running.total())
+
+    async def settled(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until no flush from before the last revoke is still
+        running: partitions are read back only after what it writes, or it could publish an
+        alert the read-back outbox holds too. False when one still runs."""
+        deadline = time.monotonic() + timeout_s
+        while any(n for epoch, n in self.running.items() if epoch < self.epoch):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def recover(self, found: outbox.Recovered) -> None:
         """What a partition's outbox records held, read back with its states: delivered by
@@ -355,7 +370,7 @@ class Checkpoint:
             # states they left. Folds go on while this flush writes; what they change is
             # the next flush's.
             taken = p.take()
-            self.running += 1
+            self.running[epoch] += 1
             store = self.store
             try:
                 taken.rows[DAILY] = [row for account, days in taken.touched.items()
@@ -374,7 +389,7 @@ class Checkpoint:
                 # The next flush may store and publish while this one writes ClickHouse.
                 await self.writing.acquire()
             except BaseException:
-                self.running -= 1
+                self._done(epoch)
                 self._failed(epoch, taken)
                 raise
         try:
@@ -384,10 +399,15 @@ class Checkpoint:
             self._failed(epoch, taken)
             raise
         finally:
-            self.running -= 1
+            self._done(epoch)
             self.writing.release()
         self.flushes += 1
         return len(taken.events)
+
+    def _done(self, epoch: int) -> None:
+        self.running[epoch] -= 1
+        if not self.running[epoch]:
+            del self.running[epoch]
 
     def _partition(self, account: str) -> int:
         return packs.partition_for(account, self.partitions)
@@ -447,7 +467,10 @@ class Checkpoint:
             if table != DAILY and data:
                 taken.retry[table] = [*taken.retry.get(table, ()), *data]
         taken.rows = {DAILY: taken.rows.get(DAILY, [])}
-        taken.retry_alerts += taken.alerts
+        # Once per id: an alert read back from an outbox may be decided again by its
+        # redelivered pack when its state was not stored.
+        unique = {a.alert.alert_id: a for a in [*taken.retry_alerts, *taken.alerts]}
+        taken.retry_alerts = list(unique.values())
         taken.alerts = []
         rest = {key: value for key, value in values.items() if key not in first}
         try:
