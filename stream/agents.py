@@ -159,7 +159,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     outputs.on_forgotten = ingestor.forget_links  # relinking after a forget: sent again
 
     async def ack(events: list[Any]) -> None:
-        for event in events:
+        # In offset order: a commit between two acks never sees a later pack acked before
+        # an earlier one (packs put back by a failed flush come first again, not in order).
+        for event in sorted(events, key=lambda e: (e.message.partition, e.message.offset)):
             await runtime.stream.ack(event)
 
     # Each step of a flush is bounded; the sink's own bound is the tighter one for rows.

@@ -130,6 +130,9 @@ class Pending:
     alert_keys: list[bytes] = field(default_factory=list)
     count: int = 0  # rows and touched days waiting: the flush trigger and memory bound
     since: float = 0.0
+    # Packs of a failed flush wait here again: a later flush must not ack its own before
+    # them (Faust commits past a gap before a partition's first commit).
+    restored: bool = False
 
     def _touch(self, touched: dict[str, set[int]]) -> None:
         for account, days in touched.items():
@@ -147,6 +150,7 @@ class Pending:
         self.forgotten = []
         self.retry, self.row_keys = defaultdict(list), []
         self.retry_alerts, self.alert_keys = [], []
+        self.restored = False
         return taken
 
     def has_work(self) -> bool:
@@ -200,6 +204,7 @@ class Pending:
         self.alert_keys[:0] = taken.alert_keys
         self._touch({a: days for a, days in taken.touched.items() if a not in gone})
         self.events[:0] = taken.events
+        self.restored = self.restored or bool(taken.events)
         self.alerts[:0] = [a for a in taken.alerts if a.alert.account_id not in gone]
         self.retry_alerts[:0] = [a for a in taken.retry_alerts
                                  if a.alert.account_id not in gone]
@@ -394,7 +399,11 @@ class Checkpoint:
                 raise
         try:
             await self._write(taken)
-            await self.ack(taken.events)  # in flush order
+            if self.pending.restored:  # the flush before failed: its packs are acked first
+                self.pending.events.extend(taken.events)
+                taken.events = []
+            else:
+                await self.ack(taken.events)
         except BaseException:
             self._failed(epoch, taken)
             raise

@@ -550,3 +550,28 @@ def test_rows_after_a_carried_out_forget_survive_when_both_flushes_fail() -> Non
     out = asyncio.run(run())
     assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
     assert sorted(r[1] for r in out.written("billing_events_data")) == ["b1", "b2"]
+
+
+def test_a_later_flush_leaves_its_packs_to_be_acked_after_those_of_a_failed_one() -> None:
+    async def run() -> tuple[list[Any], Any]:
+        out = Held("rows")
+        store, checkpoint, acked = worker(out)
+        fold(store, checkpoint, "pack-1", [["usage/0", 1, usage(1, 1)]])
+        first = asyncio.ensure_future(checkpoint.flush())
+        await out.entered.wait()  # the first flush writes ClickHouse...
+        fold(store, checkpoint, "pack-2", [["usage/0", 2, usage(2, 1, "globex")]])
+        second = asyncio.ensure_future(checkpoint.flush())  # ...the second stores meanwhile
+        for _ in range(20):
+            await asyncio.sleep(0)
+        out.fail = "rows"
+        out.release.set()
+        with pytest.raises(ConnectionError):
+            await first
+        out.fail = None
+        out.hold = ""
+        assert await second == 0 and acked == []  # pack-1 waits again: pack-2 not before it
+        assert await checkpoint.flush() == 2
+        return acked, checkpoint
+
+    acked, checkpoint = asyncio.run(run())
+    assert acked == ["pack-1", "pack-2"] and not checkpoint.pending.restored
