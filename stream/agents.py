@@ -420,7 +420,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             for key in box:
                 del records[key]
             if box:
-                checkpoint.recover(outbox.read(box))
+                found = outbox.read(box)
+                for key, why in found.unreadable.items():
+                    log.error("outbox record %r could not be read (%s); left in place, "
+                              "undelivered", key, why)
+                checkpoint.recover(found)
                 boxed += len(box)
             store.load(records)
         await store.loads.mark_loaded(partitions)

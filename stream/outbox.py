@@ -127,31 +127,41 @@ def alert_records(flush: str, alerts: list[PendingAlert]) -> dict[bytes, bytes]:
 @dataclass
 class Recovered:
     """What a partition's outbox records held: rows for ClickHouse, alerts to publish, and
-    the keys to delete once they are delivered."""
+    the keys to delete once they are delivered; and records that could not be read."""
 
     rows: Rows = field(default_factory=lambda: defaultdict(list))
     row_keys: list[bytes] = field(default_factory=list)
     alerts: list[PendingAlert] = field(default_factory=list)
     alert_keys: list[bytes] = field(default_factory=list)
+    unreadable: dict[bytes, str] = field(default_factory=dict)  # key -> why
 
 
 def read(records: dict[bytes, bytes]) -> Recovered:
-    """The outbox records among a partition's state records (``is_outbox``)."""
+    """The outbox records among a partition's state records (``is_outbox``). A record that
+    cannot be read (not written by this version) is reported, never raised: the partition's
+    states still load, and the record stays for a version that reads it."""
     got = Recovered()
     for key, value in sorted(records.items()):
-        data = orjson.loads(value[len(MAGIC):])
-        if "alerts" in data:
-            got.alerts += [PendingAlert(Alert.model_validate(a["alert"]), float(a["wall"]),
-                                        int(a["partition"]), int(a["offset"]))
-                           for a in data["alerts"]]
-            got.alert_keys.append(key)
+        try:
+            data = orjson.loads(value[len(MAGIC):])
+            if "alerts" in data:
+                alerts = [PendingAlert(Alert.model_validate(a["alert"]), float(a["wall"]),
+                                       int(a["partition"]), int(a["offset"]))
+                          for a in data["alerts"]]
+                got.alerts += alerts
+                got.alert_keys.append(key)
+                continue
+            table = data["table"]
+            parse = _PARSE[table]
+            rows = []
+            for raw in data["rows"]:
+                for i, to_type in parse:
+                    if raw[i] is not None:
+                        raw[i] = to_type(raw[i])
+                rows.append(tuple(raw))
+        except Exception as exc:
+            got.unreadable[key] = f"{type(exc).__name__}: {exc}"
             continue
-        table = data["table"]
-        parse = _PARSE[table]
-        for raw in data["rows"]:
-            for i, to_type in parse:
-                if raw[i] is not None:
-                    raw[i] = to_type(raw[i])
-            got.rows[table].append(tuple(raw))
+        got.rows[table] += rows
         got.row_keys.append(key)
     return got

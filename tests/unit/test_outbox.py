@@ -575,3 +575,18 @@ def test_a_later_flush_leaves_its_packs_to_be_acked_after_those_of_a_failed_one(
 
     acked, checkpoint = asyncio.run(run())
     assert acked == ["pack-1", "pack-2"] and not checkpoint.pending.restored
+
+
+def test_an_outbox_record_that_cannot_be_read_is_reported_not_raised() -> None:
+    out = Topic()
+    store, checkpoint, _ = worker(out)
+    result = fold(store, checkpoint, "pack-1", history())
+    records = {**outbox.row_records("f1", outbox.by_partition(
+        {ALERTS: result.rows[ALERTS]}, lambda a: 0)), **outbox.alert_records("f1", result.alerts)}
+    bad = {outbox.PREFIX + b"0/f0/x": outbox.MAGIC + b"not json",
+           outbox.PREFIX + b"0/f0/y": outbox.MAGIC + b'{"table": "nope", "rows": [[1]]}',
+           outbox.PREFIX + b"0/f0/z": outbox.MAGIC + b'{"alerts": [{"alert": {}}]}'}
+    found = outbox.read({**records, **bad})
+    assert set(found.unreadable) == set(bad)
+    assert len(found.rows[ALERTS]) == 1 and len(found.alerts) == 1  # the rest is read
+    assert not set(bad) & {*found.row_keys, *found.alert_keys}  # never deleted unread
