@@ -239,8 +239,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         epoch = checkpoint.epoch  # a revoke in between: the states it folded into are gone
         while (not runtime.closing and epoch == checkpoint.epoch
                and await store.loads.ready(partition, _owned)):
-            async with checkpoint.lock:
-                if epoch != checkpoint.epoch:
+            async with checkpoint.folding(epoch) as current:
+                if not current:
                     return
                 result = next(slices, None)
                 if result is None:
@@ -314,7 +314,12 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 continue
             left = len(batch)
             liveness.waiting(left, time.monotonic(), "packs")
+            # A revoke part way through the batch: the rest of it is redelivered, every
+            # pack of a partition after the first one left out (no gap in what is folded).
+            epoch = checkpoint.epoch
             for group in steps(batch, _partition_of, _is_tick):
+                if epoch != checkpoint.epoch:
+                    break
                 # A partition's states must be read back before anything is folded into
                 # them; a partition that went to another worker meanwhile is its to apply.
                 partition = group[0].message.partition
@@ -323,8 +328,12 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 elif await store.loads.ready(partition, _owned):
                     # Under the checkpoint's lock: a drain (revoke, shutdown) waits for the
                     # packs being folded, and no fold runs during a drain. A regular flush
-                    # does not hold it: folds go on while it writes.
-                    async with checkpoint.lock:
+                    # does not hold it: folds go on while it writes. A revoke while waiting
+                    # for it: the packs are the partition's next owner's (or ours again,
+                    # redelivered from the committed offset).
+                    async with checkpoint.folding(epoch) as current:
+                        if not current:
+                            break
                         _fold(group)
                 left -= len(group)
                 now = time.monotonic()

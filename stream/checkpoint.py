@@ -44,9 +44,10 @@ read back (``revoked``), so a partition that stays delivers them too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -245,6 +246,17 @@ class Checkpoint:
         self.running: Counter[int] = Counter()
         # Alerts published whose outbox records are not deleted yet (``recover``).
         self.published: set[str] = set()
+
+    @contextlib.asynccontextmanager
+    async def folding(self, epoch: int) -> AsyncIterator[bool]:
+        """The lock, for a fold of packs taken in ``epoch``: yields False when partitions
+        were revoked since. A drain (revoke) holds the lock around its flush and the store
+        is reset right after it, before a fold waiting for the lock runs: that fold would
+        build states of a partition that may be another worker's now, which the next flush
+        would write over that worker's. Packs taken but not folded are redelivered from the
+        committed offsets (Faust seeks back to them on a rebalance)."""
+        async with self.lock:
+            yield epoch == self.epoch
 
     # -- collecting --------------------------------------------------------------------
 

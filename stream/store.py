@@ -247,15 +247,24 @@ class MemoryStateStore:
         self.data.update(records)
 
     def drop_partitions(self, partitions: set[int]) -> None:
-        """Forget the stored states of partitions this worker no longer holds."""
+        """Forget the states of partitions this worker no longer holds: stored and working
+        copies alike (a changed state left here would be written by the next flush, over
+        what the partition's new owner stores)."""
         if not partitions:
             return
-        for key in [k for k in self.data
-                    if packs.partition_for(k.decode(), self.partitions) in partitions]:
+
+        def gone(name: str) -> bool:
+            return packs.partition_for(name, self.partitions) in partitions
+
+        for key in [k for k in self.data if gone(k.decode())]:
             del self.data[key]
-        for name in [k for k in self.inflight
-                     if packs.partition_for(k, self.partitions) in partitions]:
+        for name in [k for k in self.inflight if gone(k)]:
             del self.inflight[name]
+        for name in [k for k in self.cache if gone(k)]:
+            del self.cache[name]
+        self.dirty = {k for k in self.dirty if not gone(k)}
+        self.deleted = {k for k in self.deleted if not gone(k)}
+        self.gone = {k for k in self.gone if not gone(k)}
 
     def take_dirty(self) -> dict[bytes, bytes | None]:
         """Every changed state as bytes (None: a tombstone), and nothing dirty any more.

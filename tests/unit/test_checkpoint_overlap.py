@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from churnsignal.stream import packs
 from churnsignal.stream.checkpoint import ALERT_FLUSH_S, Checkpoint
 from churnsignal.stream.clock import PartitionClock
 from churnsignal.stream.fold import fold_step
@@ -279,3 +280,42 @@ def test_dead_letters_without_a_pack_are_flushed() -> None:
     assert checkpoint.due(50_000, 0.0)
     asyncio.run(checkpoint.flush())
     assert "dlq" in out.calls and not checkpoint.pending.has_work()
+
+
+def test_a_fold_waiting_while_a_revoke_drains_is_left_out() -> None:
+    """The drain holds the lock around its flush and the store is reset right after it,
+    before the waiting fold runs: the fold must see the revoke (its packs are redelivered),
+    or it would build states of a partition that may be another worker's now."""
+    async def run() -> None:
+        store = MemoryStateStore(4)
+        checkpoint = Checkpoint(store, Recorder(), "ingested", 4,
+                                lambda events: asyncio.sleep(0))
+        seen: list[bool] = []
+
+        async def agent(epoch: int) -> None:
+            async with checkpoint.folding(epoch) as current:
+                seen.append(current)
+
+        epoch = checkpoint.epoch
+        async with checkpoint.lock:  # the drain's flush
+            waiting = asyncio.ensure_future(agent(epoch))
+            await asyncio.sleep(0)
+        checkpoint.revoked()  # what flush_before_revoke does next, without an await
+        store.forget()
+        await waiting
+        await agent(checkpoint.epoch)  # packs taken after the revoke fold as usual
+        assert seen == [False, True]
+
+    asyncio.run(run())
+
+
+def test_dropping_a_partition_drops_its_changed_states_too() -> None:
+    store = MemoryStateStore(4)
+    for i in range(40):
+        store.put(AccountState(f"acct-{i}"))
+    store.delete("acct-0")
+    home = {f"acct-{i}": packs.partition_for(f"acct-{i}", 4) for i in range(40)}
+    store.drop_partitions({home["acct-0"], home["acct-1"]})
+    kept = {k for k, p in home.items() if p not in (home["acct-0"], home["acct-1"])}
+    assert kept and store.dirty == kept and set(store.cache) == kept
+    assert set(store.take_dirty()) == {k.encode() for k in kept}  # no tombstone either
