@@ -213,12 +213,18 @@ class Policy(_Frozen):
         """Usage event name -> its per-day column in the state (after the base columns)."""
         return {name: BASE_COLUMNS + i for i, name in enumerate(self.tracked_types)}
 
+    @cached_property
+    def signal_table(self) -> dict[str, tuple[float, float, float]]:
+        """Signal name -> (weight, start, full): read for every account scored, where
+        attribute lookups through three pydantic models add up."""
+        return {name: (s.weight, s.start, s.full) for name, s in self.signals}
+
     def model_copy(self, *, update: Mapping[str, Any] | None = None,
                    deep: bool = False) -> Policy:
         """A copy; what the cached properties hold is worked out again (pydantic's copy
         would carry it over, stale, into a copy with other fields)."""
         copy = super().model_copy(update=update, deep=deep)
-        for name in ("tracked_types", "type_columns"):
+        for name in ("tracked_types", "type_columns", "signal_table"):
             copy.__dict__.pop(name, None)
         return copy
 

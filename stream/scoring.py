@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from churnsignal.stream.model import model_score
-from churnsignal.stream.policy import Policy, Signal
+from churnsignal.stream.policy import Policy
 from churnsignal.stream.reasons import IMMEDIATE, REASONS, Reason, Score
 from churnsignal.stream.state import (
     DAY,
@@ -17,11 +17,11 @@ from churnsignal.stream.state import (
 )
 
 
-def strength(signal: Signal, value: float) -> float:
+def strength(start: float, full: float, value: float) -> float:
     """How fully a signal counts (0-1) at this raw value, by the policy's start and full."""
-    if signal.full == signal.start:
-        return 1.0 if value >= signal.full else 0.0
-    return min(1.0, max(0.0, (value - signal.start) / (signal.full - signal.start)))
+    if full == start:
+        return 1.0 if value >= full else 0.0
+    return min(1.0, max(0.0, (value - start) / (full - start)))
 
 
 def decline(recent: float, baseline: float, min_baseline: float) -> float | None:
@@ -149,10 +149,11 @@ def score(state: AccountState, now: float, policy: Policy) -> Score:
     if policy.model is not None:
         return model_score(state, now, policy, signals(state, now, policy))
     reasons = []
+    table = policy.signal_table
     for code, (value, template, args) in signals(state, now, policy).items():
-        signal: Signal = getattr(policy.signals, code)
-        counts = strength(signal, value)
-        points = signal.weight * counts
+        weight, start, full = table[code]
+        counts = strength(start, full, value)
+        points = weight * counts
         if points > 0 or (counts > 0 and code in IMMEDIATE):
             kind, play = REASONS[code]
             reasons.append(Reason(code, value, points, kind, play, template.format(*args)))
