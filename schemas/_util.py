@@ -30,8 +30,11 @@ def get_in(obj: Any, *path: str) -> Any:
 
 def dict_at(obj: Any, *path: str) -> dict[str, Any]:
     """The mapping at ``path``, or an empty one when it is missing or not a mapping."""
-    value = get_in(obj, *path)
-    return value if isinstance(value, dict) else {}
+    for key in path:  # get_in's walk, inline: the adapters call this for most fields
+        if not isinstance(obj, dict):
+            return {}
+        obj = obj.get(key)
+    return obj if isinstance(obj, dict) else {}
 
 
 def number(value: Any, lo: float, hi: float) -> float | None:
@@ -84,6 +87,8 @@ def show(value: Any, limit: int = 40) -> str:
 
 def str_id(value: Any) -> str | None:
     """An id that may arrive as a string, a number or an expanded object with an ``id``."""
+    if type(value) is str:  # most ids: what the checks below give a str, without them
+        return value or None
     if isinstance(value, dict):
         value = value.get("id")
     if isinstance(value, bool) or value is None:

@@ -103,14 +103,17 @@ def _traits_account(traits: Any) -> str | None:
             or str_id(get_in(traits, "company", "id")))
 
 
-def _account(payload: dict[str, Any]) -> str | None:
-    """The account a call names: context.groupId, properties or context traits."""
-    properties = dict_at(payload, "properties")
+def _account(payload: dict[str, Any], properties: dict[str, Any] | None = None) -> str | None:
+    """The account a call names: context.groupId, properties (``dict_at(payload,
+    "properties")``, when the caller has it already) or context traits."""
+    if properties is None:
+        properties = dict_at(payload, "properties")
+    context = dict_at(payload, "context")
     return (
-        str_id(get_in(payload, "context", "groupId"))
+        str_id(context.get("groupId"))
         or str_id(properties.get("account_id"))
         or str_id(properties.get("groupId"))
-        or _traits_account(get_in(payload, "context", "traits"))
+        or _traits_account(context.get("traits"))
     )
 
 
@@ -210,7 +213,7 @@ def to_canonical(
     if call in ("identify", "group", "alias"):
         return "segment_unused"
     properties = dict_at(payload, "properties")
-    account = _account(payload) or _person(payload)
+    account = _account(payload, properties) or _person(payload)
     if account is None:
         return "unattributed"
     if call == "track":

@@ -16,7 +16,7 @@ same pack items either way. The state agent rebuilds pack items into it too (``s
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -49,14 +49,21 @@ class UsageLite:
     occurred_at: datetime
     data: UsageDataLite
     schema_version: int = SCHEMA_VERSION
+    # occurred_at as model_dump(mode="json") writes it, when known without formatting it
+    # (``usage_event`` derives it from the input's text): isoformat costs more than the rest
+    # of the dump. Not a field of the event: equality and repr leave it out.
+    at_json: str | None = field(default=None, compare=False, repr=False)
 
     def model_dump(self, *, mode: str = "python", exclude_none: bool = False) -> dict[str, Any]:
         """As pydantic dumps a UsageEvent (same keys, same order, same time format)."""
         at: Any = self.occurred_at
         if mode == "json":
-            at = at.isoformat()
-            if at.endswith("+00:00"):  # pydantic writes UTC as Z
-                at = at[:-6] + "Z"
+            if self.at_json is not None:
+                at = self.at_json
+            else:
+                at = at.isoformat()
+                if at.endswith("+00:00"):  # pydantic writes UTC as Z
+                    at = at[:-6] + "Z"
         d = self.data
         data: dict[str, Any] = {"name": d.name, "feature": d.feature, "count": d.count}
         out: dict[str, Any] = {"event_id": self.event_id, "account_id": self.account_id,
@@ -73,7 +80,25 @@ class UsageLite:
         return out
 
     def model_copy(self, *, update: dict[str, Any] | None = None) -> UsageLite:
+        if update and "occurred_at" in update:
+            update = {"at_json": None, **update}  # the text of the time replaced
         return replace(self, **update) if update else replace(self)
+
+
+def json_time(at: str) -> str:
+    """The time ``at`` (text that ``_RFC3339`` matches and ``datetime.fromisoformat`` reads)
+    as pydantic writes it in JSON, from the text alone: the fraction in six digits (none when
+    it is zero) and a zero offset as Z, which is what isoformat, with UTC as Z, makes of it."""
+    if at[-1] == "Z":
+        if len(at) == 20 or (len(at) == 27 and at[20:26] != "000000"):
+            return at  # whole seconds, or six digits not all zero: written so already
+        clock, zone = at[:-1], "Z"
+    else:
+        clock, zone = at[:-6], ("Z" if at[-5:] == "00:00" else at[-6:])
+    fraction = clock[20:]  # after "YYYY-MM-DDTHH:MM:SS."
+    if fraction.rstrip("0"):
+        return f"{clock[:19]}.{fraction.ljust(6, '0')}{zone}"
+    return clock[:19] + zone
 
 
 def _id(value: Any) -> bool:
@@ -119,7 +144,7 @@ def usage_event(candidate: dict[str, Any]) -> UsageLite | None:
     else:
         return None
     return UsageLite(event_id, account_id, kind, user_id,  # type: ignore[arg-type]
-                     occurred_at, values)
+                     occurred_at, values, SCHEMA_VERSION, json_time(at))
 
 
 _ABSENT: Final = object()

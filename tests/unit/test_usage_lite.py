@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from churnsignal.schemas.decode import DecodeOptions, decode
 from churnsignal.schemas.events import EVENT_ADAPTER, USAGE_TYPES
 from churnsignal.schemas.results import Accepted
-from churnsignal.schemas.usage_lite import UsageLite, usage_event
+from churnsignal.schemas.usage_lite import UsageLite, json_time, usage_event
 from churnsignal.stream import packs
 
 ABSENT = object()
@@ -167,3 +167,36 @@ def test_decode_gives_the_same_event_either_way(monkeypatch: pytest.MonkeyPatch)
     assert packs.event_of(dumped) == fast.event
     assert fast.event.model_copy(update={"account_id": "other"}).account_id == "other"
     assert fast.event.account_id == "acme"
+
+
+def _isoformat_z(at: datetime) -> str:
+    """The slow path: pydantic's JSON form of a time, by formatting the datetime."""
+    text = at.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(times, good_times))
+def test_the_json_time_from_the_text_is_the_formatted_datetime(at: Any) -> None:
+    """``json_time`` (the time's JSON text without a datetime round trip) writes every time the
+    fast path accepts as formatting its datetime does, and as pydantic dumps it."""
+    lite = usage_event({"event_id": "e1", "account_id": "acme", "type": "track",
+                        "occurred_at": at})
+    if lite is None:
+        return
+    assert lite.at_json == json_time(at) == _isoformat_z(lite.occurred_at)
+    assert lite.model_dump(mode="json")["occurred_at"] == _isoformat_z(lite.occurred_at)
+    # the state agent's copy (no text kept) dumps alike, and compares equal
+    rebuilt = packs.event_of(lite.model_dump(mode="json", exclude_none=True))
+    assert rebuilt.at_json is None and rebuilt == lite
+    assert rebuilt.model_dump(mode="json") == lite.model_dump(mode="json")
+
+
+def test_a_copy_with_another_time_forgets_the_text_of_the_old_one() -> None:
+    lite = usage_event({"event_id": "e1", "account_id": "acme", "type": "track",
+                        "occurred_at": "2026-11-20T10:00:00.5Z"})
+    assert lite is not None and lite.at_json == "2026-11-20T10:00:00.500000Z"
+    later = lite.model_copy(update={"occurred_at": datetime.fromisoformat(
+        "2026-11-21T10:00:00+01:00")})
+    assert later.model_dump(mode="json")["occurred_at"] == "2026-11-21T10:00:00+01:00"
+    assert lite.model_copy(update={"account_id": "other"}).at_json == lite.at_json
