@@ -67,6 +67,9 @@ class Runtime:
     clocks: dict[int, PartitionClock] = field(default_factory=lambda: defaultdict(PartitionClock))
     stream: Any = None  # the agent's manual-ack stream, once it runs
     closing: bool = False  # set by the shutdown flush: later packs are left for a restart
+    # The consumer generation whose packs are folded (``fetched_in``): set by each
+    # assignment, None from a revoke until the next assignment.
+    generation: int | None = None
 
 
 class IngestService(mode.Service):
@@ -324,7 +327,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                 # them; a partition that went to another worker meanwhile is its to apply.
                 partition = group[0].message.partition
                 if _is_tick(group[0]):
-                    await _tick(group[0], partition)
+                    if fetched_in(group, runtime.generation):
+                        await _tick(group[0], partition)
                 elif await store.loads.ready(partition, _owned):
                     # Under the checkpoint's lock: a drain (revoke, shutdown) waits for the
                     # packs being folded, and no fold runs during a drain. A regular flush
@@ -334,7 +338,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                     async with checkpoint.folding(epoch) as current:
                         if not current:
                             break
-                        _fold(group)
+                        fresh = fetched_in(group, runtime.generation)
+                        if fresh:
+                            _fold(fresh)
                 left -= len(group)
                 now = time.monotonic()
                 liveness.progress(now)
@@ -392,6 +398,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         # Read back the states of newly assigned partitions (in the background: the agent
         # waits per partition); drop those of partitions that went elsewhere.
         parts = {tp.partition for tp in assigned if tp.topic == s.ingested_topic}
+        runtime.generation = app.consumer_generation_id  # set before this signal
         task = store.loads.task
         if task is not None and not task.done():
             task.cancel()
@@ -444,6 +451,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # as load_states
     async def flush_before_revoke(sender: Any, revoked: Any, **kwargs: Any) -> None:
         # Rebalance or shutdown: make buffered rows and states durable, ack their packs.
+        runtime.generation = None  # nothing more is folded until the next assignment
         try:
             await drain()
         except Exception:  # the packs stay unacked and are redelivered to the new owner
@@ -473,6 +481,17 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
 
     register_views(runtime)
     return runtime
+
+
+def fetched_in(group: list[Any], generation: int | None) -> list[Any]:
+    """The packs of ``group`` fetched in ``generation`` (None: a revoke and no assignment
+    since: none). Faust may hand over a pack it fetched before a revoke in a batch after
+    it; that pack is redelivered from the committed offset once the partition is assigned
+    again, and folding it first would make the partition's earlier packs, left out by the
+    revoke, look like duplicates of it (its events' offsets are newer)."""
+    if generation is None:
+        return []
+    return [event for event in group if event.message.generation_id == generation]
 
 
 def _partition_of(event: Any) -> int:

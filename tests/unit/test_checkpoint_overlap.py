@@ -319,3 +319,31 @@ def test_dropping_a_partition_drops_its_changed_states_too() -> None:
     kept = {k for k, p in home.items() if p not in (home["acct-0"], home["acct-1"])}
     assert kept and store.dirty == kept and set(store.cache) == kept
     assert set(store.take_dirty()) == {k.encode() for k in kept}  # no tombstone either
+
+
+def test_packs_fetched_before_a_revoke_are_not_folded_after_it() -> None:
+    """Faust may hand the agent a pack it fetched before a revoke in a batch after it. It
+    is redelivered from the committed offset once the partition is assigned again; folded
+    first, it would raise the account's offset high-water past the partition's earlier
+    packs that the revoke left out, and those, redelivered, would count as duplicates."""
+    from types import SimpleNamespace
+
+    from churnsignal.stream.agents import fetched_in
+
+    def pack_event(offset: int, generation: int) -> Any:
+        return SimpleNamespace(message=SimpleNamespace(offset=offset, generation_id=generation,
+                                                       partition=0))
+
+    held, redelivered = pack_event(12, 7), [pack_event(11, 8), pack_event(12, 8)]
+    group = [held, *redelivered]
+    assert fetched_in(group, None) == []  # revoked, not assigned again yet: nothing
+    assert fetched_in(group, 8) == redelivered  # the new generation's, in order
+    assert fetched_in(group, 7) == [held]  # before the revoke, all of them fold
+
+    # What folding the held pack first would do (the loss the filter prevents):
+    store = MemoryStateStore(4)
+    for offsets, n in (([6], 12), ([4, 5], 11)):
+        fold_step(store, pack([["usage.events/0", o, usage(o, 1.0)] for o in offsets]), 0, n,
+                  POLICY, PartitionClock())
+    state = store.get("acme")
+    assert state is not None and state.seq == 1  # events 4 and 5 taken for duplicates
