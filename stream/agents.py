@@ -339,6 +339,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                         if not current:
                             break
                         fresh = fetched_in(group, runtime.generation)
+                        if len(fresh) < len(group):
+                            log.info("%d pack(s) of partition %d fetched before a rebalance "
+                                     "left for redelivery from the committed offset",
+                                     len(group) - len(fresh), partition)
                         if fresh:
                             _fold(fresh)
                 left -= len(group)
@@ -486,8 +490,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
 def fetched_in(group: list[Any], generation: int | None) -> list[Any]:
     """The packs of ``group`` fetched in ``generation`` (None: a revoke and no assignment
     since: none). Faust may hand over a pack it fetched before a revoke in a batch after
-    it; that pack is redelivered from the committed offset once the partition is assigned
-    again, and folding it first would make the partition's earlier packs, left out by the
+    it; that pack is redelivered from the committed offset (to this worker or the
+    partition's new owner), and folding it first would make the partition's earlier packs, left out by the
     revoke, look like duplicates of it (its events' offsets are newer)."""
     if generation is None:
         return []

@@ -7,6 +7,7 @@ or removes what is used here (a unit test calls it), instead of silently falling
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 # (where, attribute) pairs this module relies on.
@@ -31,12 +32,18 @@ def check() -> list[str]:
     for where, attribute in PRIVATE_ATTRIBUTES:
         owner = _resolve(where)
         if attribute == "_fetch_max_wait_ms":  # an instance attribute, set in __init__
-            import inspect
-
             if "self._fetch_max_wait_ms" not in inspect.getsource(owner.__init__):
                 missing.append(f"{where}.{attribute}")
         elif not hasattr(owner, attribute):
             missing.append(f"{where}.{attribute}")
+    # Not private, but relied on: the agent folds only packs fetched in the generation last
+    # assigned (``stream.agents.fetched_in``), so each message must carry the generation
+    # current when it was fetched; were it left None, nothing would be folded.
+    from faust.transport.drivers.aiokafka import Consumer
+
+    if "generation_id=self.app.consumer_generation_id" not in inspect.getsource(
+            Consumer._to_message):
+        missing.append("faust.transport.drivers.aiokafka.Consumer._to_message: generation_id")
     return missing
 
 
