@@ -30,11 +30,8 @@ def get_in(obj: Any, *path: str) -> Any:
 
 def dict_at(obj: Any, *path: str) -> dict[str, Any]:
     """The mapping at ``path``, or an empty one when it is missing or not a mapping."""
-    for key in path:  # get_in's walk, inline: the adapters call this for most fields
-        if not isinstance(obj, dict):
-            return {}
-        obj = obj.get(key)
-    return obj if isinstance(obj, dict) else {}
+    value = get_in(obj, *path)
+    return value if isinstance(value, dict) else {}
 
 
 def number(value: Any, lo: float, hi: float) -> float | None:

@@ -491,8 +491,8 @@ def fetched_in(group: list[Any], generation: int | None) -> list[Any]:
     """The packs of ``group`` fetched in ``generation`` (None: a revoke and no assignment
     since: none). Faust may hand over a pack it fetched before a revoke in a batch after
     it; that pack is redelivered from the committed offset (to this worker or the
-    partition's new owner), and folding it first would make the partition's earlier packs, left out by the
-    revoke, look like duplicates of it (its events' offsets are newer)."""
+    partition's new owner), and folding it first would make the partition's earlier packs,
+    left out by the revoke, look like duplicates of it (its events' offsets are newer)."""
     if generation is None:
         return []
     return [event for event in group if event.message.generation_id == generation]

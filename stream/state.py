@@ -497,8 +497,8 @@ def generic_activation(state: AccountState, policy: Policy) -> bool:
     ob = policy.onboarding
     days = state.days.values()
     # Both counts only grow day by day, so over all days is the same test as at the first
-    # day both are met. Users first (max() runs in C): prune asks this of every account
-    # not activated yet, every batch, and most of those lack the users.
+    # day both are met. Users first, in C (max()); prune asks this of every account not
+    # activated yet, every batch.
     if not days or max(map(_users_of, days)) < ob.min_active_users:
         return False
     active = 0
