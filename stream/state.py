@@ -10,7 +10,7 @@ import base64
 import hashlib
 import sys
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from functools import lru_cache
 from operator import attrgetter, itemgetter
@@ -207,7 +207,8 @@ def _unpack_ids(text: str) -> list[int]:
 
 
 _users_of = itemgetter(USERS)
-_SLOTS: tuple[str, ...] = AccountState.__slots__
+# dataclasses.fields, not __slots__: a class compiled by mypyc (setup.py) has none.
+_SLOTS: tuple[str, ...] = tuple(f.name for f in fields(AccountState))
 _values = attrgetter(*_SLOTS)  # all fields in one C call
 
 

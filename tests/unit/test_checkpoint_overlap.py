@@ -93,6 +93,7 @@ def test_a_fold_during_a_flush_belongs_to_the_next_one() -> None:
     asyncio.run(run())
 
 
+@pytest.mark.interpreted_only
 def test_a_fold_undone_during_a_flush_goes_back_to_what_that_flush_stores(
         monkeypatch: pytest.MonkeyPatch) -> None:
     async def run() -> None:
@@ -121,6 +122,7 @@ def test_a_fold_undone_during_a_flush_goes_back_to_what_that_flush_stores(
     asyncio.run(run())
 
 
+@pytest.mark.interpreted_only
 def test_a_state_whose_working_copy_was_dropped_is_written_again_after_a_failed_flush(
         monkeypatch: pytest.MonkeyPatch) -> None:
     async def run() -> None:
@@ -202,6 +204,7 @@ def test_an_account_forgotten_during_a_failed_flush_gets_none_of_its_rows_back()
     asyncio.run(run())
 
 
+@pytest.mark.interpreted_only
 def test_an_identity_expired_by_a_failed_flush_stays_expired() -> None:
     from churnsignal.stream import fold as fold_module
     from churnsignal.stream import packs

@@ -262,6 +262,7 @@ def test_deep_nesting_where_a_string_is_expected_is_not_a_crash() -> None:
                                  ZeroDivisionError("division by zero"), IndexError("0"),
                                  UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogate"),
                                  RuntimeError("anything at all")])
+@pytest.mark.interpreted_only
 def test_any_exception_from_an_adapter_is_rejected_with_its_class(
         exc: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
     def explode(*_args: object) -> dict[str, Any]:
@@ -279,6 +280,7 @@ def test_any_exception_from_an_adapter_is_rejected_with_its_class(
         assert result.detail.startswith(f"{source} payload: {type(exc).__name__}")
 
 
+@pytest.mark.interpreted_only
 def test_an_exception_whose_message_fails_is_still_a_rejection(
         monkeypatch: pytest.MonkeyPatch) -> None:
     class Unprintable(Exception):

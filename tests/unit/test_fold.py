@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -54,6 +55,7 @@ def poisoned(monkeypatch: pytest.MonkeyPatch, poison: str) -> None:
     monkeypatch.setattr(fold_module, "apply_batch", apply)
 
 
+@pytest.mark.interpreted_only
 def test_a_record_that_cannot_be_folded_fails_alone_and_leaves_no_trace(
         monkeypatch: pytest.MonkeyPatch) -> None:
     earlier = [["usage.events/0", n, usage(n, 20 - n)] for n in range(1, 6)]
@@ -75,6 +77,7 @@ def test_a_record_that_cannot_be_folded_fails_alone_and_leaves_no_trace(
     assert state_bytes(store, "acme") == state_bytes(clean, "acme")
 
 
+@pytest.mark.interpreted_only
 def test_a_failed_fold_of_a_stored_state_goes_back_to_the_stored_bytes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     store = MemoryStateStore(4)
@@ -88,6 +91,7 @@ def test_a_failed_fold_of_a_stored_state_goes_back_to_the_stored_bytes(
     assert state_bytes(store, "acme") == before and not store.dirty
 
 
+@pytest.mark.interpreted_only
 def test_other_accounts_of_the_pack_are_folded_as_usual(monkeypatch: pytest.MonkeyPatch) -> None:
     poisoned(monkeypatch, "e1")
     store = MemoryStateStore(4)
@@ -107,7 +111,7 @@ def test_clone_copies_every_mutable_field() -> None:
     state.open_tickets, state.mrr_peak = {"t": 1}, [[1.0, 2.0]]
     copy = state.clone()
     assert copy == state and copy.to_bytes() == state.to_bytes()
-    for name in AccountState.__slots__:  # type: ignore[attr-defined]
+    for name in (f.name for f in dataclasses.fields(AccountState)):
         value = getattr(state, name)
         if isinstance(value, list | dict):
             assert getattr(copy, name) is not value, name
@@ -176,6 +180,7 @@ class Recorder:
         self.states.update(values)
 
 
+@pytest.mark.interpreted_only
 def test_a_checkpoint_writes_in_order_and_acks_only_what_is_durable(
         monkeypatch: pytest.MonkeyPatch) -> None:
     poisoned(monkeypatch, "e2")

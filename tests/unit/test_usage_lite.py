@@ -147,6 +147,7 @@ def test_unsure_cases_are_left_to_pydantic() -> None:
         assert usage_event({**base, **change}) is None, change
 
 
+@pytest.mark.interpreted_only
 def test_decode_gives_the_same_event_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Segment track call through decode: the fast event dumps as the pydantic one did."""
     raw = orjson.dumps({
