@@ -31,6 +31,7 @@ $(CDEPS): pyproject.toml constraints.txt
 	touch $(CDEPS)
 
 $(CSTAMP): $(CDEPS) setup.py $(SOURCES)
+	rm -rf build  # setuptools would package what an earlier build left there
 	CHURNSIGNAL_COMPILE=1 $(CPY) -m pip install -q --no-build-isolation --no-deps --force-reinstall .
 	touch $(CSTAMP)
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import gc
 
-YOUNG_ALLOCATIONS = 50_000  # net allocations between young collections (default 700)
+# Net allocations between young collections (default 700). 400,000 rather than 50,000: the
+# compiled core allocates faster, and the worker then spent ~5 % of its CPU collecting; four
+# alternating sparse runs went 14.3 -> 13.5 s CPU (docs/benchmark.md, session 11).
+YOUNG_ALLOCATIONS = 400_000
 MIDDLE_EVERY = 20  # young collections per middle one (default 10)
 OLD_EVERY = 100  # middle collections per full one (default 10)
 
