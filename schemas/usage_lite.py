@@ -37,6 +37,13 @@ class UsageDataLite:
     feature: str | None
     count: int
 
+    # Written out: mypyc compiles an __init__ in the source, while the one dataclasses
+    # generates runs interpreted (setup.py); one of each is built per usage event.
+    def __init__(self, name: str | None, feature: str | None, count: int) -> None:
+        self.name = name
+        self.feature = feature
+        self.count = count
+
 
 @dataclass(slots=True)
 class UsageLite:
@@ -53,6 +60,18 @@ class UsageLite:
     # (``usage_event`` derives it from the input's text): isoformat costs more than the rest
     # of the dump. Not a field of the event: equality and repr leave it out.
     at_json: str | None = field(default=None, compare=False, repr=False)
+
+    def __init__(self, event_id: str, account_id: str, type: str,
+                 user_id: str | None, occurred_at: datetime, data: UsageDataLite,
+                 schema_version: int = SCHEMA_VERSION, at_json: str | None = None) -> None:
+        self.event_id = event_id
+        self.account_id = account_id
+        self.type = type
+        self.user_id = user_id
+        self.occurred_at = occurred_at
+        self.data = data
+        self.schema_version = schema_version
+        self.at_json = at_json
 
     def model_dump(self, *, mode: str = "python", exclude_none: bool = False) -> dict[str, Any]:
         """As pydantic dumps a UsageEvent (same keys, same order, same time format)."""

@@ -45,6 +45,23 @@ class Outcome:
     facts: list[tuple[Any, int, bool, int]] = field(default_factory=list)
     newest: Any = None  # the newest event applied: what an alert names as its trigger
 
+    # Written out: mypyc compiles an __init__ in the source (see stream.reasons.Reason).
+    def __init__(self, state: AccountState, applied: int = 0, duplicates: int = 0,
+                 late: int = 0, days: set[int] | None = None, scored: Score | None = None,
+                 score_changed: bool = False, alert: Alert | None = None,
+                 facts: list[tuple[Any, int, bool, int]] | None = None,
+                 newest: Any = None) -> None:
+        self.state = state
+        self.applied = applied
+        self.duplicates = duplicates
+        self.late = late
+        self.days = set() if days is None else days
+        self.scored = scored
+        self.score_changed = score_changed
+        self.alert = alert
+        self.facts = [] if facts is None else facts
+        self.newest = newest
+
 
 def _finish(out: Outcome, now: float, trigger: str | None, triggered_at: float,
             policy: Policy, live: bool) -> Outcome:

@@ -44,6 +44,18 @@ class Reason:
     play: str
     detail: str
 
+    # Written out (here and in the other classes built per event or account batch): mypyc
+    # compiles an __init__ in the source, while the one dataclasses generates runs
+    # interpreted (setup.py).
+    def __init__(self, code: str, value: float, contribution: float, kind: str, play: str,
+                 detail: str) -> None:
+        self.code = code
+        self.value = value
+        self.contribution = contribution
+        self.kind = kind
+        self.play = play
+        self.detail = detail
+
     def as_dict(self) -> dict[str, object]:
         return {"code": self.code, "value": round(self.value, 3),
                 "contribution": round(self.contribution, 1), "kind": self.kind,
@@ -55,3 +67,8 @@ class Score:
     score: float
     band: str  # the band this score falls in, before hysteresis
     reasons: tuple[Reason, ...]  # strongest first
+
+    def __init__(self, score: float, band: str, reasons: tuple[Reason, ...]) -> None:
+        self.score = score
+        self.band = band
+        self.reasons = reasons

@@ -118,6 +118,99 @@ class AccountState:
     attributes: dict[str, str] = field(default_factory=dict)
     attribute_times: dict[str, float] = field(default_factory=dict)
 
+    # Written out: mypyc compiles an __init__ in the source, while the one dataclasses
+    # generates runs interpreted (setup.py); a state is built per new account and per clone.
+    def __init__(
+            self, account_id: str,
+            seq: int = 0,
+            first_seen: float = 0.0,
+            last_active: float = 0.0,
+            last_event: float = 0.0,
+            days: dict[int, list[int]] | None = None,
+            day_users: dict[int, list[int]] | None = None,
+            features: dict[str, int] | None = None,
+            activated_at: float | None = None,
+            sub_status: str | None = None,
+            sub_seen_at: float = 0.0,
+            plan: str | None = None,
+            seats: int | None = None,
+            mrr_cents: int = 0,
+            mrr_peak: list[list[float]] | None = None,
+            cancel_at_period_end: bool = False,
+            period_end: float | None = None,
+            pause_resumes_at: float | None = None,
+            failed_payments: list[float] | None = None,
+            retry_pending: bool = False,
+            payment_seen_at: float = 0.0,
+            paid_at: float = 0.0,
+            card_expires_at: float | None = None,
+            involuntary_end: bool = False,
+            open_tickets: dict[str, int] | None = None,
+            reopened: list[float] | None = None,
+            slow_resolutions: list[float] | None = None,
+            bad_csat_at: float | None = None,
+            nps: int | None = None,
+            nps_at: float | None = None,
+            hw: dict[str, int] | None = None,
+            ids: list[int] | None = None,
+            score: float = 0.0,
+            band: str = "low",
+            alert_band: str = "low",
+            last_alert_at: float = 0.0,
+            alerts: int = 0,
+            scored_at: float = 0.0,
+            policy: str = "",
+            types: list[str] | None = None,
+            ack_band: str = "",
+            ack_until: float = 0.0,
+            attributes: dict[str, str] | None = None,
+            attribute_times: dict[str, float] | None = None,
+    ) -> None:
+        self.account_id = account_id
+        self.seq = seq
+        self.first_seen = first_seen
+        self.last_active = last_active
+        self.last_event = last_event
+        self.days = {} if days is None else days
+        self.day_users = {} if day_users is None else day_users
+        self.features = {} if features is None else features
+        self.activated_at = activated_at
+        self.sub_status = sub_status
+        self.sub_seen_at = sub_seen_at
+        self.plan = plan
+        self.seats = seats
+        self.mrr_cents = mrr_cents
+        self.mrr_peak = [] if mrr_peak is None else mrr_peak
+        self.cancel_at_period_end = cancel_at_period_end
+        self.period_end = period_end
+        self.pause_resumes_at = pause_resumes_at
+        self.failed_payments = [] if failed_payments is None else failed_payments
+        self.retry_pending = retry_pending
+        self.payment_seen_at = payment_seen_at
+        self.paid_at = paid_at
+        self.card_expires_at = card_expires_at
+        self.involuntary_end = involuntary_end
+        self.open_tickets = {} if open_tickets is None else open_tickets
+        self.reopened = [] if reopened is None else reopened
+        self.slow_resolutions = [] if slow_resolutions is None else slow_resolutions
+        self.bad_csat_at = bad_csat_at
+        self.nps = nps
+        self.nps_at = nps_at
+        self.hw = {} if hw is None else hw
+        self.ids = [] if ids is None else ids
+        self.score = score
+        self.band = band
+        self.alert_band = alert_band
+        self.last_alert_at = last_alert_at
+        self.alerts = alerts
+        self.scored_at = scored_at
+        self.policy = policy
+        self.types = [] if types is None else types
+        self.ack_band = ack_band
+        self.ack_until = ack_until
+        self.attributes = {} if attributes is None else attributes
+        self.attribute_times = {} if attribute_times is None else attribute_times
+
     def clone(self) -> AccountState:
         """An independent copy (to undo a fold that failed half way): ~10 us at 90 days,
         a sixth of a to_bytes/from_bytes round trip."""
