@@ -158,5 +158,7 @@ def score(state: AccountState, now: float, policy: Policy) -> Score:
             kind, play = REASONS[code]
             reasons.append(Reason(code, value, points, kind, play, template.format(*args)))
     reasons.sort(key=lambda r: (-r.contribution, r.code))
-    total = min(100.0, round(sum(r.contribution for r in reasons), 1))
+    # 0.0, not 0, without reasons: a compiled build stores the float the annotation says, and
+    # both builds then write the same state and CSV text.
+    total = min(100.0, round(sum((r.contribution for r in reasons), 0.0), 1))
     return Score(total, policy.band_of(total), tuple(reasons))
