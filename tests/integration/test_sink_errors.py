@@ -185,3 +185,18 @@ async def test_too_many_parts_is_retried_within_the_bound_and_written_once_merge
     await asyncio.sleep(0.5)  # past the back-off the failed write left
     assert await sink.write(rows) == []
     assert sink.query("SELECT count() FROM account_daily").result_rows == [(30,)]
+
+
+async def test_writes_reuse_one_insert_context_per_table_and_renew_it_after_a_refusal(
+        sink: ClickHouseSink) -> None:
+    # Without a kept context clickhouse-connect asks the server for the column types before
+    # every insert: a second query per table and flush.
+    assert await sink.write({"account_daily_data": _daily(5)}) == []
+    context = sink._contexts["account_daily_data"]
+    assert await sink.write({"account_daily_data": _daily(5, date(2024, 3, 2))}) == []
+    assert sink._contexts["account_daily_data"] is context
+    bad = ("acct-9999", date(2024, 3, 3), 3, 2, 1, 2**40, 0, 0, 7)  # UInt32 overflow
+    refused = await sink.write({"account_daily_data": [*_daily(3, date(2024, 3, 3)), bad]})
+    assert [r.row for r in refused] == [bad]
+    assert await sink.write({"account_daily_data": _daily(5, date(2024, 3, 4))}) == []
+    assert sink.query("SELECT count() FROM account_daily").result_rows == [(18,)]
