@@ -266,11 +266,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
 
     retry_at = [0.0]  # no flush before this (monotonic): the sink asked to wait
 
-    async def flush(reason: str) -> None:
+    async def flush(reason: str, write: bool = True) -> None:
         """One flush; what failed says which outage the health check is waiting on."""
         liveness.waiting(len(checkpoint.pending.events), time.monotonic(), "flush")
         try:
-            await checkpoint.flush()
+            await checkpoint.flush(write)
         except Exception as exc:
             # An outage is waited out; anything else (a bug) lets the stall clock run, so
             # /healthz fails and the worker is restarted.
@@ -283,8 +283,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             raise
         now = time.monotonic()
         liveness.outage("kafka", False, now)
-        liveness.outage("clickhouse", False, now)
-        liveness.waiting(0, now, "flush")
+        if write:  # a flush that only published alerts did not write ClickHouse
+            liveness.outage("clickhouse", False, now)
+            liveness.waiting(0, now, "flush")
         liveness.progress(now)
 
     async def flush_until_done(reason: str) -> None:
@@ -360,17 +361,19 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
 
     flushes: set[asyncio.Future[Any]] = set()
 
-    async def flush_quietly(reason: str) -> None:
+    async def flush_quietly(reason: str, write: bool = True) -> None:
         with contextlib.suppress(Exception):  # logged; the packs stay unacked
-            await flush(reason)
+            await flush(reason, write)
 
     def flush_if_due() -> None:
         # Not awaited: the next flush may store states and publish alerts while this one
         # writes ClickHouse (never more than that one: it holds ``flushing`` until then).
-        if (runtime.stream is not None and not runtime.closing
-                and time.monotonic() >= retry_at[0] and not checkpoint.flushing.locked()
-                and checkpoint.due(s.sink.batch_max_rows, s.sink.flush_interval_s)):
-            task = asyncio.ensure_future(flush_quietly("interval"))
+        if (runtime.stream is None or runtime.closing or time.monotonic() < retry_at[0]
+                or checkpoint.flushing.locked()):
+            return
+        why = checkpoint.due_for(s.sink.batch_max_rows, s.sink.flush_interval_s)
+        if why is not None:
+            task = asyncio.ensure_future(flush_quietly(why, write=why == "rows"))
             flushes.add(task)
             task.add_done_callback(flushes.discard)
 

@@ -105,6 +105,7 @@ class Taken:
     row_keys: list[bytes] = field(default_factory=list)  # their outbox records
     retry_alerts: list[PendingAlert] = field(default_factory=list)  # in the outbox already
     alert_keys: list[bytes] = field(default_factory=list)  # their outbox records
+    since: float = 0.0  # when the oldest of it began waiting (monotonic)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class Pending:
     def take(self) -> Taken:
         taken = Taken(dict(self.rows), self.touched, self.events, self.alerts, self.letters,
                       dict(self.forwards), self.forgotten, dict(self.retry), self.row_keys,
-                      self.retry_alerts, self.alert_keys)
+                      self.retry_alerts, self.alert_keys, self.since)
         self.rows, self.touched, self.events, self.alerts = defaultdict(list), {}, [], []
         self.letters, self.forwards, self.count = [], defaultdict(list), 0
         self.forgotten = []
@@ -183,8 +184,9 @@ class Pending:
         self.retry_alerts += alerts
         self.alert_keys += alert_keys
 
-    def restore(self, taken: Taken) -> None:
-        """Put back what a failed flush did not make durable, before what came since.
+    def restore(self, taken: Taken, keep_since: bool = False) -> None:
+        """Put back what a failed flush did not make durable, before what came since
+        (``keep_since``: what a flush left for a later one, which waits no longer for it).
 
         An account forgotten by a fold during that flush loses what the flush had taken of
         it too: its deletion is the next flush's first step, and nothing of before may be
@@ -214,7 +216,10 @@ class Pending:
             self.forwards[partition][:0] = items
         self.forgotten[:0] = taken.forgotten
         now = time.monotonic()
-        self.since = min(self.since, now) if self.events else now
+        if keep_since:
+            self.since = min(self.since, taken.since) if self.has_work() else taken.since
+        else:
+            self.since = min(self.since, now) if self.events else now
 
 
 class Checkpoint:
@@ -358,20 +363,36 @@ class Checkpoint:
         self.pending.recover(found.rows, found.row_keys, alerts, found.alert_keys)
 
     def due(self, max_rows: int, max_wait_s: float) -> bool:
+        return self.due_for(max_rows, max_wait_s) is not None
+
+    def due_for(self, max_rows: int, max_wait_s: float) -> str | None:
+        """Why a flush is due: "rows" (the batch is full or has waited the interval),
+        "alerts" (only alerts wait: ``flush(write=False)`` publishes them without writing
+        ClickHouse), or None (not due)."""
         p = self.pending
+        if not p.has_work():
+            return None
         now = time.monotonic()
-        return p.has_work() and (
-            p.count >= max_rows or now - p.since >= max_wait_s
-            or (bool(p.alerts or p.retry_alerts) and now - self.started >= ALERT_FLUSH_S))
+        if p.count >= max_rows or now - p.since >= max_wait_s:
+            return "rows"
+        if (p.alerts or p.retry_alerts) and now - self.started >= ALERT_FLUSH_S:
+            return "alerts"
+        return None
 
     # -- flushing ----------------------------------------------------------------------
 
     async def _step(self, call: Awaitable[Any]) -> Any:
         return await asyncio.wait_for(call, self.step_timeout_s)
 
-    async def flush(self) -> int:
+    async def flush(self, write: bool = True) -> int:
         """Make everything waiting durable, in order; returns the packs acked. Raises when
-        a step failed (what was not done waits for the next flush)."""
+        a step failed (what was not done waits for the next flush).
+
+        ``write=False`` (alerts waiting, the rows not due yet) stops after step 3: the
+        states are stored and the alerts published, and the rows and the packs to ack wait
+        for the next flush, as after a failed ClickHouse write. Alerts then leave as soon
+        as they are decided, while ClickHouse gets one insert per table and flush interval
+        (each insert a part to merge) and not one per alert."""
         async with self.flushing:
             p = self.pending
             if not p.has_work() or p.forgotten:
@@ -387,12 +408,14 @@ class Checkpoint:
             # states they left. Folds go on while this flush writes; what they change is
             # the next flush's.
             taken = p.take()
+            write = write or bool(taken.forgotten)  # a forget waits for its deletions' audit
             self.running[epoch] += 1
             store = self.store
             try:
+                # Daily rows are built from the states by the flush that writes them.
                 taken.rows[DAILY] = [row for account, days in taken.touched.items()
                                      if (state := store.get(account)) is not None
-                                     for row in daily_rows(state, days)]
+                                     for row in daily_rows(state, days)] if write else []
                 values = store.take_dirty()
                 try:
                     flush_id = self.keys.flush()
@@ -403,6 +426,11 @@ class Checkpoint:
                     store.unstored(values)
                     raise
                 await self._store(taken, values, rows_box, alerts_box, epoch)
+                if not write:
+                    self._done(epoch)
+                    if epoch == self.epoch:  # else the packs go to be redelivered
+                        self.pending.restore(taken, keep_since=True)
+                    return 0
                 # The next flush may store and publish while this one writes ClickHouse.
                 await self.writing.acquire()
             except BaseException:

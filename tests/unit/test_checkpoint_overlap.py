@@ -350,3 +350,22 @@ def test_packs_fetched_before_a_revoke_are_not_folded_after_it() -> None:
                   POLICY, PartitionClock())
     state = store.get("acme")
     assert state is not None and state.seq == 1  # events 4 and 5 taken for duplicates
+
+
+def test_an_alert_only_flush_goes_out_while_the_flush_before_writes_clickhouse() -> None:
+    async def run() -> None:
+        store, out, acked, checkpoint = held_checkpoint("rows")
+        fold(store, checkpoint, 1, 2, "pack-1")
+        writing = asyncio.ensure_future(checkpoint.flush())
+        await out.entered.wait()  # pack-1's rows are being written
+        fold(store, checkpoint, 2, 0.01, "pack-2")
+        # Not held by the write: an alert-only flush stores and returns at once.
+        assert await asyncio.wait_for(checkpoint.flush(write=False), 1.0) == 0
+        assert out.states[b"acme"] is not None and seq_of(out.states[b"acme"]) == 2
+        out.release.set()
+        # pack-1 is not acked ahead of pack-2, which waits for its rows: both go together.
+        assert await writing == 0 and acked == []
+        assert await checkpoint.flush() == 2 and sorted(acked) == ["pack-1", "pack-2"]
+        assert not checkpoint.pending.has_work()
+
+    asyncio.run(run())

@@ -590,3 +590,49 @@ def test_an_outbox_record_that_cannot_be_read_is_reported_not_raised() -> None:
     assert set(found.unreadable) == set(bad)
     assert len(found.rows[ALERTS]) == 1 and len(found.alerts) == 1  # the rest is read
     assert not set(bad) & {*found.row_keys, *found.alert_keys}  # never deleted unread
+
+
+def test_an_alert_only_flush_publishes_and_leaves_rows_and_acks_to_the_next() -> None:
+    # Alerts waiting before the rows are due: the alert and the states go out, ClickHouse
+    # waits for the interval (one insert per table, not one per alert).
+    out = Topic()
+    store, checkpoint, acked = worker(out)
+    fold(store, checkpoint, "pack-1", history())
+    assert checkpoint.due_for(50_000, 60.0) == "alerts"
+    since = checkpoint.pending.since
+    assert asyncio.run(checkpoint.flush(write=False)) == 0
+    assert len(out.published) == 1 and acked == [] and out.rows == []
+    assert out.states.get(b"acme") is not None  # the state is stored with the alert
+    # Its outbox records stay until the rows are written.
+    assert [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
+    assert checkpoint.pending.since == since  # the rows do not wait longer for it
+    assert checkpoint.due_for(50_000, 60.0) is None  # nothing but rows waits now
+    assert checkpoint.due_for(50_000, 0.0) == "rows"
+    fold(store, checkpoint, "pack-2", [["usage/0", 99, usage(99, 0.001, "globex")]])
+    assert asyncio.run(checkpoint.flush()) == 2 and acked == ["pack-1", "pack-2"]
+    assert len(out.published) == 1
+    assert len(out.written(ALERTS)) == 1
+    assert sorted(r[1] for r in out.written(BILLING)) == ["b1", "b2"]
+    assert sorted(r[0] for r in out.written(SCORES)) == ["acme", "globex"]
+    # Every day the two packs touched, acme's from the states the first flush stored.
+    assert {r[0] for r in out.written("account_daily_data")} == {"acme", "globex"}
+    assert len(out.written("account_daily_data")) == 23  # acme: 22 days, globex: 1
+    assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
+
+
+def test_a_crash_after_an_alert_only_flush_repeats_no_alert_and_loses_no_row() -> None:
+    out = Topic()
+    store, checkpoint, _ = worker(out)
+    fold(store, checkpoint, "pack-1", history())
+    asyncio.run(checkpoint.flush(write=False))
+    # The worker dies before the rows' flush; the successor reads back the states and the
+    # outbox, and the pack (never acked) comes again as duplicates.
+    store, checkpoint, acked = successor(out)
+    again = fold(store, checkpoint, "pack-1", history())
+    assert again.applied == 0 and not again.alerts
+    assert asyncio.run(checkpoint.flush()) == 1 and acked == ["pack-1"]
+    assert len(out.published) == 1
+    assert len(out.written(ALERTS)) == 1
+    assert sorted(r[1] for r in out.written(BILLING)) == ["b1", "b2"]
+    assert [r[0] for r in out.written(SCORES)] == ["acme"]
+    assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
