@@ -54,3 +54,26 @@ def test_a_written_out_init_gives_the_fields_defaults(cls: type) -> None:
             assert getattr(first, f.name) is not getattr(second, f.name), f.name  # not shared
         else:
             assert getattr(first, f.name) == f.default, f.name
+
+
+def _containers(value: Any) -> list[Any]:
+    """The mutable containers in a field's value, nested ones too."""
+    if isinstance(value, dict):
+        return [value, *(c for v in value.values() for c in _containers(v))]
+    if isinstance(value, list):
+        return [value, *(c for v in value for c in _containers(v))]
+    return []
+
+
+def test_the_written_out_field_reads_and_clone_cover_every_field() -> None:
+    state = _examples()[0]
+    state.mrr_peak, state.hw, state.types = [[1.0, 900.0]], {"u/0": 19}, ["trial_started"]
+    state.attribute_times, state.reopened, state.slow_resolutions = {"a": 1.0}, [2.0], [3.0]
+    names = [f.name for f in dataclasses.fields(AccountState)]
+    assert list(state.fields_dict()) == names  # in field order: the stored JSON keeps it
+    assert state.fields_dict() == {name: getattr(state, name) for name in names}
+    copy = state.clone()
+    assert copy.fields_dict() == state.fields_dict()
+    shared = {id(c) for c in _containers(list(state.fields_dict().values()))[1:]}
+    assert not shared & {id(c) for c in _containers(list(copy.fields_dict().values()))[1:]}
+    assert copy.to_bytes() == state.to_bytes()
