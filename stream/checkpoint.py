@@ -17,7 +17,9 @@ Folded packs leave rows, alerts, dead letters and identity forwards waiting here
 4b. audits and confirms the forget requests carried out (the command waits for that);
 5. acks the packs, so Faust commits their offsets.
 
-Alerts do not wait for ClickHouse (and go out while it is down). A crash before 2
+Alerts do not wait for ClickHouse (and go out while it is down). A flush brought forward only
+by alerts (``flush(write=False)``) stops after 3: its rows and packs wait for the next
+interval flush, so ClickHouse gets one insert per table and interval. A crash before 2
 redelivers the packs, which fold again on the stored states: the same rows and the same
 alerts (deterministic ``alert_id``). After 2, the packs' events are duplicates: their days'
 rows and score snapshot are re-derived from the stored states, and the next owner of the
