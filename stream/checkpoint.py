@@ -58,6 +58,7 @@ import orjson
 from churnsignal.stream import outbox, packs
 from churnsignal.stream.deadletter import DeadLetter, source_of
 from churnsignal.stream.fold import (
+    ALERTS,
     DAILY,
     Forgotten,
     PendingAlert,
@@ -253,6 +254,8 @@ class Checkpoint:
         self.running: Counter[int] = Counter()
         # Alerts published whose outbox records are not deleted yet (``recover``).
         self.published: set[str] = set()
+        # What the flushes in progress took (their rows not in ClickHouse yet).
+        self.in_flight: list[Taken] = []
 
     @contextlib.asynccontextmanager
     async def folding(self, epoch: int) -> AsyncIterator[bool]:
@@ -381,6 +384,17 @@ class Checkpoint:
             return "alerts"
         return None
 
+    def latest_alert(self, account: str) -> str | None:
+        """The id of the newest alert of ``account`` decided here whose row is not in
+        ClickHouse yet (an alert leaves before its row is written: an ack right after it
+        must still find it), or None."""
+        at = ALERT_COLUMNS.index("emitted_at")
+        rows = [row for held in (self.pending.rows, self.pending.retry,
+                                 *(t.rows for t in self.in_flight),
+                                 *(t.retry for t in self.in_flight))
+                for row in held.get(ALERTS, ()) if row[1] == account]
+        return str(max(rows, key=lambda row: row[at])[0]) if rows else None
+
     # -- flushing ----------------------------------------------------------------------
 
     async def _step(self, call: Awaitable[Any]) -> Any:
@@ -412,6 +426,7 @@ class Checkpoint:
             taken = p.take()
             write = write or bool(taken.forgotten)  # a forget waits for its deletions' audit
             self.running[epoch] += 1
+            self.in_flight.append(taken)
             store = self.store
             try:
                 # Daily rows are built from the states by the flush that writes them.
@@ -429,14 +444,14 @@ class Checkpoint:
                     raise
                 await self._store(taken, values, rows_box, alerts_box, epoch)
                 if not write:
-                    self._done(epoch)
+                    self._done(epoch, taken)
                     if epoch == self.epoch:  # else the packs go to be redelivered
                         self.pending.restore(taken, keep_since=True)
                     return 0
                 # The next flush may store and publish while this one writes ClickHouse.
                 await self.writing.acquire()
             except BaseException:
-                self._done(epoch)
+                self._done(epoch, taken)
                 self._failed(epoch, taken)
                 raise
         try:
@@ -450,12 +465,13 @@ class Checkpoint:
             self._failed(epoch, taken)
             raise
         finally:
-            self._done(epoch)
+            self._done(epoch, taken)
             self.writing.release()
         self.flushes += 1
         return len(taken.events)
 
-    def _done(self, epoch: int) -> None:
+    def _done(self, epoch: int, taken: Taken) -> None:
+        self.in_flight = [t for t in self.in_flight if t is not taken]
         self.running[epoch] -= 1
         if not self.running[epoch]:
             del self.running[epoch]

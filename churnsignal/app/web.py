@@ -242,6 +242,9 @@ def register_views(rt: Runtime) -> None:
         body = request_body(account_id, action, now, until=until,
                             alert_id=params.get("alert_id"), by=params.get("by"),
                             note=params.get("note"))
+        if not body["alert_id"] and rt.checkpoint is not None:
+            # decided here and published, its row not written yet (flushed with the interval)
+            body["alert_id"] = rt.checkpoint.latest_alert(account_id) or ""
         if not body["alert_id"]:  # the account's latest alert, when ClickHouse has it
             try:
                 found = await rt.sink.aquery(

@@ -600,8 +600,13 @@ def test_an_alert_only_flush_publishes_and_leaves_rows_and_acks_to_the_next() ->
     fold(store, checkpoint, "pack-1", history())
     assert checkpoint.due_for(50_000, 60.0) == "alerts"
     since = checkpoint.pending.since
+    decided = checkpoint.latest_alert("acme")  # decided, waiting for the flush
+    assert decided is not None
     assert asyncio.run(checkpoint.flush(write=False)) == 0
     assert len(out.published) == 1 and acked == [] and out.rows == []
+    # Published, its row not written: an ack right now still names it.
+    assert checkpoint.latest_alert("acme") == out.published[0] == decided
+    assert checkpoint.latest_alert("globex") is None
     assert out.states.get(b"acme") is not None  # the state is stored with the alert
     # Its outbox records stay until the rows are written.
     assert [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
@@ -610,6 +615,7 @@ def test_an_alert_only_flush_publishes_and_leaves_rows_and_acks_to_the_next() ->
     assert checkpoint.due_for(50_000, 0.0) == "rows"
     fold(store, checkpoint, "pack-2", [["usage/0", 99, usage(99, 0.001, "globex")]])
     assert asyncio.run(checkpoint.flush()) == 2 and acked == ["pack-1", "pack-2"]
+    assert checkpoint.latest_alert("acme") is None  # in ClickHouse now
     assert len(out.published) == 1
     assert len(out.written(ALERTS)) == 1
     assert sorted(r[1] for r in out.written(BILLING)) == ["b1", "b2"]
