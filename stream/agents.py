@@ -368,10 +368,12 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     def flush_if_due() -> None:
         # Not awaited: the next flush may store states and publish alerts while this one
         # writes ClickHouse (never more than that one: it holds ``flushing`` until then).
-        if (runtime.stream is None or runtime.closing or time.monotonic() < retry_at[0]
-                or checkpoint.flushing.locked()):
+        if runtime.stream is None or runtime.closing or checkpoint.flushing.locked():
             return
-        why = checkpoint.due_for(s.sink.batch_max_rows, s.sink.flush_interval_s)
+        # While ClickHouse is backed off from, alerts still go out as they are decided
+        # (stored with their rows' outbox records, as by any alert-only flush).
+        why = checkpoint.due_for(s.sink.batch_max_rows, s.sink.flush_interval_s,
+                                 writable=time.monotonic() >= retry_at[0])
         if why is not None:
             task = asyncio.ensure_future(flush_quietly(why, write=why == "rows"))
             flushes.add(task)

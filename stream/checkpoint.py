@@ -370,15 +370,16 @@ class Checkpoint:
     def due(self, max_rows: int, max_wait_s: float) -> bool:
         return self.due_for(max_rows, max_wait_s) is not None
 
-    def due_for(self, max_rows: int, max_wait_s: float) -> str | None:
+    def due_for(self, max_rows: int, max_wait_s: float, writable: bool = True) -> str | None:
         """Why a flush is due: "rows" (the batch is full or has waited the interval),
         "alerts" (only alerts wait: ``flush(write=False)`` publishes them without writing
-        ClickHouse), or None (not due)."""
+        ClickHouse), or None (not due). ``writable=False`` (ClickHouse asked to wait): only
+        alerts are due, so they do not wait out its back-off."""
         p = self.pending
         if not p.has_work():
             return None
         now = time.monotonic()
-        if p.count >= max_rows or now - p.since >= max_wait_s:
+        if writable and (p.count >= max_rows or now - p.since >= max_wait_s):
             return "rows"
         if (p.alerts or p.retry_alerts) and now - self.started >= ALERT_FLUSH_S:
             return "alerts"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import urllib.error
 import urllib.request
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from tests.integration.helpers import Worker, clickhouse_query, consume_all, figures, metric, new_env, produce
 from tests.scenarios import Scenario
@@ -106,3 +108,75 @@ def test_clickhouse_outage_and_a_crash_during_it_lose_and_double_nothing(
     assert (int(events), int(accounts)) == (total, 40)
     assert int(billing_rows) == billing
     assert len(alert_ids) == len(published) == int(alert_rows) == 4
+
+
+async def _time_to_alert(broker: str, topic: str, send: list[tuple[str, bytes | None, bytes]],
+                         account: str, timeout: float) -> float:
+    """Seconds from producing ``send`` to an alert of ``account`` on ``topic``."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=broker, group_id=None,
+                                auto_offset_reset="latest", fetch_max_wait_ms=100)
+    await consumer.start()
+    try:
+        await consumer.seek_to_end()
+        started = time.monotonic()
+        await produce(broker, send)
+        while time.monotonic() - started < timeout:
+            batch = await consumer.getmany(timeout_ms=100)
+            for records in batch.values():
+                if any(orjson.loads(r.value)["account_id"] == account for r in records):
+                    return time.monotonic() - started
+        return math.inf
+    finally:
+        await consumer.stop()
+
+
+def test_alerts_do_not_wait_out_the_clickhouse_back_off(broker: str, tmp_path: Path) -> None:
+    # ClickHouse refuses every insert; the sink's back-off doubles up to RETRY_MAX_S. An
+    # alert decided meanwhile goes out at once (with its rows' outbox records stored), not
+    # at the next write attempt; once ClickHouse is back, its row and everything else land.
+    env = new_env(broker, tmp_path)
+    down = tmp_path / "clickhouse-down"
+    down.touch()
+    s = Scenario(time.time())
+    _history(s, range(1, 4))  # no cancellations: no alert yet
+    history = list(s.messages)
+    s.messages.clear()
+    s.subscription("acct-new", 0.001, cancel=True, kind="customer.subscription.updated")
+    worker = Worker(env, module="tests.integration.faulty_worker",
+                    extra={"CHURNSIGNAL_TEST_CLICKHOUSE_DOWN": str(down),
+                           "CHURNSIGNAL_SINK__RETRY_MAX_S": "300",
+                           "CHURNSIGNAL_SINK__WRITE_TIMEOUT_S": "1"})
+    try:
+        worker.wait_ready()
+        asyncio.run(produce(broker, [(env.topics[k], key, v) for k, key, v in history]))
+        # After the 7th failed attempt the next one is 6.4-12.8 s away (jittered doubling
+        # from 0.2 s).
+        deadline = time.monotonic() + 90
+        while metric(worker.metrics(), "churnsignal_clickhouse_errors_total") < 7:
+            assert time.monotonic() < deadline, "writes never failed"
+            time.sleep(0.2)
+        errors = metric(worker.metrics(), "churnsignal_clickhouse_errors_total")
+        waited = asyncio.run(_time_to_alert(
+            broker, env.topics["alerts"], [(env.topics[k], key, v) for k, key, v in s.messages],
+            "acct-new", timeout=30))
+        figures(f"ClickHouse back-off: an alert {waited:.2f}s after its event, "
+                f"{errors:.0f} failed writes before it")
+        assert waited < 4.0
+        assert metric(worker.metrics(), "churnsignal_clickhouse_errors_total") == errors, \
+            "no write was attempted meanwhile: the sink was still backing off"
+        assert metric(worker.metrics(), "churnsignal_clickhouse_rows_total") == 0
+        down.unlink()
+        total = len(history) + len(s.messages)
+        worker.wait_applied(total)
+        deadline = time.monotonic() + 60
+        while worker.summary()["events_in_clickhouse"] < total:
+            assert time.monotonic() < deadline, "the rows never followed"
+            time.sleep(0.5)
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
+    dsn = env.settings().effective_clickhouse_dsn()
+    [[alert_rows]] = clickhouse_query(dsn, "SELECT count() FROM alerts")
+    [[events]] = clickhouse_query(dsn, "SELECT sum(events) FROM account_daily")
+    published = asyncio.run(consume_all(broker, env.topics["alerts"], 1))
+    assert int(alert_rows) == len(published) == 1
+    assert int(events) == total

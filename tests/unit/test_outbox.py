@@ -626,6 +626,30 @@ def test_an_alert_only_flush_publishes_and_leaves_rows_and_acks_to_the_next() ->
     assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
 
 
+def test_while_clickhouse_is_backed_off_from_only_alerts_are_due() -> None:
+    # The agent passes writable=False until the sink's back-off is over: rows wait for it,
+    # alerts decided meanwhile do not (they and their rows' outbox records are stored).
+    out = Topic()
+    store, checkpoint, acked = worker(out)
+    fold(store, checkpoint, "pack-1", [["usage/0", 5, usage(5, 1, "globex")]])
+    out.fail = "rows"
+    with pytest.raises(ConnectionError):
+        asyncio.run(checkpoint.flush())
+    assert checkpoint.due_for(50_000, 0.0) == "rows"
+    assert checkpoint.due_for(1, 60.0, writable=False) is None  # only rows wait
+    fold(store, checkpoint, "pack-2", history())
+    checkpoint.started -= 1.0  # the failed flush began a second ago
+    assert checkpoint.due_for(50_000, 0.0, writable=False) == "alerts"
+    assert asyncio.run(checkpoint.flush(write=False)) == 0
+    assert len(out.published) == 1 and acked == [] and out.rows == []
+    assert [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
+    out.fail = None  # ClickHouse is back: the next flush writes everything and acks in order
+    assert checkpoint.due_for(50_000, 0.0) == "rows"
+    assert asyncio.run(checkpoint.flush()) == 2 and acked == ["pack-1", "pack-2"]
+    assert len(out.written(ALERTS)) == 1 and len(out.published) == 1
+    assert not [k for k in out.compacted() if k.startswith(outbox.PREFIX)]
+
+
 def test_a_crash_after_an_alert_only_flush_repeats_no_alert_and_loses_no_row() -> None:
     out = Topic()
     store, checkpoint, _ = worker(out)
