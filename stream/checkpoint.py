@@ -208,7 +208,14 @@ class Pending:
                     self.count += len(data)
         self.row_keys[:0] = taken.row_keys
         self.alert_keys[:0] = taken.alert_keys
-        self._touch({a: days for a, days in taken.touched.items() if a not in gone})
+        touched = taken.touched if not gone else {
+            a: days for a, days in taken.touched.items() if a not in gone}
+        if len(touched) > len(self.touched):
+            # Merged the other way round: an alert-only flush puts back every account the
+            # interval touched, and only a few were touched since.
+            self.touched, touched = touched, self.touched
+            self.count += sum(map(len, self.touched.values())) - sum(map(len, touched.values()))
+        self._touch(touched)
         self.events[:0] = taken.events
         self.restored = self.restored or bool(taken.events)
         self.alerts[:0] = [a for a in taken.alerts if a.alert.account_id not in gone]
@@ -220,7 +227,7 @@ class Pending:
         self.forgotten[:0] = taken.forgotten
         now = time.monotonic()
         if keep_since:
-            self.since = min(self.since, taken.since) if self.has_work() else taken.since
+            self.since = min(self.since, taken.since)
         else:
             self.since = min(self.since, now) if self.events else now
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from churnsignal.stream import packs
-from churnsignal.stream.checkpoint import ALERT_FLUSH_S, Checkpoint
+from churnsignal.stream.checkpoint import ALERT_FLUSH_S, Checkpoint, Pending
 from churnsignal.stream.clock import PartitionClock
 from churnsignal.stream.fold import fold_step
 from churnsignal.stream.state import AccountState
@@ -369,3 +369,20 @@ def test_an_alert_only_flush_goes_out_while_the_flush_before_writes_clickhouse()
         assert not checkpoint.pending.has_work()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("since_flush", [{"b": {3}}, {f"n{i}": {i} for i in range(5)}])
+def test_putting_back_what_a_flush_left_merges_the_touched_days_either_way(
+        since_flush: dict[str, set[int]]) -> None:
+    # An alert-only flush puts back every day the interval touched; folds meanwhile added
+    # a few (or, after a long flush, more): the union and the count are the same either way.
+    pending = Pending()
+    pending._touch({"a": {1, 2}, "b": {1}, "c": {7}})
+    taken = pending.take()
+    pending._touch({k: set(v) for k, v in since_flush.items()})
+    pending.restore(taken, keep_since=True)
+    expected = {"a": {1, 2}, "b": {1}, "c": {7}}
+    for account, days in since_flush.items():
+        expected[account] = expected.get(account, set()) | days
+    assert pending.touched == expected
+    assert pending.count == sum(len(days) for days in expected.values())
