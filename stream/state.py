@@ -97,7 +97,9 @@ class AccountState:
     nps_at: float | None = None
     # dedup
     hw: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> last offset applied
-    ids: list[int] = field(default_factory=list)  # ring of recent event-id hashes
+    # Ring of recent event-id hashes, as machine words: a list would hold a separate int
+    # object per id (48 bits, above the small ints), each a cache miss to scan or serialise.
+    ids: array[int] = field(default_factory=lambda: array("Q"))
     # scoring and alerting
     score: float = 0.0
     band: str = "low"
@@ -152,7 +154,7 @@ class AccountState:
             nps: int | None = None,
             nps_at: float | None = None,
             hw: dict[str, int] | None = None,
-            ids: list[int] | None = None,
+            ids: array[int] | list[int] | None = None,
             score: float = 0.0,
             band: str = "low",
             alert_band: str = "low",
@@ -197,7 +199,8 @@ class AccountState:
         self.nps = nps
         self.nps_at = nps_at
         self.hw = {} if hw is None else hw
-        self.ids = [] if ids is None else ids
+        # A list from older JSON formats (or a caller) becomes the ring's array.
+        self.ids = ids if isinstance(ids, array) else array("Q", () if ids is None else ids)
         self.score = score
         self.band = band
         self.alert_band = alert_band
@@ -366,18 +369,18 @@ class AccountState:
         return cls(**data)
 
 
-def _pack_ids(ids: list[int]) -> str:
-    words = array("Q", ids)
+def _pack_ids(ids: array[int]) -> str:
     if sys.byteorder == "big":
-        words.byteswap()
-    return base64.b64encode(words.tobytes()).decode()
+        ids = ids[:]
+        ids.byteswap()
+    return base64.b64encode(ids.tobytes()).decode()
 
 
-def _unpack_ids(text: str) -> list[int]:
+def _unpack_ids(text: str) -> array[int]:
     words = array("Q", base64.b64decode(text))
     if sys.byteorder == "big":
         words.byteswap()
-    return words.tolist()
+    return words
 
 
 _users_of = itemgetter(USERS)

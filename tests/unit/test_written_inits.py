@@ -4,6 +4,7 @@ every field, by position in field order and by name, with the fields' defaults."
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,6 +63,8 @@ def _containers(value: Any) -> list[Any]:
         return [value, *(c for v in value.values() for c in _containers(v))]
     if isinstance(value, list):
         return [value, *(c for v in value for c in _containers(v))]
+    if isinstance(value, array):
+        return [value]
     return []
 
 
