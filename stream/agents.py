@@ -24,17 +24,17 @@ from faust.types import TP
 from tenacity import AsyncRetrying, RetryCallState, wait_exponential_jitter
 
 from churnsignal.app.health import Liveness
+from churnsignal.app.ingest_process import IngestProcess
 from churnsignal.app.kafka_client import faust_credentials
 from churnsignal.app.metrics import Metrics
 from churnsignal.app.settings import Settings
 from churnsignal.errors import SinkUnavailable
-from churnsignal.schemas.decode import DecodeOptions
 from churnsignal.sinks.clickhouse import ClickHouseSink
 from churnsignal.stream import outbox, packs, patches
 from churnsignal.stream.checkpoint import ALERT_FLUSH_S, Checkpoint
 from churnsignal.stream.clock import PartitionClock
 from churnsignal.stream.fold import IdentityLimits, StepResult, fold_step, steps, tick_steps
-from churnsignal.stream.ingest import Ingestor
+from churnsignal.stream.ingest import Ingestor, options_for
 from churnsignal.stream.outputs import WorkerOutputs
 from churnsignal.stream.policy import Policy, load_policy
 from churnsignal.stream.statelog import read_partitions
@@ -59,7 +59,7 @@ class Runtime:
     policy: Policy
     metrics: Metrics
     sink: ClickHouseSink
-    ingestor: Ingestor
+    ingestor: Ingestor | IngestProcess
     store: StateStore
     checkpoint: Checkpoint | None = None
     liveness: Liveness = field(default_factory=lambda: Liveness(time.monotonic()))
@@ -75,7 +75,8 @@ class Runtime:
 class IngestService(mode.Service):
     """Runs the batched consumer inside the Faust worker's lifecycle."""
 
-    def __init__(self, ingestor: Ingestor, on_drained: Any = None, **kwargs: Any) -> None:
+    def __init__(self, ingestor: Ingestor | IngestProcess, on_drained: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ingestor = ingestor
         self.on_drained = on_drained
@@ -142,14 +143,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     sink = ClickHouseSink(s.effective_clickhouse_dsn(), retry_max_s=s.sink.retry_max_s,
                           write_timeout_s=s.sink.write_timeout_s, metrics=metrics,
                           ttl_days=s.sink.ttl_days, views=s.views)
-    options = DecodeOptions(
-        max_bytes=s.ingest.max_message_bytes,
-        max_future_s=s.ingest.max_future_skew_s,
-        max_age_s=policy.windows.horizon_days * 86_400.0,
-        activation_events=policy.onboarding.activation_events,
-        trait_keys=policy.accounts.trait_keys,
-    )
-    ingestor = Ingestor(s, metrics, options)
+    ingestor: Ingestor | IngestProcess = (
+        IngestProcess(s, metrics) if s.ingest.separate_process
+        else Ingestor(s, metrics, options_for(s, policy)))
     # Alert delivery reads the alerts topic in its own consumer groups (churnsignal.notify);
     # nothing is handed over in memory, so the outputs get no notifier.
     from churnsignal.notify.service import worker_notifier

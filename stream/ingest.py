@@ -56,8 +56,22 @@ from churnsignal.schemas.results import Accepted, Decoded, Rejected, Skipped
 from churnsignal.stream import deadletter, packs
 from churnsignal.stream.deadletter import DeadLetter
 from churnsignal.stream.identity import link_item
+from churnsignal.stream.policy import Policy
 
 log = logging.getLogger(__name__)
+
+
+
+def options_for(settings: Settings, policy: Policy) -> DecodeOptions:
+    """What decoding takes from the settings and the policy (the worker's and its ingest
+    process's alike)."""
+    return DecodeOptions(
+        max_bytes=settings.ingest.max_message_bytes,
+        max_future_s=settings.ingest.max_future_skew_s,
+        max_age_s=policy.windows.horizon_days * 86_400.0,
+        activation_events=policy.onboarding.activation_events,
+        trait_keys=policy.accounts.trait_keys,
+    )
 
 T = TypeVar("T")
 

@@ -97,6 +97,10 @@ class IngestSettings(BaseModel):
         0.5, gt=0, le=60, description="Longest wait to fill a batch (bounds alert latency)."
     )
     max_message_bytes: int = Field(256_000, gt=0, description="Larger messages are dead-lettered.")
+    separate_process: bool = Field(
+        False, description="Run the ingest (decode, validate, dead-letter, repartition) in a "
+        "child process of the worker, so that a worker uses a second core: its metrics, "
+        "health and backlog still show on the worker's endpoints.")
     max_future_skew_s: float = Field(
         86_400.0, ge=0, description="Events further in the future than this are dead-lettered."
     )
