@@ -62,11 +62,14 @@ ONCE_PEERS = ("faust-agent", "faust")
 DENSE_PEERS = ("ceiling", "quix")  # the Faust peers would take most of the bench on it
 MODEL_TYPES = 8  # calibrate's default number of tracked event types
 MODEL = "churnsignal-model"
+SEPARATE = "churnsignal-ingest-process"  # ingest.separate_process: the ingest in a child
+SEPARATE_ENV = {"CHURNSIGNAL_INGEST__SEPARATE_PROCESS": "true"}
 SCALE_WORKERS = 2
 LATENCY_S = 30.0  # the latency phase: an alert every 0.2 s
 LABELS = {"ceiling": "ceiling: aiokafka + orjson", "faust-agent": "plain Faust agent (no table)",
           "faust": "Faust windowed table count", "quix": "Quix Streams windowed count",
-          "churnsignal": "churnsignal end to end", MODEL: "churnsignal end to end, model policy"}
+          "churnsignal": "churnsignal end to end", MODEL: "churnsignal end to end, model policy",
+          SEPARATE: "churnsignal end to end, ingest in its own process"}
 
 
 def model_policy(names: list[str]) -> Policy:
@@ -204,7 +207,8 @@ class BenchWorker:
         return self.cpu_end - self.cpu_start
 
 
-def _worker_env(data: Dataset, app_id: str, policy_file: Path | None) -> dict[str, str]:
+def _worker_env(data: Dataset, app_id: str, policy_file: Path | None,
+                extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {"CHURNSIGNAL_APP_ID": app_id, "CHURNSIGNAL_LOG_LEVEL": "warning",
            "CHURNSIGNAL_TOPICS__USAGE": data.topics["usage"],
            "CHURNSIGNAL_TOPICS__BILLING": data.topics["billing"],
@@ -214,7 +218,7 @@ def _worker_env(data: Dataset, app_id: str, policy_file: Path | None) -> dict[st
            "CHURNSIGNAL_RESCORE_INTERVAL_S": "600"}
     if policy_file is not None:
         env["CHURNSIGNAL_POLICY_FILE"] = str(policy_file)
-    return env
+    return {**env, **(extra or {})}
 
 
 def _start_workers(settings: Settings, bootstrap: str, env: dict[str, str], n: int,
@@ -279,12 +283,13 @@ def _measure(workers: list[BenchWorker], expected: int, deadline: float, timeout
 
 
 def run_churnsignal(settings: Settings, bootstrap: str, data: Dataset, timeout: float,
-                    keep: bool = False, policy_file: Path | None = None
+                    keep: bool = False, policy_file: Path | None = None,
+                    extra_env: dict[str, str] | None = None
                     ) -> tuple[float, dict[str, Any], subprocess.Popen[bytes] | None]:
     """Worker process on the data set; returns (events/s, facts, running worker if keep)."""
     deadline = time.monotonic() + timeout
     app_id = f"bench-{uuid.uuid4().hex[:8]}"
-    env = _worker_env(data, app_id, policy_file)
+    env = _worker_env(data, app_id, policy_file, extra_env)
     [worker] = _start_workers(settings, bootstrap, env, 1, deadline)
     try:
         first, last = _measure([worker], data.events, deadline, timeout)
@@ -429,7 +434,7 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     model = model_policy(names)
     model_file = work / "model-policy.yaml"
     model_file.write_text(yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False))
-    eps: dict[str, list[float]] = {name: [] for name in (*peers, "churnsignal", MODEL)}
+    eps: dict[str, list[float]] = {name: [] for name in (*peers, "churnsignal", MODEL, SEPARATE)}
     facts: dict[str, Any] = {}
     model_facts: dict[str, Any] = {}
     scale_runs: list[dict[str, Any]] = []
@@ -455,7 +460,12 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
         value, facts, worker = run_churnsignal(settings, bootstrap, data, 900, keep=keep)
         eps["churnsignal"].append(value)
         console.print(f"run {run + 1}/{runs} {'churnsignal':<12} {value:>10,.0f} events/s")
-    median = {name: statistics.median(v) for name, v in eps.items()}
+        if not keep:  # the last one runs after the latency phase above (not beside it)
+            eps[SEPARATE].append(run_churnsignal(settings, bootstrap, data, 900,
+                                                 extra_env=SEPARATE_ENV)[0])
+            console.print(f"run {run + 1}/{runs} churnsignal, ingest in its own process "
+                          f"{eps[SEPARATE][-1]:>10,.0f} events/s")
+    median = {name: statistics.median(v) for name, v in eps.items() if v}
     latencies: list[float] = []
     try:
         rate = median["churnsignal"] / 2
@@ -463,6 +473,24 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
         # 30 s: 150 alerts, so the p99 is not simply the slowest one
         latencies = asyncio.run(measure_latency(bootstrap, data, facts["alerts_topic"], rate,
                                                 LATENCY_S))
+    finally:
+        if worker is not None:
+            stop_process(worker)
+    # The ingest in a child process (ingest.separate_process): its last run, then its
+    # latency at half its own maximum.
+    value, separate_facts, worker = run_churnsignal(settings, bootstrap, data, 900, keep=True,
+                                                    extra_env=SEPARATE_ENV)
+    eps[SEPARATE].append(value)
+    console.print(f"run {runs}/{runs} churnsignal, ingest in its own process "
+                  f"{value:>10,.0f} events/s")
+    median[SEPARATE] = statistics.median(eps[SEPARATE])
+    separate_latencies: list[float] = []
+    try:
+        rate = median[SEPARATE] / 2
+        console.print(f"latency at {rate:,.0f} events/s (half its maximum), ingest in its own "
+                      "process ...")
+        separate_latencies = asyncio.run(measure_latency(
+            bootstrap, data, separate_facts["alerts_topic"], rate, LATENCY_S))
     finally:
         if worker is not None:
             stop_process(worker)
@@ -493,6 +521,11 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
         "latency_p99_s": _pct(latencies, 0.99),
         "latency_samples": len(latencies),
         "latency_missing": sum(1 for v in latencies if v == math.inf),
+        "churnsignal_ingest_process_eps": median[SEPARATE],
+        "ingest_process_cpu_s": separate_facts.get("cpu_s"),
+        "ingest_process_latency_p50_s": _pct(separate_latencies, 0.50),
+        "ingest_process_latency_p99_s": _pct(separate_latencies, 0.99),
+        "ingest_process_latency_missing": sum(1 for v in separate_latencies if v == math.inf),
         "state_bytes_per_account": facts.get("state_bytes_per_account"),
         "peak_rss_mb": facts.get("peak_rss_mb"),
         "accounts_tracked": facts.get("accounts"),
@@ -515,6 +548,15 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     console.print(f"event-to-alert latency at half the max rate: p50 "
                   f"{results['latency_p50_s']:.3f}s, p99 {results['latency_p99_s']:.3f}s "
                   f"({len(latencies)} alerts, {results['latency_missing']} never came)")
+    ratios = ", ".join(f"{median[SEPARATE] / median[peer]:.2f}x {name}"
+                       for peer, name in (("quix", "Quix Streams"), ("ceiling", "the ceiling"))
+                       if median.get(peer))
+    console.print(f"ingest in its own process: {median[SEPARATE]:,.0f} events/s"
+                  + (f" ({ratios})" if ratios else ""))
+    console.print(f"ingest in its own process: event-to-alert at half its max rate: p50 "
+                  f"{results['ingest_process_latency_p50_s']:.3f}s, p99 "
+                  f"{results['ingest_process_latency_p99_s']:.3f}s ({len(separate_latencies)} "
+                  f"alerts, {results['ingest_process_latency_missing']} never came)")
     console.print(f"peak RSS {results['peak_rss_mb']:.0f} MB; state "
                   f"{results['state_bytes_per_account']:.0f} bytes per account "
                   f"({results['accounts_tracked']:,} accounts)")
