@@ -195,7 +195,9 @@ async def _serve(settings: Settings, out: IO[bytes]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    # Ctrl-C in a terminal reaches the worker's whole process group: the worker stops this
+    # process itself (SIGTERM) when its drain needs it, not before.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = int(os.environ.get(_PARENT_ENV, "0")) or os.getppid()
 
     async def report() -> None:
