@@ -13,7 +13,16 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from tests.integration.helpers import Worker, clickhouse_query, consume_all, figures, metric, new_env, produce
+from tests.integration.helpers import (
+    Env,
+    Worker,
+    clickhouse_query,
+    consume_all,
+    figures,
+    metric,
+    new_env,
+    produce,
+)
 from tests.scenarios import Scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -36,6 +45,19 @@ def _history(s: Scenario, accounts: range) -> None:
             s.subscription(account, 0.001, cancel=True, kind="customer.subscription.updated")
 
 
+def _worker_without_clickhouse(env: Env, down: Path, **settings: str) -> Worker:
+    """A worker whose ClickHouse inserts fail while ``down`` exists."""
+    return Worker(env, module="tests.integration.faulty_worker",
+                  extra={"CHURNSIGNAL_TEST_CLICKHOUSE_DOWN": str(down), **settings})
+
+
+def _wait_for_failed_writes(worker: Worker, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(worker.metrics(), "churnsignal_clickhouse_errors_total") < n:
+        assert time.monotonic() < deadline, "writes never failed"
+        time.sleep(0.2)
+
+
 def test_clickhouse_outage_and_a_crash_during_it_lose_and_double_nothing(
         broker: str, tmp_path: Path) -> None:
     env = new_env(broker, tmp_path)
@@ -50,16 +72,11 @@ def test_clickhouse_outage_and_a_crash_during_it_lose_and_double_nothing(
     total = len(before) + len(during)
     billing = sum(1 for kind, _, _ in before + during if kind == "billing")
 
-    worker = Worker(env, module="tests.integration.faulty_worker",
-                    extra={"CHURNSIGNAL_TEST_CLICKHOUSE_DOWN": str(down),
-                           "CHURNSIGNAL_SINK__RETRY_MAX_S": "1"})
+    worker = _worker_without_clickhouse(env, down, CHURNSIGNAL_SINK__RETRY_MAX_S="1")
     try:
         worker.wait_ready()
         asyncio.run(produce(broker, [(env.topics[k], key, v) for k, key, v in before]))
-        deadline = time.monotonic() + 60
-        while metric(worker.metrics(), "churnsignal_clickhouse_errors_total") < 3:
-            assert time.monotonic() < deadline, "writes never failed"
-            time.sleep(0.5)
+        _wait_for_failed_writes(worker, 3, timeout=60)
         asyncio.run(produce(broker, [(env.topics[k], key, v) for k, key, v in during]))
         time.sleep(3)  # the outage goes on while more events arrive
         metrics = worker.metrics()
@@ -86,8 +103,7 @@ def test_clickhouse_outage_and_a_crash_during_it_lose_and_double_nothing(
         # and the outbox gives the rows they made.
         worker.kill()
         down.unlink()  # ClickHouse is back
-        worker = Worker(env, module="tests.integration.faulty_worker",
-                        extra={"CHURNSIGNAL_TEST_CLICKHOUSE_DOWN": str(down)})
+        worker = _worker_without_clickhouse(env, down)
         worker.wait_ready()
         summary = worker.wait_applied(total)
         metrics = worker.metrics()
@@ -142,19 +158,14 @@ def test_alerts_do_not_wait_out_the_clickhouse_back_off(broker: str, tmp_path: P
     history = list(s.messages)
     s.messages.clear()
     s.subscription("acct-new", 0.001, cancel=True, kind="customer.subscription.updated")
-    worker = Worker(env, module="tests.integration.faulty_worker",
-                    extra={"CHURNSIGNAL_TEST_CLICKHOUSE_DOWN": str(down),
-                           "CHURNSIGNAL_SINK__RETRY_MAX_S": "300",
-                           "CHURNSIGNAL_SINK__WRITE_TIMEOUT_S": "1"})
+    worker = _worker_without_clickhouse(env, down, CHURNSIGNAL_SINK__RETRY_MAX_S="300",
+                                        CHURNSIGNAL_SINK__WRITE_TIMEOUT_S="1")
     try:
         worker.wait_ready()
         asyncio.run(produce(broker, [(env.topics[k], key, v) for k, key, v in history]))
         # After the 7th failed attempt the next one is 6.4-12.8 s away (jittered doubling
         # from 0.2 s).
-        deadline = time.monotonic() + 90
-        while metric(worker.metrics(), "churnsignal_clickhouse_errors_total") < 7:
-            assert time.monotonic() < deadline, "writes never failed"
-            time.sleep(0.2)
+        _wait_for_failed_writes(worker, 7, timeout=90)
         errors = metric(worker.metrics(), "churnsignal_clickhouse_errors_total")
         waited = asyncio.run(_time_to_alert(
             broker, env.topics["alerts"], [(env.topics[k], key, v) for k, key, v in s.messages],
