@@ -551,7 +551,7 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     console.print(_eps_table(f"churnsignal bench: {events:,} events, {accounts:,} accounts, "
                              f"{runs} run(s) each", eps, median))
     console.print(f"event-to-alert latency at half the max rate: p50 "
-                  f"{_secs(results['latency_p50_s'])}, p99 {_secs(results['latency_p99_s'])} "
+                  f"{_secs(_pct(latencies, 0.50))}, p99 {_secs(_pct(latencies, 0.99))} "
                   f"({len(latencies)} alerts, {results['latency_missing']} never came)")
     ratios = ", ".join(f"{median[SEPARATE] / median[peer]:.2f}x {name}"
                        for peer, name in (("quix", "Quix Streams"), ("ceiling", "the ceiling"))
@@ -559,8 +559,8 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
     console.print(f"ingest in its own process: {median[SEPARATE]:,.0f} events/s"
                   + (f" ({ratios})" if ratios else ""))
     console.print(f"ingest in its own process: event-to-alert at half its max rate: p50 "
-                  f"{_secs(results['ingest_process_latency_p50_s'])}, p99 "
-                  f"{_secs(results['ingest_process_latency_p99_s'])} ({len(separate_latencies)} "
+                  f"{_secs(_pct(separate_latencies, 0.50))}, p99 "
+                  f"{_secs(_pct(separate_latencies, 0.99))} ({len(separate_latencies)} "
                   f"alerts, {results['ingest_process_latency_missing']} never came)")
     console.print(f"peak RSS {results['peak_rss_mb']:.0f} MB; state "
                   f"{results['state_bytes_per_account']:.0f} bytes per account "
