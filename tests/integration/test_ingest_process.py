@@ -30,11 +30,18 @@ def _history(s: Scenario, accounts: range) -> None:
             s.subscription(account, 0.001, cancel=True, kind="customer.subscription.updated")
 
 
+def _is_ingest(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE and (
+            "churnsignal.app.ingest_process" in " ".join(process.cmdline()))
+    except psutil.Error:  # gone (or a zombie) meanwhile
+        return False
+
+
 def _child(worker: Worker, timeout: float = 30) -> psutil.Process:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        children = [p for p in psutil.Process(worker.proc.pid).children()
-                    if "churnsignal.app.ingest_process" in " ".join(p.cmdline())]
+        children = [p for p in psutil.Process(worker.proc.pid).children() if _is_ingest(p)]
         if children:
             return children[0]
         time.sleep(0.2)
@@ -44,7 +51,10 @@ def _child(worker: Worker, timeout: float = 30) -> psutil.Process:
 def _gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
             return True
         time.sleep(0.2)
     return False
