@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -108,6 +109,8 @@ class IngestProcess:
         self.restarts = 0
         self._backlog = 0
         self._stopping = False
+        self._down = False  # exited; its successor's first report ends the outage
+        self._started = 0.0
 
     async def start(self) -> None:
         # Its log lines go where the worker's go (stderr is inherited).
@@ -115,6 +118,7 @@ class IngestProcess:
             sys.executable, "-m", "churnsignal.app.ingest_process",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, _PARENT_ENV: str(os.getpid())}, limit=16 * 1024 * 1024)
+        self._started = time.monotonic()
         log.info("ingest runs in process %d", self.proc.pid)
 
     async def run(self) -> None:
@@ -127,7 +131,10 @@ class IngestProcess:
             code = await proc.wait()
             if self._stopping:
                 return
+            if time.monotonic() - self._started > RESTART_MAX_S:
+                delay = 1.0  # it had been running: not a crash loop
             self.assigned = False
+            self._down = True
             self.on_outage(True)
             log.error("the ingest process exited (code %s); starting it again in %.0fs",
                       code, delay)
@@ -147,6 +154,9 @@ class IngestProcess:
         if "outage" in report:
             self.on_outage(bool(report["outage"]))
         if "ops" in report:
+            if self._down:  # a new child reports: the ingest runs again
+                self._down = False
+                self.on_outage(False)
             apply_ops(self.metrics, report["ops"])
             self._backlog = int(report.get("backlog", 0))
             self.assigned = bool(report.get("assigned", False))

@@ -13,7 +13,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.helpers import Worker, clickhouse_query, figures, metric, new_env, produce
+from tests.integration.helpers import (
+    Worker,
+    clickhouse_query,
+    figures,
+    http_json,
+    metric,
+    new_env,
+    produce,
+)
 from tests.scenarios import Scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -94,6 +102,9 @@ def test_an_ingest_process_of_its_own_folds_everything_once_across_its_crash_and
         asyncio.run(produce(broker, batches[1]))
         worker.wait_applied(len(batches[0]) + len(batches[1]))
         assert worker.proc.poll() is None
+        # The outage its death was ended with the new child's first report.
+        health = http_json(worker.port, "/healthz")
+        assert health["status"] == "ok" and "outage" not in health["reason"], health
 
         # The worker dies (SIGKILL: no drain): its child stops by itself, and the next
         # worker applies what was not acked, once.

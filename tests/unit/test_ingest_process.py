@@ -45,3 +45,21 @@ def test_operations_the_worker_does_not_know_are_skipped() -> None:
                         ["events_consumed", [["topic", "usage"]], "delete", 1.0],
                         ["events_consumed", [["topic", "usage"]], "inc", 4.0]])
     assert _value(registry, "churnsignal_events_consumed_total", topic="usage") == 4
+
+
+def test_an_outage_for_a_child_that_died_ends_with_its_successors_first_report() -> None:
+    # A dead child is a Kafka-ingest outage for the worker's health check (which stops
+    # counting a stall meanwhile); a fresh child never reports one over, so its first
+    # report must end it.
+    from churnsignal.app.ingest_process import IngestProcess
+    from churnsignal.app.settings import Settings
+
+    outages: list[bool] = []
+    ingest = IngestProcess(Settings(), Metrics(CollectorRegistry()))
+    ingest.on_outage = outages.append
+    ingest._down = True  # as run() leaves it when a child exits
+    ingest._report(b'{"ops": [], "backlog": 7, "assigned": true}')
+    ingest._report(b'{"ops": [], "backlog": 3, "assigned": true}')
+    ingest._report(b'{"outage": true}')  # the new child's own Kafka trouble still counts
+    assert outages == [False, True]
+    assert ingest.backlog() == 3 and ingest.assigned
