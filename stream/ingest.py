@@ -61,7 +61,6 @@ from churnsignal.stream.policy import Policy
 log = logging.getLogger(__name__)
 
 
-
 def options_for(settings: Settings, policy: Policy) -> DecodeOptions:
     """What decoding takes from the settings and the policy (the worker's and its ingest
     process's alike)."""
