@@ -47,6 +47,10 @@ PACKS_WAIT_S = 0.01  # ...or what has come within this
 TICK_SLICE = 1000  # accounts re-scored between two turns of the event loop
 BACKLOG_EVENTS = 50_000  # source records the ingest is behind: catching up (seconds of work)
 BACKLOG_WAIT_S = 0.25  # packs gather this long between steps while catching up
+# The agent folds nothing before the sink has started (or failed to), at most this long:
+# its start imports chdb, pyarrow and pandas and opens the client, ~1 s of the GIL that would
+# otherwise slow the first seconds of folding and delay the first flush's alerts.
+SINK_START_WAIT_S = 15.0
 BACKOFF_MAX_S = 10.0  # longest wait between flush attempts while ClickHouse or Kafka is out
 
 
@@ -168,12 +172,16 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         store, outputs, s.ingested_topic, s.partitions, ack,
         step_timeout_s=max(120.0, s.sink.write_timeout_s + 30.0))
 
+    sink_started = asyncio.Event()
+
     @app.task
     async def start_sink() -> None:
         try:
             await sink.start()
         except Exception as exc:  # an outage at start: writes retry until it is back
             log.warning("ClickHouse not writable yet (%s); writes will retry", exc)
+        finally:
+            sink_started.set()
 
     if delivery is not None:
         @app.task
@@ -300,6 +308,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     async def account_state(stream: Any) -> None:
         manual = stream.noack()
         runtime.stream = manual
+        try:
+            await asyncio.wait_for(sink_started.wait(), SINK_START_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning("ClickHouse sink still starting after %.0f s; folding anyway",
+                        SINK_START_WAIT_S)
         # Several packs at a time: consecutive packs of one partition are folded as one, so
         # an account's per-batch work (prune, score, rows) is paid once for all of them.
         # noack_take, not take_events: take_events acks each batch as soon as the loop body
