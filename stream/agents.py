@@ -49,8 +49,9 @@ BACKLOG_EVENTS = 50_000  # source records the ingest is behind: catching up (sec
 BACKLOG_WAIT_S = 0.25  # packs gather this long between steps while catching up
 # The agent folds nothing before the sink has started (or failed to), at most this long:
 # its start imports chdb, pyarrow and pandas and opens the client, ~1 s of the GIL that would
-# otherwise slow the first seconds of folding and delay the first flush's alerts.
-SINK_START_WAIT_S = 15.0
+# otherwise slow the first seconds of folding and delay the first flush's alerts. A server
+# that does not answer fails the start sooner (clickhouse-connect's 10 s connect timeout).
+SINK_START_WAIT_S = 30.0
 BACKOFF_MAX_S = 10.0  # longest wait between flush attempts while ClickHouse or Kafka is out
 
 
@@ -310,7 +311,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
         runtime.stream = manual
         try:
             await asyncio.wait_for(sink_started.wait(), SINK_START_WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("ClickHouse sink still starting after %.0f s; folding anyway",
                         SINK_START_WAIT_S)
         # Several packs at a time: consecutive packs of one partition are folded as one, so

@@ -13,6 +13,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from churnsignal.app.embedded import free_port, wait_for_port
+from churnsignal.stream.agents import SINK_START_WAIT_S
 from tests.integration.helpers import (
     Env,
     Worker,
@@ -191,3 +193,35 @@ def test_alerts_do_not_wait_out_the_clickhouse_back_off(broker: str, tmp_path: P
     published = asyncio.run(consume_all(broker, env.topics["alerts"], 1))
     assert int(alert_rows) == len(published) == 1
     assert int(events) == total
+
+
+def test_a_clickhouse_unreachable_at_start_holds_back_no_alert(broker: str,
+                                                                tmp_path: Path) -> None:
+    # The state agent folds nothing until the sink has started, or failed to (agents.py,
+    # SINK_START_WAIT_S). A server that refuses connections fails the start at once: the
+    # agent must fold then, not wait the bound out, and its alerts must not wait for
+    # ClickHouse either.
+    env = new_env(broker, tmp_path)
+    s = Scenario(time.time())
+    _history(s, range(0, 10))  # acct-000 schedules a cancellation: one critical alert
+    asyncio.run(produce(broker, [(env.topics[k], key, v) for k, key, v in s.messages]))
+    closed = free_port()  # nothing listens there
+    worker = Worker(env, extra={"CHURNSIGNAL_CLICKHOUSE_DSN": f"http://127.0.0.1:{closed}",
+                                "CHURNSIGNAL_SINK__WRITE_TIMEOUT_S": "1"})
+    try:
+        assert wait_for_port(worker.port, 120), worker.log()[-3000:]
+        up = time.monotonic()
+        deadline = up + 60
+        while not (alerts := asyncio.run(consume_all(broker, env.topics["alerts"], 1))):
+            assert time.monotonic() < deadline, worker.log()[-3000:]
+        waited = time.monotonic() - up
+        figures(f"ClickHouse unreachable at start: the first alert {waited:.1f}s after the "
+                f"worker's port opened (the start's bound is {SINK_START_WAIT_S:.0f}s)")
+        # Waiting the bound out would put the alert after SINK_START_WAIT_S (the agent starts
+        # as the port opens); the consumer group's forming and a failed write come first.
+        assert waited < SINK_START_WAIT_S, "the agent waited out the sink's start"
+        assert [orjson.loads(r.value)["account_id"] for r in alerts] == ["acct-000"]
+        assert _status(worker.port, "/readyz") == 503  # the sink is not writable
+        assert metric(worker.metrics(), "churnsignal_clickhouse_rows_total") == 0
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
