@@ -176,8 +176,13 @@ def _isoformat_z(at: datetime) -> str:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
+# Three draws in four from good_times. Almost none of `times` is a time the fast path takes
+# (3 %: text, numbers, fields out of range), and st.one_of(times, good_times) drew from it
+# five times in six (one_of flattens `times`' own five branches beside good_times), so the
+# assume() below rejected most inputs and Hypothesis' health check failed the test for some
+# seeds (8 accepted against 50 rejected in CI). flatmap keeps the choice one of two.
 @settings(max_examples=3000, deadline=None)
-@given(st.one_of(times, good_times))
+@given(st.integers(0, 3).flatmap(lambda pick: times if pick == 3 else good_times))
 def test_the_json_time_from_the_text_is_the_formatted_datetime(at: Any) -> None:
     """``json_time`` (the time's JSON text without a datetime round trip) writes every time the
     fast path accepts as formatting its datetime does, and as pydantic dumps it."""
