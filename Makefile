@@ -27,7 +27,7 @@ SOURCES := $(shell find churnsignal stream schemas sinks -name '*.py' -o -name '
 $(CDEPS): pyproject.toml constraints.txt
 	python3 -m venv $(CVENV)
 	$(CPY) -m pip install -q --upgrade pip
-	$(CPY) -m pip install -q -c constraints.txt '.[embedded,dev,backtest,stripe,bench]' 'setuptools>=68' wheel
+	$(CPY) -m pip install -q -c constraints.txt '.[embedded,dev,backtest,stripe,bench]' 'setuptools>=77' wheel
 	touch $(CDEPS)
 
 $(CSTAMP): $(CDEPS) setup.py $(SOURCES)
