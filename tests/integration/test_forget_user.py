@@ -62,7 +62,11 @@ def _forget(env: Env, *args: str, broker: str | None,
                           capture_output=True, text=True, timeout=120, check=False)
 
 
-def test_forget_a_user(broker: str, tmp_path: Path) -> None:
+# The relink below depends on the ingest forgetting which links it sent: with the ingest in
+# a child process (CHURNSIGNAL_INGEST__SEPARATE_PROCESS) that request crosses its pipe.
+@pytest.mark.parametrize("extra", [{}, {"CHURNSIGNAL_INGEST__SEPARATE_PROCESS": "true"}],
+                         ids=["ingest_in_worker", "ingest_process"])
+def test_forget_a_user(broker: str, tmp_path: Path, extra: dict[str, str]) -> None:
     env = new_env(broker, tmp_path)
     now = time.time()
     messages = [
@@ -78,7 +82,7 @@ def test_forget_a_user(broker: str, tmp_path: Path) -> None:
     messages.append(_track(env, 0, now - 3500, anon="anon-ua"))  # through anon -> ua -> acct-a
     # another user of the same account, naming it: untouched
     messages += [_track(env, n, now - 3400 + n, user="ub", group="acct-a") for n in range(2)]
-    worker = Worker(env)
+    worker = Worker(env, extra=extra)
     try:
         worker.wait_ready()
         asyncio.run(produce(broker, messages))
