@@ -170,6 +170,10 @@ def bench(
     gateway: Annotated[bool, typer.Option(
         "--gateway", help="Benchmark the HTTP ingest gateway against a bare HTTP-to-aiokafka "
         "forwarder instead (writes gateway.json; the other options do not apply).")] = False,
+    fold_only: Annotated[bool, typer.Option(
+        "--fold-only", help="Measure the state side alone, in this process and without Kafka: "
+        "the data set's packs (--events, --accounts) folded in steps and flushed, each stage "
+        "timed (writes fold.json; the other options do not apply).")] = False,
 ) -> None:
     """Throughput, latency and memory of churnsignal against the ceiling and the peers."""
     from churnsignal.tools.bench import PEERS, run_bench
@@ -177,6 +181,9 @@ def bench(
     try:
         settings = load_settings()
         configure_logging("warning", settings.log_format)
+        if fold_only:
+            _fold_bench(settings, events, accounts, out)
+            return
         chosen = tuple(p for p in peers.split(",") if p)
         unknown = set(chosen) - set(PEERS)
         if unknown:
@@ -193,6 +200,30 @@ def bench(
                       dense_per_day=dense_per_day, scale_out=scale_out)
     except ChurnsignalError as exc:
         _fail(exc)
+
+
+def _fold_bench(settings: Settings, events: int, accounts: int, out: Path) -> None:
+    import orjson
+
+    from churnsignal.stream.policy import load_policy
+    from churnsignal.tools.foldbench import run
+
+    result = run(settings, load_policy(settings.policy_file), events, accounts).summary()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fold.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    typer.echo(f"state side alone (no Kafka): {result['events']:,} events, "
+               f"{result['items']:,} pack items in {result['packs']} packs, "
+               f"{accounts:,} accounts; {result['steps']} steps, {result['flushes']} flushes")
+    typer.echo(f"per event: {result['account_batches_per_event']:.2f} account batches, "
+               f"{result['states_written_per_event']:.2f} states written, "
+               f"{result['rows_per_event']:.2f} ClickHouse rows")
+    total = result["total_us_per_event"]
+    typer.echo(f"{'stage':<12} {'us/event':>9} {'share':>6}")
+    for stage, us in result["us_per_event"].items():
+        typer.echo(f"{stage:<12} {us:>9.2f} {us / total:>6.0%}")
+    typer.echo(f"{'total':<12} {total:>9.2f}   ({result['events_per_s']:,.0f} events/s on "
+               f"one core; the collector {result['gc_us_per_event']:.2f} us/event of it)")
+    typer.echo(f"wrote {out / 'fold.json'}")
 
 
 @cli.command()

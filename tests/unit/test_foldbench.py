@@ -1,0 +1,52 @@
+"""`churnsignal bench --fold-only`: the state side alone, on the bench's data set, with the
+real fold and the real ClickHouse engine (chdb, in process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from churnsignal.app import cli
+from churnsignal.app.settings import load_settings
+from churnsignal.stream.fold import BILLING, DAILY, SCORES, SUPPORT
+from churnsignal.stream.policy import load_policy
+from churnsignal.tools.foldbench import STAGES, run
+
+
+def test_every_event_is_folded_once_and_every_stage_is_timed(tmp_path: Path) -> None:
+    settings = load_settings(state_dir=tmp_path)
+    # Over 2,000 items a partition: more than one pack each, so more than one step.
+    bench = run(settings, load_policy(settings.policy_file), events=12_000, accounts=600,
+                step_events=4000, flush_every=2)
+    # The bench's events are all valid, distinct and within the horizon.
+    assert bench.applied == bench.events == 12_000
+    # Its Stripe events also link their customer to the account (identity items).
+    assert bench.items > bench.events and bench.packs > 4
+    assert bench.flushes >= 2 and bench.steps > bench.flushes
+    assert all(bench.seconds[stage] > 0 for stage in STAGES), bench.seconds
+    # An account batch writes one score row; every state kept (accounts and the
+    # customers' identities) was written at least once.
+    assert bench.rows[SCORES] == bench.batches
+    assert 0 < bench.stored_keys <= bench.states_written
+    # Billing and support events (a tenth of the mix) become one fact row each.
+    assert 0 < bench.rows[BILLING] + bench.rows[SUPPORT] < bench.events
+    # Every daily row the flushes built reached ClickHouse.
+    assert bench.clickhouse_daily_rows == bench.rows[DAILY] > 0
+    summary = bench.summary()
+    assert summary["total_us_per_event"] == pytest.approx(
+        sum(summary["us_per_event"].values()))
+
+
+def test_the_command_writes_its_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(state_dir=tmp_path)
+    monkeypatch.setattr(cli, "load_settings", lambda: settings)
+    result = CliRunner().invoke(cli.cli, ["bench", "--fold-only", "--events", "2000",
+                                          "--accounts", "200", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "state side alone (no Kafka): 2,000 events" in result.output
+    figures = orjson.loads((tmp_path / "b" / "fold.json").read_bytes())
+    assert figures["applied"] == 2000
+    assert set(figures["us_per_event"]) == set(STAGES)
