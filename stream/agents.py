@@ -43,9 +43,14 @@ from churnsignal.stream.store import MemoryStateStore, StateStore
 log = logging.getLogger("churnsignal")
 
 # Packs the agent takes at once, when that many are waiting (a catch-up): 48 rather than
-# 16 made a 300,000-event catch-up with the ingest in its own process 12-20 % faster
-# (fewer account batches, docs/benchmark.md, session 15); live, packs come one by one.
+# 16 made a 300,000-event catch-up with the ingest in its own process faster in 12 of 12
+# alternating pairs (median +14 %): a partition's packs are folded as one group, so
+# fewer account batches (docs/benchmark.md, session 15). Live, packs come one by one.
 PACKS_PER_STEP = 48
+# ...but one partition's group holds at most this many (~32,000 events, ~0.5 s of
+# folding): a worker of one partition does not hold its event loop (the health checks'
+# answers) for a whole step.
+GROUP_MAX_PACKS = 16
 PACKS_WAIT_S = 0.01  # ...or what has come within this
 TICK_SLICE = 1000  # accounts re-scored between two turns of the event loop
 BACKLOG_EVENTS = 50_000  # source records the ingest is behind: catching up (seconds of work)
@@ -334,8 +339,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
             # A revoke part way through the batch: the rest of it is redelivered, every
             # pack of a partition after the first one left out (no gap in what is folded).
             epoch = checkpoint.epoch
-            for group in steps(batch, _partition_of, _is_tick):
-                if epoch != checkpoint.epoch:
+            for group in steps(batch, _partition_of, _is_tick, GROUP_MAX_PACKS):
+                if epoch != checkpoint.epoch or runtime.closing:
                     break
                 # A partition's states must be read back before anything is folded into
                 # them; a partition that went to another worker meanwhile is its to apply.
@@ -367,7 +372,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
                     await flush_until_done("batch full")
                 elif left:
                     # A full step is up to ~100,000 events (a second or more of folding):
-                    # between partitions, the web views, the heartbeats and the flush run.
+                    # between its groups, the web views, the heartbeats and the flush run.
                     await asyncio.sleep(0)
             if len(batch) < PACKS_PER_STEP and ingestor.backlog() >= BACKLOG_EVENTS:
                 # Catching up: the ingest is behind and packs trickle in. Let them gather

@@ -115,9 +115,11 @@ class StepResult:
     forgotten: list[Forgotten] = field(default_factory=list)
 
 
-def steps(batch: list[Any], partition_of: Any, is_tick: Any) -> list[list[Any]]:
+def steps(batch: list[Any], partition_of: Any, is_tick: Any,
+          max_packs: int | None = None) -> list[list[Any]]:
     """Packs grouped for folding: per partition, in order; a tick stays on its own (it
-    re-scores at its own time), so it splits the packs around it."""
+    re-scores at its own time), so it splits the packs around it; a group holds at most
+    ``max_packs`` packs (the next ones of its partition start another, after it)."""
     groups: list[list[Any]] = []
     open_group: dict[int, list[Any]] = {}
     for event in batch:
@@ -127,7 +129,7 @@ def steps(batch: list[Any], partition_of: Any, is_tick: Any) -> list[list[Any]]:
             groups.append([event])
             continue
         group = open_group.get(partition)
-        if group is None:
+        if group is None or (max_packs is not None and len(group) >= max_packs):
             group = open_group[partition] = []
             groups.append(group)
         group.append(event)

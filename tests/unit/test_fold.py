@@ -293,3 +293,21 @@ def test_a_tick_in_slices_rescores_as_the_whole_tick_does() -> None:
     assert len([a for part in parts for a in part.alerts]) == len(whole.alerts)
     assert states(sliced_store) == states(reference) == states(whole_store)
     assert whole_store.take_dirty() == sliced_store.take_dirty()
+
+
+def test_steps_group_a_partitions_packs_in_order_up_to_a_size_ticks_alone() -> None:
+    from churnsignal.stream.fold import steps
+
+    # (partition, name); "t" marks a tick
+    batch = [(0, "a1"), (1, "b1"), (0, "a2"), (0, "a3"), (1, "t"), (1, "b2"), (0, "a4"),
+             (0, "a5")]
+    groups = steps(batch, lambda e: e[0], lambda e: e[1] == "t")
+    assert [[e[1] for e in g] for g in groups] == [
+        ["a1", "a2", "a3", "a4", "a5"], ["b1"], ["t"], ["b2"]]
+    capped = steps(batch, lambda e: e[0], lambda e: e[1] == "t", max_packs=2)
+    assert [[e[1] for e in g] for g in capped] == [
+        ["a1", "a2"], ["b1"], ["a3", "a4"], ["t"], ["b2"], ["a5"]]
+    # each partition's packs still come in their order, whatever the grouping
+    for partition in (0, 1):
+        assert [e for g in capped for e in g if e[0] == partition] == [
+            e for e in batch if e[0] == partition]
