@@ -166,7 +166,8 @@ def bench(
     scale_out: Annotated[bool, typer.Option(
         help="Also run two workers of one deployment (one consumer group) on the data set "
         "at once.")] = True,
-    out: Annotated[Path, typer.Option(help="Where results.json goes.")] = Path(".bench"),
+    out: Annotated[Path, typer.Option(
+        help="Where results.json (gateway.json, fold.json) goes.")] = Path(".bench"),
     gateway: Annotated[bool, typer.Option(
         "--gateway", help="Benchmark the HTTP ingest gateway against a bare HTTP-to-aiokafka "
         "forwarder instead (writes gateway.json; the other options do not apply).")] = False,
@@ -182,6 +183,9 @@ def bench(
         settings = load_settings()
         configure_logging("warning", settings.log_format)
         if fold_only:
+            if gateway:
+                raise typer.BadParameter("--fold-only and --gateway measure different things; "
+                                         "choose one")
             _fold_bench(settings, events, accounts, out)
             return
         chosen = tuple(p for p in peers.split(",") if p)

@@ -49,11 +49,12 @@ class FoldBench:
     steps: int = 0  # fold_step calls (one partition's packs each)
     flushes: int = 0
     applied: int = 0
+    duplicates: int = 0  # events found already applied (none: each pack is folded once)
     batches: int = 0  # account batches: each scored once, with one score row
     states_written: int = 0  # state serialisations, summed over the flushes
     rows: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
-    gc_seconds: float = 0.0  # cyclic collections during the stages (inside their times)
+    gc_seconds: float = 0.0  # cyclic collections during the run (nearly all within a stage)
     clickhouse_daily_rows: int | None = None  # rows account_daily_data received (chdb)
     stored_keys: int = 0  # states stored at the end (one per account folded)
 
@@ -63,6 +64,7 @@ class FoldBench:
         return {
             "events": self.events, "items": self.items, "packs": self.packs,
             "steps": self.steps, "flushes": self.flushes, "applied": self.applied,
+            "duplicates": self.duplicates,
             "account_batches_per_event": self.batches / self.events,
             "states_written_per_event": self.states_written / self.events,
             "rows": dict(self.rows), "rows_per_event": sum(self.rows.values()) / self.events,
@@ -119,18 +121,36 @@ class _Timer:
 def run(settings: Settings, policy: Policy, events: int = 300_000, accounts: int = 30_000,
         step_events: int = 24_000, flush_every: int = 3, partitions: int = 4,
         clickhouse: bool = True) -> FoldBench:
-    """Fold the data set's packs in steps of about ``step_events`` events over all
-    partitions (as the agent takes what gathered), flushing every ``flush_every`` steps."""
+    """Fold the data set's packs in steps of about ``step_events`` pack items over all
+    partitions (as the agent takes what gathered), flushing every ``flush_every`` steps.
+    The collector runs as in the worker meanwhile, and as before afterwards."""
     now = time.time()
     built, items = build_packs(settings, policy, events, accounts, now, partitions)
     bench = FoldBench(events, items, sum(len(p) for p in built.values()))
-    sink: Any = None
-    workdir = tempfile.TemporaryDirectory(prefix="churnsignal-foldbench-")
-    if clickhouse:
-        from churnsignal.sinks.clickhouse import ClickHouseSink
+    thresholds = gc.get_threshold()
+    with tempfile.TemporaryDirectory(prefix="churnsignal-foldbench-") as workdir:
+        sink: Any = None
+        try:
+            if clickhouse:
+                from churnsignal.sinks.clickhouse import ClickHouseSink
 
-        sink = ClickHouseSink(f"chdb://{workdir.name}/clickhouse")
-        sink._ensure()  # tables made, modules loaded: not part of any stage
+                sink = ClickHouseSink(f"chdb://{workdir}/clickhouse")
+                sink._ensure()  # tables made, modules loaded: not part of any stage
+            gc_tuning.for_long_lived_state()  # as the worker runs
+            _fold_all(bench, built, policy, partitions, step_events, flush_every, sink)
+            if sink is not None:
+                [[counted]] = sink.query("SELECT count() FROM account_daily_data").result_rows
+                bench.clickhouse_daily_rows = int(counted)
+        finally:
+            gc.unfreeze()
+            gc.set_threshold(*thresholds)
+            if sink is not None:
+                sink.close()
+    return bench
+
+
+def _fold_all(bench: FoldBench, built: dict[int, list[bytes]], policy: Policy,
+              partitions: int, step_events: int, flush_every: int, sink: Any) -> None:
     store = MemoryStateStore(partitions)
     clocks: dict[int, PartitionClock] = defaultdict(PartitionClock)
     pending: dict[str, list[Any]] = defaultdict(list)
@@ -139,22 +159,22 @@ def run(settings: Settings, policy: Policy, events: int = 300_000, accounts: int
     seconds = bench.seconds
     per_partition = max(1, step_events // partitions)
     queues = {p: list(reversed(data)) for p, data in built.items()}
-    gc.collect()
-    gc_tuning.for_long_lived_state()  # as the worker runs
 
     def flush() -> None:
+        if not touched and not store.dirty and not alerts:
+            return  # nothing folded since the last one
         t0 = time.perf_counter()
         pending[DAILY] = [row for account, days in touched.items()
                           if (state := store.get(account)) is not None
                           for row in daily_rows(state, days)]
         t1 = time.perf_counter()
         values = store.take_dirty()
+        store.stored(values)  # (the state topic's acknowledgement, in the worker)
         t2 = time.perf_counter()
         boxed = outbox.row_records("bench", outbox.by_partition(
             pending, lambda account: packs.partition_for(account, partitions)))
         boxed.update(outbox.alert_records("bench", alerts))
         t3 = time.perf_counter()
-        store.stored(values)
         if sink is not None:
             for table, rows in pending.items():
                 if rows:
@@ -189,8 +209,10 @@ def run(settings: Settings, policy: Policy, events: int = 300_000, accounts: int
                 result = fold_step(store, pack, partition, 0, policy, clocks[partition])
                 seconds["pack_decode"] += t1 - t0
                 seconds["fold"] += time.perf_counter() - t1
+                # (what the checkpoint does with a result, untimed: a few list operations)
                 bench.steps += 1
                 bench.applied += result.applied
+                bench.duplicates += result.duplicates
                 bench.batches += len(result.rows[SCORES])
                 for table, rows in result.rows.items():
                     pending[table].extend(rows)
@@ -202,9 +224,3 @@ def run(settings: Settings, policy: Policy, events: int = 300_000, accounts: int
                 flush()
         flush()
     bench.stored_keys = len(store.data)
-    if sink is not None:
-        [[counted]] = sink.query("SELECT count() FROM account_daily_data").result_rows
-        bench.clickhouse_daily_rows = int(counted)
-        sink.close()
-    workdir.cleanup()
-    return bench
