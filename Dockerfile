@@ -13,7 +13,7 @@ COPY churnsignal churnsignal
 COPY schemas schemas
 COPY stream stream
 COPY sinks sinks
-RUN pip install --no-cache-dir -c constraints.txt '.[backtest]' mypy 'setuptools>=68' wheel \
+RUN pip install --no-cache-dir -c constraints.txt '.[backtest]' mypy 'setuptools>=77' wheel \
     && CHURNSIGNAL_COMPILE=1 pip wheel --no-cache-dir --no-build-isolation --no-deps -w /wheels . \
     && pip install --no-cache-dir --ignore-installed --prefix=/install -c constraints.txt \
        "$(ls /wheels/churnsignal-*.whl)[backtest]"

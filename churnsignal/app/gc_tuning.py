@@ -22,5 +22,6 @@ OLD_EVERY = 100  # middle collections per full one (default 10)
 
 
 def for_long_lived_state() -> None:
+    gc.collect()  # what start-up left as garbage (a failed connect's cycles) is not frozen
     gc.freeze()
     gc.set_threshold(YOUNG_ALLOCATIONS, MIDDLE_EVERY, OLD_EVERY)
