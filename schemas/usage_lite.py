@@ -60,10 +60,14 @@ class UsageLite:
     # (``usage_event`` derives it from the input's text): isoformat costs more than the rest
     # of the dump. Not a field of the event: equality and repr leave it out.
     at_json: str | None = field(default=None, compare=False, repr=False)
+    # occurred_at in seconds, when the maker worked it out (the state agent's, which reads
+    # it several times an event); 0.0: not known (``stream.state.event_ts``).
+    ts: float = field(default=0.0, compare=False, repr=False)
 
     def __init__(self, event_id: str, account_id: str, type: str,
                  user_id: str | None, occurred_at: datetime, data: UsageDataLite,
-                 schema_version: int = SCHEMA_VERSION, at_json: str | None = None) -> None:
+                 schema_version: int = SCHEMA_VERSION, at_json: str | None = None,
+                 ts: float = 0.0) -> None:
         self.event_id = event_id
         self.account_id = account_id
         self.type = type
@@ -72,6 +76,7 @@ class UsageLite:
         self.data = data
         self.schema_version = schema_version
         self.at_json = at_json
+        self.ts = ts
 
     def model_dump(self, *, mode: str = "python", exclude_none: bool = False) -> dict[str, Any]:
         """As pydantic dumps a UsageEvent (same keys, same order, same time format)."""
@@ -100,7 +105,7 @@ class UsageLite:
 
     def model_copy(self, *, update: dict[str, Any] | None = None) -> UsageLite:
         if update and "occurred_at" in update:
-            update = {"at_json": None, **update}  # the text of the time replaced
+            update = {"at_json": None, "ts": 0.0, **update}  # the time replaced
         return replace(self, **update) if update else replace(self)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from churnsignal.schemas.alerts import Alert
 from churnsignal.schemas.events import USAGE_TYPE_SET
+from churnsignal.schemas.usage_lite import UsageLite
 from churnsignal.stream.alerts import decide
 from churnsignal.stream.clock import is_live, scoring_time
 from churnsignal.stream.policy import Policy
@@ -20,9 +21,11 @@ from churnsignal.stream.scoring import score
 from churnsignal.stream.state import (
     AccountState,
     DayUsage,
-    apply_event,
+    apply_event_at,
     day_of,
+    event_ts,
     fold_day,
+    fold_params,
     prune,
 )
 
@@ -81,26 +84,29 @@ def fold(state: AccountState | None, account_id: str, items: Iterable[Item], wal
     An item's event may also be a ``DayUsage``: a day of warehouse usage, counted.
     """
     out = Outcome(state or AccountState(account_id))
+    params = fold_params(policy)
+    newest_ts = 0.0
     for source, offset, event in items:
         if type(event) is DayUsage:
             out.applied += event.events
             out.days.add(fold_day(out.state, event, wall, policy))
             continue
+        ts = event_ts(event)
         mrr_before = out.state.mrr_cents
         newest_before = out.state.last_event
-        day = apply_event(out.state, event, source, offset, policy, wall)
+        day = apply_event_at(out.state, event, ts, source, offset, policy, params, wall)
         if day is None:
             out.duplicates += 1
-            out.days.add(day_of(event.occurred_at.timestamp()))  # rows re-derived on redelivery
+            out.days.add(day_of(ts))  # rows re-derived on redelivery
             continue
         out.applied += 1
         out.days.add(day)
-        if event.occurred_at.timestamp() < newest_before:
+        if ts < newest_before:
             out.late += 1  # still applied to its own day: windows are by event time
-        if event.type not in USAGE_TYPE_SET:
+        if not isinstance(event, UsageLite) and event.type not in USAGE_TYPE_SET:
             out.facts.append((event, mrr_before, out.state.involuntary_end, out.state.seq))
-        if out.newest is None or event.occurred_at >= out.newest.occurred_at:
-            out.newest = event
+        if out.newest is None or ts >= newest_ts:  # (the same order as the datetimes')
+            out.newest, newest_ts = event, ts
     return out
 
 

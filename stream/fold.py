@@ -30,7 +30,7 @@ from churnsignal.stream.identity import DEFAULT_GRACE_S, Resolution, resolve, sw
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.rows import action_row, alert_row, fact_rows, history_row, score_row
 from churnsignal.stream.scoring import score
-from churnsignal.stream.state import id_hash
+from churnsignal.stream.state import event_ts, id_hash
 from churnsignal.stream.store import StateStore
 
 SCORES = "account_scores_data"
@@ -379,7 +379,7 @@ def _fold_items(store: StateStore, items: list[Any], wall: float, partition: int
                                            source, item_offset, data))
             continue
         grouped[event.account_id].append((source, item_offset, event))
-        ts = event.occurred_at.timestamp()
+        ts = event_ts(event)
         if ts > newest.get(source or "", 0.0):
             newest[source or ""] = ts
     clock.on_pack(wall, newest)

@@ -95,7 +95,9 @@ def event_of(data: dict[str, Any]) -> Any:
     if (data.get("type") in USAGE_TYPE_SET
             and data.get("schema_version", SCHEMA_VERSION) == SCHEMA_VERSION):
         d = data.get("data") or {}
+        at = datetime.fromisoformat(data["occurred_at"])
         return UsageLite(data["event_id"], data["account_id"], data["type"],
-                         data.get("user_id"), datetime.fromisoformat(data["occurred_at"]),
-                         UsageDataLite(d.get("name"), d.get("feature"), d.get("count", 1)))
+                         data.get("user_id"), at,
+                         UsageDataLite(d.get("name"), d.get("feature"), d.get("count", 1)),
+                         SCHEMA_VERSION, None, at.timestamp())
     return EVENT_ADAPTER.validate_python(data)

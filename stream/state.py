@@ -20,6 +20,7 @@ import cramjam
 import orjson
 
 from churnsignal.schemas.events import family_of
+from churnsignal.schemas.usage_lite import UsageLite
 from churnsignal.stream.attributes import apply_traits
 from churnsignal.stream.policy import BASE_COLUMNS, Policy
 
@@ -386,6 +387,47 @@ def _unpack_ids(text: str) -> array[int]:
 _users_of = itemgetter(USERS)
 
 
+class FoldParams:
+    """What folding an event reads of a policy, as native attributes: a policy is a tree of
+    pydantic models, and reading through it costs ~0.1 us a name, several names an event
+    (``fold_params`` makes one per policy)."""
+
+    def __init__(self, policy: Policy) -> None:
+        limits = policy.limits
+        self.dedup_ids: int = limits.dedup_ids
+        self.features: int = limits.features
+        self.day_users: int = limits.day_users
+        self.grace_days: int = policy.windows.grace_days
+        self.tracked: bool = bool(policy.tracked_types)
+        self.key_events: frozenset[str] = frozenset(policy.usage.key_events)
+        self.type_columns: dict[str, int] = policy.type_columns
+        self.activation_events: frozenset[str] = frozenset(
+            policy.onboarding.activation_events)
+
+
+# policy id -> (the policy, its params): kept with the policy so its id is not reused.
+_PARAMS: dict[int, tuple[Policy, FoldParams]] = {}
+
+
+def fold_params(policy: Policy) -> FoldParams:
+    entry = _PARAMS.get(id(policy))
+    if entry is not None and entry[0] is policy:
+        return entry[1]
+    if len(_PARAMS) >= 64:  # policies are few and long-lived; tests make many
+        _PARAMS.clear()
+    params = FoldParams(policy)
+    _PARAMS[id(policy)] = (policy, params)
+    return params
+
+
+def event_ts(event: Any) -> float:
+    """An event's time in seconds: a pack's usage event carries it (``packs.event_of``)."""
+    if isinstance(event, UsageLite) and event.ts:
+        return event.ts
+    ts: float = event.occurred_at.timestamp()
+    return ts
+
+
 def is_duplicate(state: AccountState, source: str | None, offset: int, id_h: int) -> bool:
     """Seen before: a redelivered Kafka record (offset high-water) or a repeated event id
     (``id_h``: its ``id_hash``)."""
@@ -395,14 +437,18 @@ def is_duplicate(state: AccountState, source: str | None, offset: int, id_h: int
 
 
 def _remember(state: AccountState, source: str | None, offset: int, id_h: int,
-              policy: Policy) -> None:
+              keep: int) -> None:
+    """Note an applied record: its offset and, in a ring of ``keep``, its id's hash."""
     if source is not None:
-        state.hw[source] = max(offset, state.hw.get(source, -1))
-    if policy.limits.dedup_ids:
-        state.ids.append(id_h)
-        overflow = len(state.ids) - policy.limits.dedup_ids
+        hw = state.hw
+        if offset > hw.get(source, -1):
+            hw[source] = offset
+    if keep:
+        ids = state.ids
+        ids.append(id_h)
+        overflow = len(ids) - keep
         if overflow > 0:
-            del state.ids[:overflow]
+            del ids[:overflow]
 
 
 def _track_types(state: AccountState, policy: Policy) -> None:
@@ -432,13 +478,13 @@ def _bucket(state: AccountState, day: int) -> list[int]:
 
 
 def _count_user(state: AccountState, day: int, user_id: str | None, today: int,
-                policy: Policy) -> None:
+                params: FoldParams) -> None:
     """Distinct users per day stay exact for the grace window; older days are frozen."""
-    if user_id is None or day < today - policy.windows.grace_days:
+    if user_id is None or day < today - params.grace_days:
         return
     users = state.day_users.setdefault(day, [])
     h = _user_hash(user_id) & 0xFFFFFFFF
-    if h not in users and len(users) < policy.limits.day_users:
+    if h not in users and len(users) < params.day_users:
         users.append(h)
         state.days[day][USERS] = len(users)
 
@@ -446,33 +492,48 @@ def _count_user(state: AccountState, day: int, user_id: str | None, today: int,
 def apply_event(state: AccountState, event: Any, source: str | None, offset: int,
                 policy: Policy, now: float) -> int | None:
     """Fold one canonical event into ``state``. Returns the day it touched, None if a duplicate."""
+    return apply_event_at(state, event, event_ts(event), source, offset, policy,
+                          fold_params(policy), now)
+
+
+def apply_event_at(state: AccountState, event: Any, ts: float, source: str | None,
+                   offset: int, policy: Policy, params: FoldParams, now: float) -> int | None:
+    """``apply_event`` of an event whose time (``event_ts``) and policy's ``fold_params``
+    the caller has at hand (a batch reads them once)."""
     id_h = id_hash(event.event_id)
     if is_duplicate(state, source, offset, id_h):
         return None
-    _remember(state, source, offset, id_h, policy)
-    if state.types or policy.tracked_types:
+    _remember(state, source, offset, id_h, params.dedup_ids)
+    if params.tracked or state.types:
         _track_types(state, policy)
-    ts = event.occurred_at.timestamp()
     day = day_of(ts)
-    if event.type == "subscription_snapshot":  # a backfill fact, not activity: no bucket
+    if isinstance(event, UsageLite):  # the bulk of any stream: read natively when compiled
+        _start(state, ts)
+        bucket = _bucket(state, day)
+        bucket[EVENTS] += 1
+        kind = event.type
+        d = event.data
+        _use_event(state, bucket, day, kind, d.name, d.feature, d.count, event.user_id, ts,
+                   now, params)
+        return day
+    kind = event.type
+    if kind == "subscription_snapshot":  # a backfill fact, not activity: no bucket
         state.seq += 1
         _apply_snapshot(state, event, ts)
         return day
-    if event.type == "account_traits":  # the account's attributes, not activity: no bucket
+    if kind == "account_traits":  # the account's attributes, not activity: no bucket
         state.seq += 1
         apply_traits(state.attributes, state.attribute_times, event.data.traits, ts,
                      policy.accounts.traits)
         return day
-    today = day_of(now)
-    state.seq += 1
-    if not state.first_seen or ts < state.first_seen:
-        state.first_seen = ts
-    state.last_event = max(state.last_event, ts)
+    _start(state, ts)
     bucket = _bucket(state, day)
     bucket[EVENTS] += 1
-    family = family_of(event.type)
+    family = family_of(kind)
     if family == "usage":
-        _apply_usage(state, event, ts, day, today, bucket, policy)
+        d = event.data
+        _use_event(state, bucket, day, kind, d.name, d.feature, d.count, event.user_id, ts,
+                   now, params)
     elif family == "billing":
         bucket[BILLING] += 1
         _apply_billing(state, event, ts)
@@ -482,44 +543,60 @@ def apply_event(state: AccountState, event: Any, source: str | None, offset: int
     return day
 
 
-def _apply_usage(state: AccountState, event: Any, ts: float, day: int, today: int,
-                 bucket: list[int], policy: Policy) -> None:
-    d = event.data
-    if event.type == "session":
+def _start(state: AccountState, ts: float) -> None:
+    """An activity event applied at ``ts``: counted, and the account's span widened."""
+    state.seq += 1
+    if not state.first_seen or ts < state.first_seen:
+        state.first_seen = ts
+    if ts > state.last_event:
+        state.last_event = ts
+
+
+def _use_event(state: AccountState, bucket: list[int], day: int, kind: str,
+               name: str | None, feature: str | None, count: int, user_id: str | None,
+               ts: float, now: float, params: FoldParams) -> None:
+    if kind == "session":
         bucket[SESSIONS] += 1
     # An event without a name (a canonical session, say) goes by its type.
-    _use(state, bucket, day, d.name or event.type, d.feature, d.count, ts, ts,
-         event.type == "activation",
-         policy)
-    _count_user(state, day, event.user_id, today, policy)
+    _use(state, bucket, day, name or kind, feature, count, ts, ts, kind == "activation",
+         params)
+    _count_user(state, day, user_id, day_of(now), params)
 
 
 def _use(state: AccountState, bucket: list[int], day: int, name: str | None,
          feature: str | None, count: int, first_ts: float, last_ts: float, activation: bool,
-         policy: Policy) -> None:
+         params: FoldParams) -> None:
     """Usage of one name on one day: a single event, or all of a day's events of that name
     folded at once (``fold_day``); both give the same state."""
     bucket[USAGE] += count
     if last_ts > state.last_active:
         state.last_active = last_ts
     if feature:
-        if feature in state.features or len(state.features) < policy.limits.features:
-            state.features[feature] = max(day, state.features.get(feature, day))
-    key_events = policy.usage.key_events
-    if key_events and ((name or "").lower() in key_events
-                       or (feature or "").lower() in key_events):
+        features = state.features
+        last = features.get(feature)
+        if last is None:
+            if len(features) < params.features:
+                features[feature] = day
+        elif day > last:
+            features[feature] = day
+    key_events = params.key_events
+    columns = params.type_columns
+    names = params.activation_events
+    if not (key_events or columns or names):
+        if activation and state.activated_at is None:
+            state.activated_at = first_ts
+        return
+    lowered = (name or "").lower()
+    feature_lowered = (feature or "").lower()
+    if key_events and (lowered in key_events or feature_lowered in key_events):
         bucket[KEY] += count
-    columns = policy.type_columns
     if columns:
-        column = columns.get((name or "").lower())
+        column = columns.get(lowered)
         if column is None:
-            column = columns.get((feature or "").lower())
+            column = columns.get(feature_lowered)
         if column is not None:
             bucket[column] += count
-    names = policy.onboarding.activation_events
-    if state.activated_at is None and (
-        activation or (names and (name or "").lower() in names)
-    ):
+    if state.activated_at is None and (activation or (names and lowered in names)):
         state.activated_at = first_ts
 
 
@@ -541,7 +618,8 @@ def fold_day(state: AccountState, usage: DayUsage, now: float, policy: Policy) -
     """Fold a day's counted usage into ``state``; returns the day."""
     first_ts = usage.occurred_at.timestamp()
     day = day_of(first_ts)
-    if state.types or policy.tracked_types:
+    params = fold_params(policy)
+    if params.tracked or state.types:
         _track_types(state, policy)
     state.seq += usage.events
     if not state.first_seen or first_ts < state.first_seen:
@@ -550,10 +628,10 @@ def fold_day(state: AccountState, usage: DayUsage, now: float, policy: Policy) -
     bucket = _bucket(state, day)
     bucket[EVENTS] += usage.events
     for name, count, kind_first, kind_last in usage.kinds:
-        _use(state, bucket, day, name, name, count, kind_first, kind_last, False, policy)
+        _use(state, bucket, day, name, name, count, kind_first, kind_last, False, params)
     today = day_of(now)
     for user in usage.users:
-        _count_user(state, day, user, today, policy)
+        _count_user(state, day, user, today, params)
     return day
 
 

@@ -125,7 +125,7 @@ class NativeHistory:
         self.spool.add(ts, orjson.dumps(event.model_dump(mode="json", exclude_none=True)))
 
     def _count_name(self, event: Any, ts: float) -> None:
-        # As the fold names usage (state._apply_usage): its name, else its type.
+        # As the fold names usage (state._use_event): its name, else its type.
         name = (getattr(event.data, "name", None) or event.type).lower()
         if name not in self._names:
             if len(self._names) >= MAX_NAMES:
