@@ -433,7 +433,20 @@ def is_duplicate(state: AccountState, source: str | None, offset: int, id_h: int
     (``id_h``: its ``id_hash``)."""
     if source is not None and offset <= state.hw.get(source, -1):
         return True
-    return id_h in state.ids
+    return in_ring(state.ids, id_h)
+
+
+def in_ring(ids: array[int], id_h: int) -> bool:
+    """``id_h in ids``, as a search of the ring's bytes: array's own test makes an int
+    object of every word it compares (~1.2 us for a full ring of 64, against ~0.3)."""
+    if len(ids) < 8 or not 0 <= id_h < 1 << 64:
+        return id_h in ids
+    key = id_h.to_bytes(8, sys.byteorder)
+    raw = ids.tobytes()
+    at = raw.find(key)
+    while at > 0 and at % 8:  # bytes that span two words are no word
+        at = raw.find(key, at + 1)
+    return at >= 0
 
 
 def _remember(state: AccountState, source: str | None, offset: int, id_h: int,

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from array import array
 from datetime import UTC, datetime
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from churnsignal.schemas.events import EVENT_ADAPTER
 from churnsignal.stream.engine import apply_batch, rescore
 from churnsignal.stream.policy import Policy
-from churnsignal.stream.state import DAY, AccountState
+from churnsignal.stream.state import DAY, AccountState, in_ring
 
 POLICY = Policy()
 NOW = 1_764_000_000.0
@@ -127,6 +131,10 @@ def test_out_of_order_events_are_applied_to_their_day_and_counted_late() -> None
     shuffled = apply_batch(None, "acme", list(reversed(items)), NOW, POLICY)
     assert in_order.late == 0
     assert shuffled.late == len(items) - 1  # each is older than the newest before it
+    # at the same time as the newest before it: not late, and the newer trigger
+    twin = usage(999, items[-1][2].occurred_at.timestamp())
+    same = apply_batch(None, "acme", [*items, (None, 0, twin)], NOW, POLICY)
+    assert same.late == 0 and same.newest is twin
     assert shuffled.state.days == in_order.state.days  # same windows either way
     # days stay in day order (the windows read the newest, prune drops the oldest first)
     assert list(shuffled.state.days) == sorted(shuffled.state.days)
@@ -315,3 +323,65 @@ def test_state_stays_under_4_kb_at_worst_with_tracked_types_users_tickets_and_fa
                         POLICY).state.to_bytes()
     assert small.startswith(b"{") and len(small) <= COMPRESS_ABOVE
     assert AccountState.from_bytes(small).seq == 200
+
+
+_KINDS = ("feature_used", "session", "track", "activation", "seat_activity")
+_NAMES = (None, "Report Exported", "dashboard viewed", "Project Created", "Export")
+_FEATURES = (None, "reports", "Seats", "api", "billing")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.sampled_from(_KINDS),
+                          st.sampled_from(_NAMES), st.sampled_from(_FEATURES),
+                          st.sampled_from((None, "u1", "u2", "u3")), st.integers(1, 5),
+                          st.integers(0, 40 * 24), st.integers(0, 3)),
+                min_size=1, max_size=60),
+       st.integers(1, 7))
+def test_pack_usage_events_fold_like_their_models_through_any_batches(
+        events: list[tuple[int, str, str | None, str | None, str | None, int, int, int]],
+        batch: int) -> None:
+    # The typed path for pack usage events (UsageLite, its time read once) against the
+    # validated models, with repeated ids and offsets, times out of order, tracked types,
+    # key and activation events and small limits: the same states, byte for byte, and the
+    # same outcomes.
+    from churnsignal.stream.packs import event_of
+
+    policy = Policy.model_validate({
+        "usage": {"key_events": ["report exported", "seats"], "track_types": ["export"]},
+        "onboarding": {"activation_events": ["project created"]},
+        "limits": {"features": 2, "day_users": 2, "dedup_ids": 9}})
+    wall = NOW
+    models = [(f"u/{source}", offset, EVENT_ADAPTER.validate_python({
+        "event_id": f"e{n}", "account_id": "acme", "type": kind, "user_id": user,
+        "occurred_at": datetime.fromtimestamp(wall - hours * 3600 - 0.25, tz=UTC).isoformat(),
+        "data": {k: v for k, v in (("name", name), ("feature", feature), ("count", count))
+                 if v is not None}}))
+        for offset, (n, kind, name, feature, user, count, hours, source) in enumerate(events)]
+    packed = [(s, o, event_of(e.model_dump(mode="json"))) for s, o, e in models]
+    slow_state = fast_state = None
+    for start in range(0, len(models), batch):
+        slow = apply_batch(slow_state, "acme", models[start:start + batch], wall, policy)
+        fast = apply_batch(fast_state, "acme", packed[start:start + batch], wall, policy)
+        slow_state, fast_state = slow.state, fast.state
+        assert fast.state.to_bytes() == slow.state.to_bytes()
+        assert (fast.applied, fast.duplicates, fast.late, fast.days) == (
+            slow.applied, slow.duplicates, slow.late, slow.days)
+        assert (fast.newest and fast.newest.event_id) == (slow.newest and slow.newest.event_id)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, (1 << 48) - 1), max_size=70), st.integers(0, (1 << 48) - 1))
+def test_the_dedup_ring_finds_exactly_its_words(words: list[int], probe: int) -> None:
+    ring = array("Q", words)
+    for value in (probe, *words[:3]):
+        assert in_ring(ring, value) == (value in words)
+
+
+def test_the_dedup_ring_ignores_bytes_that_span_two_words() -> None:
+    key = 0x1122334455667788
+    raw = bytes(4) + key.to_bytes(8, sys.byteorder) + bytes(4)
+    ring = array("Q", raw * 8)  # 16 words, the key's bytes across each pair of them
+    assert key not in ring
+    assert not in_ring(ring, key)
+    ring.append(key)
+    assert in_ring(ring, key)
