@@ -544,9 +544,10 @@ def apply_event_at(state: AccountState, event: Any, ts: float, source: str | Non
     bucket[EVENTS] += 1
     family = family_of(kind)
     if family == "usage":
-        d = event.data
-        _use_event(state, bucket, day, kind, d.name, d.feature, d.count, event.user_id, ts,
-                   now, params)
+        # (not ``d``: the compiled build would take it for the UsageDataLite above)
+        data: Any = event.data
+        _use_event(state, bucket, day, kind, data.name, data.feature, data.count,
+                   event.user_id, ts, now, params)
     elif family == "billing":
         bucket[BILLING] += 1
         _apply_billing(state, event, ts)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 from array import array
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import orjson
 from hypothesis import given, settings
@@ -330,20 +331,23 @@ _NAMES = (None, "Report Exported", "dashboard viewed", "Project Created", "Expor
 _FEATURES = (None, "reports", "Seats", "api", "billing")
 
 
-@settings(max_examples=60, deadline=None)
+_ZONES = (UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8)))
+
+
+@settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 30), st.sampled_from(_KINDS),
                           st.sampled_from(_NAMES), st.sampled_from(_FEATURES),
                           st.sampled_from((None, "u1", "u2", "u3")), st.integers(1, 5),
-                          st.integers(0, 40 * 24), st.integers(0, 3)),
+                          st.integers(0, 40 * 24), st.integers(0, 2), st.integers(0, 12),
+                          st.sampled_from(_ZONES), st.sampled_from((0, 250_000))),
                 min_size=1, max_size=60),
        st.integers(1, 7))
 def test_pack_usage_events_fold_like_their_models_through_any_batches(
-        events: list[tuple[int, str, str | None, str | None, str | None, int, int, int]],
-        batch: int) -> None:
+        events: list[tuple[Any, ...]], batch: int) -> None:
     # The typed path for pack usage events (UsageLite, its time read once) against the
-    # validated models, with repeated ids and offsets, times out of order, tracked types,
-    # key and activation events and small limits: the same states, byte for byte, and the
-    # same outcomes.
+    # validated models: repeated event ids, offsets redelivered or not, times out of order
+    # in several zones, payments among them, tracked types, key and activation events and
+    # small limits. The same states, byte for byte, and the same outcomes.
     from churnsignal.stream.packs import event_of
 
     policy = Policy.model_validate({
@@ -351,12 +355,18 @@ def test_pack_usage_events_fold_like_their_models_through_any_batches(
         "onboarding": {"activation_events": ["project created"]},
         "limits": {"features": 2, "day_users": 2, "dedup_ids": 9}})
     wall = NOW
-    models = [(f"u/{source}", offset, EVENT_ADAPTER.validate_python({
-        "event_id": f"e{n}", "account_id": "acme", "type": kind, "user_id": user,
-        "occurred_at": datetime.fromtimestamp(wall - hours * 3600 - 0.25, tz=UTC).isoformat(),
-        "data": {k: v for k, v in (("name", name), ("feature", feature), ("count", count))
-                 if v is not None}}))
-        for offset, (n, kind, name, feature, user, count, hours, source) in enumerate(events)]
+    models = []
+    for n, kind, name, feature, user, count, hours, source, offset, zone, micros in events:
+        at = datetime.fromtimestamp(wall - hours * 3600, tz=zone).replace(microsecond=micros)
+        if n % 7 == 3:  # a payment now and then: validated again on both paths
+            body = {"event_id": f"e{n}", "account_id": "acme", "type": "payment_failed",
+                    "occurred_at": at.isoformat(), "data": {"next_attempt_at": None}}
+        else:
+            body = {"event_id": f"e{n}", "account_id": "acme", "type": kind, "user_id": user,
+                    "occurred_at": at.isoformat(),
+                    "data": {k: v for k, v in (("name", name), ("feature", feature),
+                                               ("count", count)) if v is not None}}
+        models.append((f"u/{source}", offset, EVENT_ADAPTER.validate_python(body)))
     packed = [(s, o, event_of(e.model_dump(mode="json"))) for s, o, e in models]
     slow_state = fast_state = None
     for start in range(0, len(models), batch):
@@ -367,6 +377,7 @@ def test_pack_usage_events_fold_like_their_models_through_any_batches(
         assert (fast.applied, fast.duplicates, fast.late, fast.days) == (
             slow.applied, slow.duplicates, slow.late, slow.days)
         assert (fast.newest and fast.newest.event_id) == (slow.newest and slow.newest.event_id)
+        assert len(fast.facts) == len(slow.facts)
 
 
 @settings(max_examples=200, deadline=None)
