@@ -166,6 +166,9 @@ def bench(
     scale_out: Annotated[bool, typer.Option(
         help="Also run two workers of one deployment (one consumer group) on the data set "
         "at once.")] = True,
+    latency_seconds: Annotated[float, typer.Option(
+        min=1.0, help="Length of each latency phase (an alert every 0.2 s; the p99 of 30 s "
+        "is not simply the slowest alert).")] = 30.0,
     out: Annotated[Path, typer.Option(
         help="Where results.json (gateway.json, fold.json) goes.")] = Path(".bench"),
     gateway: Annotated[bool, typer.Option(
@@ -201,7 +204,8 @@ def bench(
             run_bench(effective, effective.kafka_bootstrap_servers or "", events=events,
                       accounts=accounts, runs=runs, out_dir=out, peers=chosen,
                       dense_accounts=dense_accounts, dense_days=dense_days,
-                      dense_per_day=dense_per_day, scale_out=scale_out)
+                      dense_per_day=dense_per_day, scale_out=scale_out,
+                      latency_s=latency_seconds)
     except ChurnsignalError as exc:
         _fail(exc)
 

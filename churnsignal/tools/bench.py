@@ -420,7 +420,7 @@ def new_dataset(settings: Settings, bootstrap: str, prefix: str, events: int,
 def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int, runs: int,
               out_dir: Path, peers: tuple[str, ...] = PEERS, dense_accounts: int = 0,
               dense_days: int = 30, dense_per_day: int = 20,
-              scale_out: bool = False) -> dict[str, Any]:
+              scale_out: bool = False, latency_s: float = LATENCY_S) -> dict[str, Any]:
     console = Console()
     data = new_dataset(settings, bootstrap, "bench", events, accounts)
     console.print(f"generating {events:,} events over {accounts:,} accounts ...")
@@ -477,7 +477,7 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
         console.print(f"latency at {rate:,.0f} events/s (half the measured maximum) ...")
         # 30 s: 150 alerts, so the p99 is not simply the slowest one
         latencies = asyncio.run(measure_latency(bootstrap, data, facts["alerts_topic"], rate,
-                                                LATENCY_S))
+                                                latency_s))
     finally:
         if worker is not None:
             stop_process(worker)
@@ -495,7 +495,7 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
         console.print(f"latency at {rate:,.0f} events/s (half its maximum), ingest in its own "
                       "process ...")
         separate_latencies = asyncio.run(measure_latency(
-            bootstrap, data, separate_facts["alerts_topic"], rate, LATENCY_S))
+            bootstrap, data, separate_facts["alerts_topic"], rate, latency_s))
     finally:
         if worker is not None:
             stop_process(worker)
@@ -526,6 +526,7 @@ def run_bench(settings: Settings, bootstrap: str, *, events: int, accounts: int,
         "latency_p99_s": _pct(latencies, 0.99),
         "latency_samples": len(latencies),
         "latency_missing": sum(1 for v in latencies if v == math.inf),
+        "latency_phase_s": latency_s,
         "churnsignal_ingest_process_eps": median[SEPARATE],
         "ingest_process_cpu_s": separate_facts.get("cpu_s"),
         "ingest_process_latency_p50_s": _pct(separate_latencies, 0.50),

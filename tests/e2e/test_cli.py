@@ -166,13 +166,16 @@ def test_bench_runs_end_to_end_on_a_small_data_set(tmp_path: Path) -> None:
     out_dir = tmp_path / "bench"
     code, out, _ = run(["bench", "--events", "3000", "--accounts", "300", "--runs", "1",
                         "--peers", "ceiling", "--dense-accounts", "10", "--dense-days", "3",
-                        "--dense-per-day", "10", "--out", str(out_dir)], timeout=600)
+                        "--dense-per-day", "10", "--latency-seconds", "4",
+                        "--out", str(out_dir)], timeout=600)
     assert code == 0, out[-3000:]
     results = json.loads((out_dir / "results.json").read_text())
     for key in ("ceiling_eps", "churnsignal_eps", "latency_p50_s", "latency_p99_s",
                 "state_bytes_per_account", "state_load_s"):
         assert results[key] is not None and results[key] > 0, (key, results)
     assert results["state_keys_loaded"] >= results["accounts_tracked"] > 0
+    # --latency-seconds: an alert every 0.2 s for 4 s (the bench's own phases are 30 s)
+    assert results["latency_phase_s"] == 4.0 and 19 <= results["latency_samples"] <= 21, results
     assert "written:" in out and "reading all state back" in out
     # Two workers of one group split the data set: every event applied, by both.
     scale = results["scale_out"]
