@@ -61,7 +61,8 @@ class UsageLite:
     # of the dump. Not a field of the event: equality and repr leave it out.
     at_json: str | None = field(default=None, compare=False, repr=False)
     # occurred_at in seconds, when the maker worked it out (the state agent's, which reads
-    # it several times an event); 0.0: not known (``stream.state.event_ts``).
+    # it several times an event); 0.0: not known (``stream.state.event_ts``). A copy with
+    # another occurred_at must reset it, as ``model_copy`` does (``replace`` does not).
     ts: float = field(default=0.0, compare=False, repr=False)
 
     def __init__(self, event_id: str, account_id: str, type: str,
