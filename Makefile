@@ -60,22 +60,32 @@ typecheck: $(STAMP)
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q
 
+# Integration tests mostly wait on brokers and worker processes: they run in TEST_JOBS
+# pytest-xdist processes, each with its own embedded broker. A file runs whole and in order
+# in one process (loadfile): its module fixtures start once, and some tests read what an
+# earlier one of their file left. Then, in one process, the tests marked serial (xdist
+# cannot schedule them) and those that stop the shared Apache Kafka.
+TEST_JOBS ?= 2
+XDIST = -n $(TEST_JOBS) --dist loadfile
+
 test-tansu: $(STAMP)
-	env -u KAFKA_BOOTSTRAP_SERVERS $(PY) -m pytest tests -q
+	env -u KAFKA_BOOTSTRAP_SERVERS $(PY) -m pytest tests -q $(XDIST) -m 'not serial'
+	env -u KAFKA_BOOTSTRAP_SERVERS $(PY) -m pytest tests -q -m serial
 
 test-kafka: $(STAMP)
 	deploy/kafka/kafka.sh fetch
 	bootstrap=$$(deploy/kafka/kafka.sh start $(abspath $(KAFKA_DIR))) && \
 	  trap 'deploy/kafka/kafka.sh stop $(abspath $(KAFKA_DIR))' EXIT && \
-	  KAFKA_BOOTSTRAP_SERVERS=$$bootstrap CHURNSIGNAL_TEST_KAFKA_DIR=$(abspath $(KAFKA_DIR)) \
-	  $(PY) -m pytest tests/integration -q
+	  export KAFKA_BOOTSTRAP_SERVERS=$$bootstrap CHURNSIGNAL_TEST_KAFKA_DIR=$(abspath $(KAFKA_DIR)) && \
+	  $(PY) -m pytest tests/integration -q $(XDIST) -m 'not (serial or restarts_broker)' && \
+	  $(PY) -m pytest tests/integration -q -m 'serial or restarts_broker'
 
 # The unit tests and the worker pipeline against the compiled build (tests that replace a
 # core function are skipped there: tests/conftest.py). --import-mode=append and
 # PYTHONSAFEPATH: the installed package, not the source tree, is what they import.
 test-compiled: $(CSTAMP)
 	env -u KAFKA_BOOTSTRAP_SERVERS PYTHONSAFEPATH=1 $(CVENV)/bin/pytest -q -p no:cacheprovider \
-	  --import-mode=append tests/unit tests/integration/test_pipeline.py tests/integration/test_hostile_input.py
+	  --import-mode=append $(XDIST) tests/unit tests/integration/test_pipeline.py tests/integration/test_hostile_input.py
 
 compose-check:
 	@if docker compose version >/dev/null 2>&1; then docker compose config -q; \

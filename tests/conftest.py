@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -73,10 +74,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [item for item in items if not item.get_closest_marker("offline")]
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    from tests.integration.helpers import FIGURES
+# What the tests measured, as each test's report carries it: under pytest-xdist the tests
+# run in other processes, and only their reports reach the one that prints the summary.
+_FIGURES: list[str] = []
 
-    if FIGURES:
+
+@pytest.fixture(autouse=True)
+def _figures_in_the_report(request: pytest.FixtureRequest) -> Iterator[None]:
+    helpers = sys.modules.get("tests.integration.helpers")  # not imported: no figures
+    first = len(helpers.FIGURES) if helpers else 0
+    yield
+    helpers = sys.modules.get("tests.integration.helpers")
+    if helpers:
+        request.node.user_properties.extend(("figure", line) for line in helpers.FIGURES[first:])
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":
+        _FIGURES.extend(str(v) for k, v in report.user_properties if k == "figure")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FIGURES:
         terminalreporter.section("figures")
-        for line in FIGURES:
+        for line in _FIGURES:
             terminalreporter.write_line(line)

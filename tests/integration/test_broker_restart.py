@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KAFKA_SH = Path(__file__).parents[2] / "deploy" / "kafka" / "kafka.sh"
 
 
+@pytest.mark.restarts_broker
 def test_worker_rides_out_a_broker_restart(broker: str, tmp_path: Path) -> None:
     kafka_dir = os.environ.get("CHURNSIGNAL_TEST_KAFKA_DIR")
     if not kafka_dir:

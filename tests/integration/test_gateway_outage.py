@@ -222,6 +222,7 @@ def test_kafka_unreachable_503_then_the_sdk_retries_land(tmp_path: Path) -> None
 KAFKA_SH = Path(__file__).parents[2] / "deploy" / "kafka" / "kafka.sh"
 
 
+@pytest.mark.restarts_broker
 def test_apache_kafka_stopped_and_started_under_the_sdk(broker: str, tmp_path: Path) -> None:
     """The broker itself stopped and started again on its data (`make test-kafka`)."""
     kafka_dir = os.environ.get("CHURNSIGNAL_TEST_KAFKA_DIR")
