@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -72,6 +73,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if offline:
         config.hook.pytest_deselected(items=offline)
         items[:] = [item for item in items if not item.get_closest_marker("offline")]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: object, ids: list[str]) -> None:
+    """pytest-xdist schedules by node id: of tests sharing one (schemathesis' operations) it
+    would run one and call the run passed. Refuse instead."""
+    if twice := sorted(nodeid for nodeid, n in Counter(ids).items() if n > 1):
+        raise pytest.UsageError(
+            f"tests sharing a node id cannot run under pytest-xdist: {twice}; mark them serial "
+            "and run them without -n (`make test` does: -m 'not serial', then -m serial)")
 
 
 # What the tests measured, as each test's report carries it: under pytest-xdist the tests
