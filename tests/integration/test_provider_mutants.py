@@ -104,6 +104,12 @@ def test_provider_mutants_never_stop_a_partition(broker: str, tmp_path: Path) ->
     figures(f"mutants: produced {produced} ({len(sentinels)} sentinels), accepted "
             f"{accepted:.0f}, skipped {skipped:.0f}, dead-lettered {dead:.0f}; "
             f"DLQ by reason {dict(reasons)}, by step {dict(steps)}")
+    for record in dlq:  # rare (a mutant the decoder accepts and the fold refuses): name it
+        headers = dict(record.headers)
+        if headers["dlq_step"] != b"decode":
+            figures(f"mutants: dead-lettered at {headers['dlq_step'].decode()} as "
+                    f"{headers['dlq_reason'].decode()}: {headers['dlq_detail'].decode()[:500]}; "
+                    f"record {(record.value or b'')[:800]!r}")
     assert consumed == produced
     assert accepted + skipped + refused == produced  # nothing lost, nothing counted twice
     assert set(reasons) <= KNOWN, reasons
