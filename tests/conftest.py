@@ -86,18 +86,21 @@ def pytest_xdist_node_collection_finished(node: object, ids: list[str]) -> None:
 
 
 # What the tests measured, as each test's report carries it: under pytest-xdist the tests
-# run in other processes, and only their reports reach the one that prints the summary.
+# run in other processes, and only their reports reach the one that prints the summary. A
+# test's report takes every line since the last report's, so lines from a module fixture's
+# setup (before this fixture's) are not missed.
 _FIGURES: list[str] = []
+_REPORTED = [0]  # of helpers.FIGURES, in this process
 
 
 @pytest.fixture(autouse=True)
 def _figures_in_the_report(request: pytest.FixtureRequest) -> Iterator[None]:
-    helpers = sys.modules.get("tests.integration.helpers")  # not imported: no figures
-    first = len(helpers.FIGURES) if helpers else 0
     yield
-    helpers = sys.modules.get("tests.integration.helpers")
+    helpers = sys.modules.get("tests.integration.helpers")  # not imported: no figures
     if helpers:
-        request.node.user_properties.extend(("figure", line) for line in helpers.FIGURES[first:])
+        request.node.user_properties.extend(
+            ("figure", line) for line in helpers.FIGURES[_REPORTED[0]:])
+        _REPORTED[0] = len(helpers.FIGURES)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
