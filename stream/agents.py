@@ -273,6 +273,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Runtime
     liveness = runtime.liveness
     ingestor.on_outage = lambda failing: liveness.outage("kafka-ingest", failing,
                                                          time.monotonic())
+    if isinstance(ingestor, IngestProcess):
+        ingestor.on_broken = lambda reason: liveness.failing("ingest-process", reason)
     identity_limits = IdentityLimits(
         s.ingest.max_parked_per_identity, s.ingest.identity_grace_s, s.ingest.identity_ttl_s,
         s.ingest.max_parked_identities)

@@ -6,7 +6,10 @@
   due), Kafka and ClickHouse are reachable, and the agent has not finished a step or a flush
   for ``stall_s``;
 - the **event loop is blocked**: the heartbeat (a 1 s timer on the loop, see ``beat``) has not
-  run for ``stall_s``.
+  run for ``stall_s``;
+- a **part of the worker cannot run** (``broken``): e.g. its ingest process exits again each
+  time it is started. Nothing is being waited out then, and a healthy-looking worker that
+  reads nothing would be a silent outage.
 
 Waiting on an outage is not a stall: while a Kafka or ClickHouse call keeps failing
 (``outage(kind, True, now)``) the agent holds its packs unacknowledged and retries, which is
@@ -39,6 +42,7 @@ class Liveness:
         self.waiting_since = now
         self.outages: dict[str, float] = {}  # kind -> failing since
         self.outage_cleared = now  # when the last outage ended
+        self.broken: dict[str, str] = {}  # part -> why it cannot run
         self.last_beat: float | None = None  # None until the heartbeat first runs
         self.loop_lag = 0.0  # how late the last heartbeat ran
         self.worst_lag = 0.0
@@ -69,6 +73,13 @@ class Liveness:
         elif self.outages.pop(kind, None) is not None:
             self.outage_cleared = now
 
+    def failing(self, part: str, reason: str | None) -> None:
+        """``part`` cannot run (``reason``), or runs again (None)."""
+        if reason is None:
+            self.broken.pop(part, None)
+        else:
+            self.broken[part] = reason
+
     def beat(self, now: float, interval: float = HEARTBEAT_S) -> float:
         """The event loop ran its heartbeat; returns how late it ran (seconds)."""
         lag = 0.0 if self.last_beat is None else max(0.0, now - self.last_beat - interval)
@@ -89,6 +100,8 @@ class Liveness:
         if self.last_beat is not None and now - self.last_beat > stall_s:
             return False, (f"event loop blocked: no heartbeat for {now - self.last_beat:.0f}s "
                            f"(limit {stall_s:g}s)")
+        if self.broken:
+            return False, "; ".join(f"{part}: {why}" for part, why in sorted(self.broken.items()))
         if self.outages:
             kinds = ", ".join(f"{kind} for {now - since:.0f}s"
                               for kind, since in sorted(self.outages.items()))
@@ -110,6 +123,7 @@ class Liveness:
             "since_progress_s": round(now - self.last_progress, 3),
             "stalled_s": round(self.stalled_for(now), 3),
             "outages": {kind: round(now - since, 3) for kind, since in sorted(self.outages.items())},
+            "broken": dict(sorted(self.broken.items())),
             "loop_lag_s": round(self.loop_lag, 3),
             "loop_lag_worst_s": round(self.worst_lag, 3),
             "since_heartbeat_s": None if self.last_beat is None else round(now - self.last_beat, 3),

@@ -11,7 +11,10 @@ worker needs from it comes as JSON lines on its stdout: the metric operations it
 to the worker's own metrics, so ``/metrics`` shows them), its backlog (the agent's catch-up
 batching), whether it holds partitions (``/readyz``) and Kafka outages (``/healthz``). The
 worker writes commands to its stdin (``forget_links`` after a forget). A child that dies is
-started again (with back-off); one whose worker died stops by itself.
+started again (with back-off); one whose worker died stops by itself. A child that exits
+``CRASH_LOOP_EXITS`` times in a row soon after starting, and not because Kafka is out, makes
+the worker's ``/healthz`` fail until one runs again: restarting cannot mend a bad setting or
+install, but a worker that looks healthy while it reads nothing is an outage nobody sees.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ log = logging.getLogger(__name__)
 
 REPORT_S = 0.2  # how often the child reports its metrics and backlog
 STOP_WAIT_S = 30.0  # a stopping child is killed after this
+RESTART_FIRST_S = 1.0  # back-off before the first restart, doubled up to RESTART_MAX_S
 RESTART_MAX_S = 30.0
+CRASH_LOOP_EXITS = 5  # quick exits in a row (each within RESTART_MAX_S of starting): broken
+CHILD_MODULE = "churnsignal.app.ingest_process"
 FORGET_LINKS = b"forget_links\n"
 
 # (metric attribute, labels, method, value)
@@ -106,8 +112,13 @@ class IngestProcess:
         self.metrics = metrics
         self.assigned = False
         self.on_outage: Callable[[bool], None] = lambda failing: None
+        # Told why the ingest cannot run (a crash loop), and None once a child runs again.
+        self.on_broken: Callable[[str | None], None] = lambda reason: None
+        self.command: tuple[str, ...] = (sys.executable, "-m", CHILD_MODULE)
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.quick_exits = 0  # in a row, not on a Kafka outage
+        self._child_outage = False  # the running child's last word on Kafka
         self._backlog = 0
         self._stopping = False
         self._down = False  # exited; its successor's first report ends the outage
@@ -115,15 +126,16 @@ class IngestProcess:
 
     async def start(self) -> None:
         # Its log lines go where the worker's go (stderr is inherited).
+        self._child_outage = False
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "churnsignal.app.ingest_process",
+            *self.command,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, _PARENT_ENV: str(os.getpid())}, limit=16 * 1024 * 1024)
         self._started = time.monotonic()
         log.info("ingest runs in process %d", self.proc.pid)
 
     async def run(self) -> None:
-        delay = 1.0
+        delay = RESTART_FIRST_S
         while True:
             proc = self.proc
             assert proc is not None and proc.stdout is not None
@@ -133,12 +145,20 @@ class IngestProcess:
             if self._stopping:
                 return
             if time.monotonic() - self._started > RESTART_MAX_S:
-                delay = 1.0  # it had been running: not a crash loop
+                delay = RESTART_FIRST_S  # it had been running: not a crash loop
+                self._ran()
+            elif not self._child_outage:  # a Kafka outage at its start is waited out
+                self.quick_exits += 1
             self.assigned = False
             self._down = True
             self.on_outage(True)
             log.error("the ingest process exited (code %s); starting it again in %.0fs",
                       code, delay)
+            if self.quick_exits >= CRASH_LOOP_EXITS:
+                self.on_broken(
+                    f"the ingest process exited {self.quick_exits} times in a row within "
+                    f"{RESTART_MAX_S:.0f}s of starting (last exit code {code}); its log "
+                    "lines say why")
             await asyncio.sleep(delay)
             if self._stopping:
                 return
@@ -146,14 +166,22 @@ class IngestProcess:
             self.restarts += 1
             await self.start()
 
+    def _ran(self) -> None:
+        if self.quick_exits:
+            self.quick_exits = 0
+            self.on_broken(None)
+
     def _report(self, line: bytes) -> None:
         try:
             report = orjson.loads(line)
         except orjson.JSONDecodeError:
             log.warning("ingest process wrote a line that is not a report: %r", line[:200])
             return
+        if self.quick_exits and time.monotonic() - self._started > RESTART_MAX_S:
+            self._ran()  # this child has been running long enough: not a crash loop
         if "outage" in report:
-            self.on_outage(bool(report["outage"]))
+            self._child_outage = bool(report["outage"])
+            self.on_outage(self._child_outage)
         if "ops" in report:
             if self._down:  # a new child reports: the ingest runs again
                 self._down = False
@@ -191,6 +219,8 @@ _PARENT_ENV = "CHURNSIGNAL_INGEST_PARENT_PID"
 
 
 async def _serve(settings: Settings, out: IO[bytes]) -> None:
+    from aiokafka.errors import KafkaError
+
     from churnsignal.stream.ingest import Ingestor, options_for
     from churnsignal.stream.policy import load_policy
 
@@ -228,7 +258,11 @@ async def _serve(settings: Settings, out: IO[bytes]) -> None:
                 ingestor.forget_links()
         stop.set()  # the worker closed our stdin: it is gone
 
-    await ingestor.start()
+    try:
+        await ingestor.start()
+    except KafkaError:
+        send({"outage": True})  # Kafka out at start: the worker waits it out, not a crash loop
+        raise
     # As the worker does: what start-up built is never collected again, and the young
     # generation is collected rarely (at the defaults, collecting took ~23 % of this
     # process's CPU, most of it full collections over the modules, clients and caches).

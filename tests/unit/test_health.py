@@ -106,3 +106,16 @@ def test_each_reporter_sets_its_own_waiting_count() -> None:
     lv.progress(400.0)
     lv.waiting(0, now=400.0, what="flush")
     assert lv.work_waiting == 0 and lv.check(10_000.0, STALL) == (True, "idle")
+
+
+def test_a_part_that_cannot_run_fails_the_check_even_during_an_outage() -> None:
+    lv = Liveness(now=0.0)
+    lv.outage("kafka-ingest", True, now=1.0)
+    lv.failing("ingest-process", "exited 5 times in a row")
+    ok, reason = lv.check(2.0, stall_s=60)
+    assert not ok and reason == "ingest-process: exited 5 times in a row"
+    assert lv.snapshot(2.0)["broken"] == {"ingest-process": "exited 5 times in a row"}
+    lv.failing("ingest-process", None)  # a child runs again
+    ok, reason = lv.check(3.0, stall_s=60)
+    assert ok and reason.startswith("waiting on an outage")
+    assert lv.snapshot(3.0)["broken"] == {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 from prometheus_client import CollectorRegistry
 
 from churnsignal.app.ingest_process import RecordingMetrics, apply_ops
@@ -63,3 +64,122 @@ def test_an_outage_for_a_child_that_died_ends_with_its_successors_first_report()
     ingest._report(b'{"outage": true}')  # the new child's own Kafka trouble still counts
     assert outages == [False, True]
     assert ingest.backlog() == 3 and ingest.assigned
+
+
+def _child(code: str) -> tuple[str, ...]:
+    import sys
+
+    return (sys.executable, "-c", code)
+
+
+async def _run_until(ingest: object, done: object, timeout: float = 20.0) -> None:
+    """Runs ``ingest.run()`` (real child processes) until ``done()``, then stops it."""
+    import asyncio
+
+    task = asyncio.ensure_future(ingest.run())  # type: ignore[attr-defined]
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not done() and asyncio.get_running_loop().time() < deadline:  # type: ignore[operator]
+            await asyncio.sleep(0.02)
+    finally:
+        await ingest.stop()  # type: ignore[attr-defined]
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+def quick_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from churnsignal.app import ingest_process
+
+    monkeypatch.setattr(ingest_process, "RESTART_FIRST_S", 0.01)
+    monkeypatch.setattr(ingest_process, "RESTART_MAX_S", 1.0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("quick_restarts")
+async def test_a_child_that_keeps_exiting_at_start_fails_the_health_check() -> None:
+    # A bad install or setting that only the child trips on: restarting it cannot help,
+    # and a worker that reads nothing must not look healthy (it would be a silent outage).
+    from churnsignal.app.health import Liveness
+    from churnsignal.app.ingest_process import CRASH_LOOP_EXITS, IngestProcess
+    from churnsignal.app.settings import Settings
+
+    liveness = Liveness(now=0.0)
+    ingest = IngestProcess(Settings(), Metrics(CollectorRegistry()))
+    ingest.on_outage = lambda failing: liveness.outage("kafka-ingest", failing, 0.0)
+    ingest.on_broken = lambda reason: liveness.failing("ingest-process", reason)
+    ingest.command = _child("import sys; sys.exit(3)")
+    await ingest.start()
+    await _run_until(ingest, lambda: bool(liveness.broken))
+    assert ingest.quick_exits >= CRASH_LOOP_EXITS
+    ok, reason = liveness.check(1.0, stall_s=60)
+    assert not ok
+    assert f"exited {CRASH_LOOP_EXITS} times in a row" in reason
+    assert "last exit code 3" in reason
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("quick_restarts")
+async def test_a_child_that_cannot_reach_kafka_at_start_is_an_outage_not_a_crash_loop() -> None:
+    from churnsignal.app.ingest_process import CRASH_LOOP_EXITS, IngestProcess
+    from churnsignal.app.settings import Settings
+
+    outages: list[bool] = []
+    broken: list[str | None] = []
+    ingest = IngestProcess(Settings(), Metrics(CollectorRegistry()))
+    ingest.on_outage = outages.append
+    ingest.on_broken = broken.append
+    # What _serve writes when ingestor.start() raises a KafkaError, then the exit.
+    ingest.command = _child("import sys; print('{\"outage\": true}', flush=True); sys.exit(1)")
+    await ingest.start()
+    await _run_until(ingest, lambda: ingest.restarts > CRASH_LOOP_EXITS)
+    assert ingest.restarts > CRASH_LOOP_EXITS
+    assert broken == [] and ingest.quick_exits == 0
+    assert outages and all(outages)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("quick_restarts")
+async def test_a_child_that_runs_again_clears_the_crash_loop() -> None:
+    from churnsignal.app.ingest_process import IngestProcess
+    from churnsignal.app.settings import Settings
+
+    broken: list[str | None] = []
+    ingest = IngestProcess(Settings(), Metrics(CollectorRegistry()))
+    ingest.on_broken = broken.append
+    ingest.command = _child("import sys; sys.exit(2)")
+    await ingest.start()
+    await _run_until(ingest, lambda: bool(broken))
+    assert broken and broken[-1] is not None
+    # Mended (a new image, a fixed setting): a child that reports for longer than
+    # RESTART_MAX_S (1 s here) is running, and the worker is healthy again.
+    ingest._stopping = False
+    ingest.command = _child(
+        "import sys, time\n"
+        "for _ in range(40):\n"
+        "    print('{\"ops\": [], \"backlog\": 0, \"assigned\": true}', flush=True)\n"
+        "    time.sleep(0.05)\n")
+    await ingest.start()
+    await _run_until(ingest, lambda: broken[-1] is None)
+    assert broken[-1] is None and ingest.quick_exits == 0
+
+
+def test_the_real_child_says_kafka_is_out_when_it_cannot_start(tmp_path: object) -> None:
+    # The child itself (not a stand-in): no broker answers at its bootstrap address, so
+    # ingestor.start() fails; it must say "outage" before exiting, or the worker would
+    # count a Kafka outage at start-up as a crash loop.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    env = {**os.environ, "CHURNSIGNAL_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
+           "CHURNSIGNAL_STATE_DIR": str(tmp_path),
+           "CHURNSIGNAL_INGEST_PARENT_PID": str(os.getpid())}
+    done = subprocess.run([sys.executable, "-m", "churnsignal.app.ingest_process"], env=env,
+                          stdin=subprocess.PIPE, capture_output=True, timeout=120, check=False)
+    assert done.returncode != 0
+    reports = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert reports and reports[0] == {"outage": True}, (done.stdout, done.stderr[-2000:])
