@@ -178,6 +178,10 @@ def bench(
         "--fold-only", help="Measure the state side alone, in this process and without Kafka: "
         "the data set's packs (--events, --accounts) folded in steps and flushed, each stage "
         "timed (writes fold.json; the other options do not apply).")] = False,
+    live_events: Annotated[int, typer.Option(
+        min=0, help="With --fold-only: then fold this many events of the latency load on the "
+        "states the data set left, as a live worker does (small packs, each folded as it "
+        "comes, a flush every few); 0 skips it.")] = 100_000,
 ) -> None:
     """Throughput, latency and memory of churnsignal against the ceiling and the peers."""
     from churnsignal.tools.bench import PEERS, run_bench
@@ -189,7 +193,7 @@ def bench(
             if gateway:
                 raise typer.BadParameter("--fold-only and --gateway measure different things; "
                                          "choose one")
-            _fold_bench(settings, events, accounts, out)
+            _fold_bench(settings, events, accounts, out, live_events)
             return
         chosen = tuple(p for p in peers.split(",") if p)
         unknown = set(chosen) - set(PEERS)
@@ -210,18 +214,32 @@ def bench(
         _fail(exc)
 
 
-def _fold_bench(settings: Settings, events: int, accounts: int, out: Path) -> None:
+def _fold_bench(settings: Settings, events: int, accounts: int, out: Path,
+                live_events: int = 0) -> None:
     import orjson
 
     from churnsignal.stream.policy import load_policy
     from churnsignal.tools.foldbench import run
 
-    result = run(settings, load_policy(settings.policy_file), events, accounts).summary()
+    result = run(settings, load_policy(settings.policy_file), events, accounts,
+                 live_events=live_events).summary()
     out.mkdir(parents=True, exist_ok=True)
     (out / "fold.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     typer.echo(f"state side alone (no Kafka): {result['events']:,} events, "
                f"{result['items']:,} pack items in {result['packs']} packs, "
                f"{accounts:,} accounts; {result['steps']} steps, {result['flushes']} flushes")
+    _fold_table(result)
+    live = result.get("live")
+    if live is not None:
+        typer.echo(f"then live: {live['events']:,} events of the latency load in "
+                   f"{live['packs']} packs, each folded as it comes; {live['flushes']} flushes")
+        _fold_table(live)
+        typer.echo(f"live / catch-up per event: "
+                   f"{live['total_us_per_event'] / result['total_us_per_event']:.2f}x")
+    typer.echo(f"wrote {out / 'fold.json'}")
+
+
+def _fold_table(result: dict[str, Any]) -> None:
     typer.echo(f"per event: {result['account_batches_per_event']:.2f} account batches, "
                f"{result['states_written_per_event']:.2f} states written, "
                f"{result['rows_per_event']:.2f} ClickHouse rows")
@@ -231,7 +249,6 @@ def _fold_bench(settings: Settings, events: int, accounts: int, out: Path) -> No
         typer.echo(f"{stage:<12} {us:>9.2f} {us / total:>6.0%}")
     typer.echo(f"{'total':<12} {total:>9.2f}   ({result['events_per_s']:,.0f} events/s on "
                f"one core; the collector {result['gc_us_per_event']:.2f} us/event of it)")
-    typer.echo(f"wrote {out / 'fold.json'}")
 
 
 @cli.command()

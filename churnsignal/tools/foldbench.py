@@ -13,6 +13,14 @@ What it leaves out: Kafka and Faust (reading the packs, writing states and outbo
 commits), the ingest's own time (packs are built before the clock starts), forwards of
 events that waited for their account (the bench's data set names its accounts), and
 re-score ticks.
+
+With ``live_events``, a second phase follows on the states the first left: the bench's
+latency load (usage events cycling over the accounts, as ``bench`` produces them live), in
+the shape a live worker folds it: small packs (one ingest batch of one partition) folded
+each as it comes, and a flush every few of them (as alerts make the worker flush). Live,
+an account is rarely twice in a pack, so each event pays a whole account batch (score,
+decision, rows) and usually its own state write; the ratio of the two phases' cost per
+event is what keeps the live worker's capacity below its catch-up rate (docs/benchmark.md).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import gc
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +46,14 @@ from churnsignal.stream.policy import Policy
 from churnsignal.stream.rows import daily_rows
 from churnsignal.stream.store import MemoryStateStore
 from churnsignal.tools.bench import generate
+from churnsignal.tools.synthetic import segment_track
 
 STAGES = ("pack_decode", "fold", "daily_rows", "states", "outbox", "clickhouse")
+# The live phase's shape: at bench's half-max load (~13,600 events/s) an ingest batch of
+# ~65 ms made a pack of ~220 items per partition, and alerts (5 a second) made the worker
+# flush every ~0.2 s, about three batches (docs/benchmark.md, sessions 17-18).
+LIVE_PACK_ITEMS = 220
+LIVE_FLUSH_EVERY = 3
 
 
 @dataclass
@@ -57,6 +72,7 @@ class FoldBench:
     gc_seconds: float = 0.0  # cyclic collections during the run (nearly all within a stage)
     clickhouse_daily_rows: int | None = None  # rows account_daily_data received (chdb)
     stored_keys: int = 0  # states stored at the end (one per account folded)
+    live: FoldBench | None = None  # the live phase, when run
 
     def summary(self) -> dict[str, Any]:
         total = sum(self.seconds.values())
@@ -73,6 +89,7 @@ class FoldBench:
             "gc_us_per_event": 1e6 * self.gc_seconds / self.events,
             "clickhouse_daily_rows": self.clickhouse_daily_rows,
             "stored_keys": self.stored_keys,
+            **({"live": self.live.summary()} if self.live is not None else {}),
         }
 
 
@@ -80,11 +97,20 @@ def build_packs(settings: Settings, policy: Policy, events: int, accounts: int, 
                 partitions: int) -> tuple[dict[int, list[bytes]], int]:
     """The data set's packs per partition, as the ingest writes them (at most
     ``packs.MAX_PACK_ITEMS`` items each, in source order); and the number of items."""
+    records = ((kind, value) for kind, _key, value, _ts in generate(events, accounts, now))
+    return _packed(settings, policy, records, now, partitions, defaultdict(int),
+                   packs.MAX_PACK_ITEMS)
+
+
+def _packed(settings: Settings, policy: Policy, records: Iterable[tuple[str, bytes]],
+            now: float, partitions: int, offsets: dict[str, int],
+            pack_items: int) -> tuple[dict[int, list[bytes]], int]:
+    """Source records (kind, value) decoded and routed as the ingest does, in packs of at
+    most ``pack_items`` items per partition; ``offsets`` (next offset per kind) advances."""
     options = options_for(settings, policy)
     ingestor = Ingestor(settings, RecordingMetrics(), options)  # type: ignore[arg-type]
     items: dict[int, list[list[Any]]] = defaultdict(list)
-    offsets: dict[str, int] = defaultdict(int)
-    for kind, _key, value, _ts in generate(events, accounts, now):
+    for kind, value in records:
         offset = offsets[kind]
         offsets[kind] += 1
         result = decode(value, options, now)
@@ -92,9 +118,17 @@ def build_packs(settings: Settings, policy: Policy, events: int, accounts: int, 
             items[partition].append(item)
         if not isinstance(result, Rejected) and result.links:
             ingestor._remember_links(result.links)
-    built = {p: [packs.encode(now, chunk) for chunk in packs.chunks(data)]
+    built = {p: [packs.encode(now, chunk) for chunk in packs.chunks(data, pack_items)]
              for p, data in sorted(items.items())}
     return built, sum(len(data) for data in items.values())
+
+
+def live_records(events: int, accounts: int, now: float) -> Iterator[tuple[str, bytes]]:
+    """``bench``'s latency load: usage events cycling over the data set's accounts."""
+    for i in range(1, events + 1):
+        account = f"acct-{i % accounts:06d}"
+        yield "usage", segment_track(account, f"{account}-u1", "Reports Viewed",
+                                     now - (events - i) * 1e-4, f"live-{i}", "reports")
 
 
 class _Timer:
@@ -120,13 +154,26 @@ class _Timer:
 
 def run(settings: Settings, policy: Policy, events: int = 300_000, accounts: int = 30_000,
         step_events: int = 24_000, flush_every: int = 3, partitions: int = 4,
-        clickhouse: bool = True) -> FoldBench:
+        clickhouse: bool = True, live_events: int = 0, live_pack: int = LIVE_PACK_ITEMS,
+        live_flush_every: int = LIVE_FLUSH_EVERY) -> FoldBench:
     """Fold the data set's packs in steps of about ``step_events`` pack items over all
     partitions (as the agent takes what gathered), flushing every ``flush_every`` steps.
-    The collector runs as in the worker meanwhile, and as before afterwards."""
+    Then, with ``live_events``, the live phase (``bench.live``): packs of ``live_pack``
+    items folded one at a time, a flush every ``live_flush_every`` rounds over the
+    partitions. The collector runs as in the worker meanwhile, and as before afterwards."""
     now = time.time()
-    built, items = build_packs(settings, policy, events, accounts, now, partitions)
+    offsets: dict[str, int] = defaultdict(int)
+    records = ((kind, value) for kind, _key, value, _ts in generate(events, accounts, now))
+    built, items = _packed(settings, policy, records, now, partitions, offsets,
+                           packs.MAX_PACK_ITEMS)
     bench = FoldBench(events, items, sum(len(p) for p in built.values()))
+    live_built: dict[int, list[bytes]] = {}
+    if live_events:
+        live_built, live_items = _packed(settings, policy,
+                                         live_records(live_events, accounts, now), now,
+                                         partitions, offsets, live_pack)
+        bench.live = FoldBench(live_events, live_items,
+                               sum(len(p) for p in live_built.values()))
     thresholds = gc.get_threshold()
     with tempfile.TemporaryDirectory(prefix="churnsignal-foldbench-") as workdir:
         sink: Any = None
@@ -137,7 +184,13 @@ def run(settings: Settings, policy: Policy, events: int = 300_000, accounts: int
                 sink = ClickHouseSink(f"chdb://{workdir}/clickhouse")
                 sink._ensure()  # tables made, modules loaded: not part of any stage
             gc_tuning.for_long_lived_state()  # as the worker runs
-            _fold_all(bench, built, policy, partitions, step_events, flush_every, sink)
+            store = MemoryStateStore(partitions)
+            clocks: dict[int, PartitionClock] = defaultdict(PartitionClock)
+            _fold_all(bench, built, policy, partitions, step_events, flush_every, sink,
+                      store, clocks)
+            if bench.live is not None:
+                _fold_all(bench.live, live_built, policy, partitions, live_pack * partitions,
+                          live_flush_every, sink, store, clocks)
             if sink is not None:
                 [[counted]] = sink.query("SELECT count() FROM account_daily_data").result_rows
                 bench.clickhouse_daily_rows = int(counted)
@@ -150,9 +203,8 @@ def run(settings: Settings, policy: Policy, events: int = 300_000, accounts: int
 
 
 def _fold_all(bench: FoldBench, built: dict[int, list[bytes]], policy: Policy,
-              partitions: int, step_events: int, flush_every: int, sink: Any) -> None:
-    store = MemoryStateStore(partitions)
-    clocks: dict[int, PartitionClock] = defaultdict(PartitionClock)
+              partitions: int, step_events: int, flush_every: int, sink: Any,
+              store: MemoryStateStore, clocks: dict[int, PartitionClock]) -> None:
     pending: dict[str, list[Any]] = defaultdict(list)
     touched: dict[str, set[int]] = {}
     alerts: list[PendingAlert] = []
