@@ -132,3 +132,38 @@ def test_an_ingest_process_of_its_own_folds_everything_once_across_its_crash_and
             f"{alerts} alerts, across a child crash and a worker crash")
     assert (int(events), int(accounts)) == (total, 30)
     assert int(alerts) == 6
+
+
+def test_an_ingest_process_that_cannot_start_fails_the_health_check(broker: str,
+                                                                     tmp_path: Path) -> None:
+    # A bad install: the child's module is missing, so each child exits at once. The
+    # worker must not look healthy while it reads nothing; a restart of the pod (what a
+    # failing /healthz brings) is also what would pick up a fixed image.
+    import json
+    import urllib.error
+    import urllib.request
+
+    env = new_env(broker, tmp_path)
+    worker = Worker(env, extra=SEPARATE, module="tests.integration.crashing_ingest_worker")
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert worker.proc.poll() is None, worker.log()[-3000:]
+            try:
+                with urllib.request.urlopen(  # noqa: S310
+                        f"http://127.0.0.1:{worker.port}/healthz", timeout=5) as resp:
+                    status, body = resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                status, body = exc.code, json.loads(exc.read())
+            except (urllib.error.URLError, OSError):
+                status, body = 0, {}  # not listening yet
+            if status == 503:
+                break
+            assert time.monotonic() < deadline, (status, body, worker.log()[-3000:])
+            time.sleep(0.5)
+        assert "ingest-process: the ingest process exited 5 times in a row" in body["reason"]
+        assert "last exit code 1" in body["reason"], body
+        assert "no_such_ingest_module" in worker.log()  # its own error is in the log
+        figures(f"ingest process that cannot start: /healthz 503 ({body['reason'][:80]}...)")
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]  # and it still stops cleanly
