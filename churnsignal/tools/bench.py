@@ -331,6 +331,13 @@ def run_scale_out(settings: Settings, bootstrap: str, data: Dataset, timeout: fl
             "applied_per_worker": [int(w.applied) for w in workers]}
 
 
+def latency_event(i: int, accounts: int, ts: float, message_id: str) -> tuple[str, bytes]:
+    """The latency load's ``i``-th usage event: the accounts in turn, one user each."""
+    account = f"acct-{i % accounts:06d}"
+    return account, segment_track(account, f"{account}-u1", "Reports Viewed", ts, message_id,
+                                  "reports")
+
+
 async def measure_latency(bootstrap: str, data: Dataset, alerts_topic: str, rate: float,
                           seconds: float) -> list[float]:
     """Produce at ``rate`` with a cancellation for a fresh account every 0.2 s; time to alert
@@ -364,10 +371,9 @@ async def measure_latency(bootstrap: str, data: Dataset, alerts_topic: str, rate
             tick = time.time()
             for _ in range(max(1, int(rate / 20))):
                 i += 1
-                account = f"acct-{i % data.accounts:06d}"
-                await producer.send(data.topics["usage"], segment_track(
-                    account, f"{account}-u1", "Reports Viewed", time.time(), f"lat-m{i}-{start}",
-                    "reports"), key=account.encode())
+                account, value = latency_event(i, data.accounts, time.time(),
+                                               f"lat-m{i}-{start}")
+                await producer.send(data.topics["usage"], value, key=account.encode())
             if tick >= next_marker:
                 account = f"lat-{uuid.uuid4().hex[:10]}"
                 sub = stripe_subscription(account, "active", 3, 4900, cancel_at_period_end=True)

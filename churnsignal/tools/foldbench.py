@@ -45,8 +45,7 @@ from churnsignal.stream.ingest import Ingestor, options_for
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.rows import daily_rows
 from churnsignal.stream.store import MemoryStateStore
-from churnsignal.tools.bench import generate
-from churnsignal.tools.synthetic import segment_track
+from churnsignal.tools.bench import generate, latency_event
 
 STAGES = ("pack_decode", "fold", "daily_rows", "states", "outbox", "clickhouse")
 # The live phase's shape: at bench's half-max load (~13,600 events/s) an ingest batch of
@@ -126,9 +125,7 @@ def _packed(settings: Settings, policy: Policy, records: Iterable[tuple[str, byt
 def live_records(events: int, accounts: int, now: float) -> Iterator[tuple[str, bytes]]:
     """``bench``'s latency load: usage events cycling over the data set's accounts."""
     for i in range(1, events + 1):
-        account = f"acct-{i % accounts:06d}"
-        yield "usage", segment_track(account, f"{account}-u1", "Reports Viewed",
-                                     now - (events - i) * 1e-4, f"live-{i}", "reports")
+        yield "usage", latency_event(i, accounts, now - (events - i) * 1e-4, f"live-{i}")[1]
 
 
 class _Timer:
