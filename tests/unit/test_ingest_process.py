@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from churnsignal.app.ingest_process import RecordingMetrics, apply_ops
+from churnsignal.app.ingest_process import IngestProcess, RecordingMetrics, apply_ops
 from churnsignal.app.metrics import Metrics
 
 
@@ -52,7 +55,6 @@ def test_an_outage_for_a_child_that_died_ends_with_its_successors_first_report()
     # A dead child is a Kafka-ingest outage for the worker's health check (which stops
     # counting a stall meanwhile); a fresh child never reports one over, so its first
     # report must end it.
-    from churnsignal.app.ingest_process import IngestProcess
     from churnsignal.app.settings import Settings
 
     outages: list[bool] = []
@@ -72,17 +74,16 @@ def _child(code: str) -> tuple[str, ...]:
     return (sys.executable, "-c", code)
 
 
-async def _run_until(ingest: object, done: object, timeout: float = 20.0) -> None:
+async def _run_until(ingest: IngestProcess, done: Callable[[], bool],
+                     timeout: float = 20.0) -> None:
     """Runs ``ingest.run()`` (real child processes) until ``done()``, then stops it."""
-    import asyncio
-
-    task = asyncio.ensure_future(ingest.run())  # type: ignore[attr-defined]
+    task = asyncio.ensure_future(ingest.run())
     try:
         deadline = asyncio.get_running_loop().time() + timeout
-        while not done() and asyncio.get_running_loop().time() < deadline:  # type: ignore[operator]
+        while not done() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
     finally:
-        await ingest.stop()  # type: ignore[attr-defined]
+        await ingest.stop()
         await asyncio.wait_for(task, 10)
 
 
@@ -100,7 +101,7 @@ async def test_a_child_that_keeps_exiting_at_start_fails_the_health_check() -> N
     # A bad install or setting that only the child trips on: restarting it cannot help,
     # and a worker that reads nothing must not look healthy (it would be a silent outage).
     from churnsignal.app.health import Liveness
-    from churnsignal.app.ingest_process import CRASH_LOOP_EXITS, IngestProcess
+    from churnsignal.app.ingest_process import CRASH_LOOP_EXITS
     from churnsignal.app.settings import Settings
 
     liveness = Liveness(now=0.0)
@@ -120,7 +121,7 @@ async def test_a_child_that_keeps_exiting_at_start_fails_the_health_check() -> N
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("quick_restarts")
 async def test_a_child_that_cannot_reach_kafka_at_start_is_an_outage_not_a_crash_loop() -> None:
-    from churnsignal.app.ingest_process import CRASH_LOOP_EXITS, IngestProcess
+    from churnsignal.app.ingest_process import CRASH_LOOP_EXITS
     from churnsignal.app.settings import Settings
 
     outages: list[bool] = []
@@ -140,7 +141,6 @@ async def test_a_child_that_cannot_reach_kafka_at_start_is_an_outage_not_a_crash
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("quick_restarts")
 async def test_a_child_that_runs_again_clears_the_crash_loop() -> None:
-    from churnsignal.app.ingest_process import IngestProcess
     from churnsignal.app.settings import Settings
 
     broken: list[str | None] = []
