@@ -69,7 +69,8 @@ def test_a_format_2_state_is_read_by_format_3() -> None:
     state = apply_batch(None, "acme", history(["A"], 10), NOW, Policy()).state
     data = orjson.loads(AccountState.json_of(state.to_bytes()))
     data["v"] = 2
-    del data["types"], data["policy"]
+    data.pop("types", None)  # format 3 leaves out what is a field's default (no types here)
+    del data["policy"]
     old = AccountState.from_bytes(orjson.dumps(data))
     assert old.policy == "" and old.types == []  # format 2 knew neither
     old.policy = state.policy

@@ -13,7 +13,7 @@ import pytest
 from churnsignal.schemas.usage_lite import UsageDataLite, UsageLite
 from churnsignal.stream import packs
 from churnsignal.stream.engine import Outcome, apply_batch
-from churnsignal.stream.policy import Policy
+from churnsignal.stream.policy import BASE_COLUMNS, Policy
 from churnsignal.stream.reasons import Reason, Score
 from churnsignal.stream.state import AccountState
 from tests.unit.test_fold import NOW, usage
@@ -68,15 +68,57 @@ def _containers(value: Any) -> list[Any]:
     return []
 
 
-def test_the_written_out_field_reads_and_clone_cover_every_field() -> None:
+def test_the_written_out_clone_covers_every_field() -> None:
     state = _examples()[0]
     state.mrr_peak, state.hw, state.types = [[1.0, 900.0]], {"u/0": 19}, ["trial_started"]
     state.attribute_times, state.reopened, state.slow_resolutions = {"a": 1.0}, [2.0], [3.0]
     names = [f.name for f in dataclasses.fields(AccountState)]
-    assert list(state.fields_dict()) == names  # in field order: the stored JSON keeps it
-    assert state.fields_dict() == {name: getattr(state, name) for name in names}
+
+    def fields(of: AccountState) -> list[Any]:
+        return [getattr(of, name) for name in names]
+
     copy = state.clone()
-    assert copy.fields_dict() == state.fields_dict()
-    shared = {id(c) for c in _containers(list(state.fields_dict().values()))[1:]}
-    assert not shared & {id(c) for c in _containers(list(copy.fields_dict().values()))[1:]}
+    assert fields(copy) == fields(state)
+    shared = {id(c) for c in _containers(fields(state))[1:]}
+    assert not shared & {id(c) for c in _containers(fields(copy))[1:]}
     assert copy.to_bytes() == state.to_bytes()
+
+
+# A value other than the default for every field but the key (the test below checks that
+# this covers them all, so a new field fails it until it is here).
+_NOT_DEFAULT: dict[str, Any] = {
+    "seq": 7, "first_seen": 1.5, "last_active": 2.5, "last_event": 3.5,
+    "days": {20_000: [1, 2, 0, 1, 0, 0, 0], 20_001: [3, 3, 1, 1, 0, 0, 1]},
+    "day_users": {20_001: [11, 12]}, "features": {"reports": 20_001}, "activated_at": 0.0,
+    "sub_status": "active", "sub_seen_at": 4.5, "plan": "pro", "seats": 0, "mrr_cents": 4_900,
+    "mrr_peak": [[20_000.0, 4_900.0]], "cancel_at_period_end": True, "period_end": 0.0,
+    "pause_resumes_at": 0.0, "failed_payments": [5.5], "retry_pending": True,
+    "payment_seen_at": 6.5, "paid_at": 7.5, "card_expires_at": 0.0, "involuntary_end": True,
+    "open_tickets": {"t1": 1}, "reopened": [8.5], "slow_resolutions": [9.5],
+    "bad_csat_at": 0.0, "nps": 0, "nps_at": 0.0, "hw": {"usage/0": 0},
+    "ids": array("Q", [1, 2**63]), "score": 0.25, "band": "high", "alert_band": "medium",
+    "last_alert_at": 10.5, "alerts": 2, "scored_at": 11.5, "policy": "v2",
+    "types": ["export"], "ack_band": "high", "ack_until": 12.5,
+    "attributes": {"tier": "gold"}, "attribute_times": {"tier": 13.5},
+}
+
+
+def test_every_field_survives_the_round_trip_on_its_own() -> None:
+    """``to_bytes`` writes only what differs from a new state's defaults (a written-out
+    list): each field set on its own (0 and 0.0 where the default is None) reads back."""
+    names = [f.name for f in dataclasses.fields(AccountState)]
+    assert set(_NOT_DEFAULT) == set(names) - {"account_id"}
+    assert all(len(bucket) == BASE_COLUMNS for bucket in _NOT_DEFAULT["days"].values())
+    blank = AccountState("acme")
+    assert AccountState.from_bytes(blank.to_bytes()) == blank
+    for name, value in _NOT_DEFAULT.items():
+        state = AccountState("acme")
+        assert getattr(state, name) != value, name
+        setattr(state, name, value)
+        back = AccountState.from_bytes(state.to_bytes())
+        assert back == state, name
+        assert type(getattr(back, name)) is type(value), name
+    # all at once (a tracked type is a bucket column more)
+    every = AccountState("acme", **{**_NOT_DEFAULT, "days": {
+        d: [*b, n] for n, (d, b) in enumerate(_NOT_DEFAULT["days"].items())}})
+    assert AccountState.from_bytes(every.to_bytes()) == every
