@@ -54,7 +54,8 @@ def statements(ttl_days: int = 400, past_due_churn_days: int | None = FROM_ENV,
         PARTITION BY toYYYYMM(day) ORDER BY (account_id, day) {dedup}""",
         """CREATE OR REPLACE VIEW account_daily AS
         SELECT * FROM account_daily_data FINAL""",
-        # A snapshot each time an account's score or band changes.
+        # A snapshot each time what it says changes (score in whole points, band, reasons,
+        # MRR, status, plan, policy: stream.fold).
         f"""CREATE TABLE IF NOT EXISTS account_scores_data (
             account_id String, as_of DateTime64(3, 'UTC'), score Float32,
             band LowCardinality(String), reasons Array(LowCardinality(String)),

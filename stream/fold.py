@@ -28,7 +28,14 @@ from churnsignal.stream.clock import PartitionClock
 from churnsignal.stream.engine import Item, Outcome, apply_batch, rescore
 from churnsignal.stream.identity import DEFAULT_GRACE_S, Resolution, resolve, sweep
 from churnsignal.stream.policy import Policy
-from churnsignal.stream.rows import action_row, alert_row, fact_rows, history_row, score_row
+from churnsignal.stream.rows import (
+    action_row,
+    alert_row,
+    fact_rows,
+    history_row,
+    score_row,
+    snapshot_of,
+)
 from churnsignal.stream.scoring import score
 from churnsignal.stream.state import event_ts, id_hash
 from churnsignal.stream.store import StateStore
@@ -108,6 +115,7 @@ class StepResult:
     applied: int = 0
     duplicates: int = 0
     late: int = 0
+    batches: int = 0  # account batches folded and scored (re-scores of a tick included)
     history: int = 0  # too-old billing/support events written as rows only
     errors: int = 0  # accounts whose re-score raised (nothing to dead-letter: no record)
     waiting_identities: int | None = None  # after a tick's sweep: identities still waiting
@@ -141,13 +149,22 @@ def _collect(out: Outcome, wall: float, partition: int, offset: int,
     """The rows and alerts of one account's outcome (built before anything is committed
     to the result, so a failure here undoes the fold too)."""
     rows: dict[str, list[Any]] = {}
-    # Duplicates (a redelivered pack) re-derive their rows from the state: if the worker
-    # died after storing the state but before the flush, this restores them.
-    if out.score_changed or out.applied or out.duplicates:
+    # A score snapshot when what it says changes (the score in whole points, band, reasons,
+    # MRR, status, plan, policy), not for every batch: live, most batches move the score
+    # by a fraction of a point. Duplicates (a redelivered pack) write it again from the
+    # state: if the worker died after storing the state but before the flush, this
+    # restores it. A state read back does not know its last row: its next batch writes
+    # one, and a re-score tick only where the score or band moved (as before snapshots).
+    state = out.state
+    said = snapshot_of(out)
+    last = state.last_row
+    if out.duplicates or (said != last and (
+            last is not None or out.applied or out.score_changed)):
+        state.last_row = said
         if shadow is None:
             rows[SCORES] = [score_row(out)]
         else:  # scored beside the live policy, on the same state at the same moment
-            rows[SCORES] = [score_row(out, score(out.state, out.state.scored_at, shadow),
+            rows[SCORES] = [score_row(out, score(state, state.scored_at, shadow),
                                       shadow.version)]
     if out.facts:
         billing, support = fact_rows(out)
@@ -168,6 +185,7 @@ def _commit(store: StateStore, out: Outcome, rows: dict[str, list[Any]],
         result.touched.setdefault(out.state.account_id, set()).update(out.days)
     if out.applied or out.score_changed or out.alert is not None:
         store.put(out.state)
+    result.batches += 1
     result.applied += out.applied
     result.duplicates += out.duplicates
     result.late += out.late
@@ -354,6 +372,7 @@ def _merge(into: StepResult, part: StepResult) -> None:
         into.touched.setdefault(account, set()).update(days)
     into.identities.extend(part.identities)
     into.errors += part.errors
+    into.batches += part.batches
     if part.waiting_identities is not None:
         into.waiting_identities = part.waiting_identities
 

@@ -51,6 +51,14 @@ def daily_rows(state: AccountState, days: set[int]) -> list[tuple[object, ...]]:
     return rows
 
 
+def snapshot_of(out: Outcome) -> tuple[object, ...]:
+    """What a score row says but its time, version and exact score: a new row is written
+    when this changes (``stream.fold``)."""
+    s = out.state
+    codes = tuple(r.code for r in out.scored.reasons) if out.scored else ()
+    return round(s.score), s.band, codes, s.mrr_cents, s.sub_status, s.plan, s.policy
+
+
 def score_row(out: Outcome, shadow: Score | None = None,
               shadow_policy: str = "") -> tuple[object, ...]:
     """The account's score snapshot; ``shadow``: a shadow policy's score of the same state

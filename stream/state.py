@@ -120,6 +120,10 @@ class AccountState:
     # or cleared it (newest wins); older states read as none
     attributes: dict[str, str] = field(default_factory=dict)
     attribute_times: dict[str, float] = field(default_factory=dict)
+    # What the last score row written from this working copy said (``stream.fold``): held
+    # in memory only, never stored; a state read back has none, so its next batch writes
+    # a row.
+    last_row: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
     # Written out: mypyc compiles an __init__ in the source, while the one dataclasses
     # generates runs interpreted (setup.py); a state is built per new account and per clone.
@@ -168,6 +172,7 @@ class AccountState:
             ack_until: float = 0.0,
             attributes: dict[str, str] | None = None,
             attribute_times: dict[str, float] | None = None,
+            last_row: tuple[Any, ...] | None = None,
     ) -> None:
         self.account_id = account_id
         self.seq = seq
@@ -214,6 +219,7 @@ class AccountState:
         self.ack_until = ack_until
         self.attributes = {} if attributes is None else attributes
         self.attribute_times = {} if attribute_times is None else attribute_times
+        self.last_row = last_row
 
     def clone(self) -> AccountState:
         """An independent copy (to undo a fold that failed half way): ~10 us at 90 days,
@@ -263,6 +269,7 @@ class AccountState:
             self.ack_until,
             dict(self.attributes),
             dict(self.attribute_times),
+            self.last_row,
         )
 
     def to_bytes(self) -> bytes:

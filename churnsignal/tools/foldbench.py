@@ -40,7 +40,7 @@ from churnsignal.schemas.decode import decode
 from churnsignal.schemas.results import Rejected
 from churnsignal.stream import outbox, packs
 from churnsignal.stream.clock import PartitionClock
-from churnsignal.stream.fold import DAILY, SCORES, PendingAlert, fold_step
+from churnsignal.stream.fold import DAILY, PendingAlert, fold_step
 from churnsignal.stream.ingest import Ingestor, options_for
 from churnsignal.stream.policy import Policy
 from churnsignal.stream.rows import daily_rows
@@ -64,7 +64,7 @@ class FoldBench:
     flushes: int = 0
     applied: int = 0
     duplicates: int = 0  # events found already applied (none: each pack is folded once)
-    batches: int = 0  # account batches: each scored once, with one score row
+    batches: int = 0  # account batches, each scored once
     states_written: int = 0  # state serialisations, summed over the flushes
     rows: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
@@ -262,7 +262,7 @@ def _fold_all(bench: FoldBench, built: dict[int, list[bytes]], policy: Policy,
                 bench.steps += 1
                 bench.applied += result.applied
                 bench.duplicates += result.duplicates
-                bench.batches += len(result.rows[SCORES])
+                bench.batches += result.batches
                 for table, rows in result.rows.items():
                     pending[table].extend(rows)
                 alerts.extend(result.alerts)

@@ -271,8 +271,11 @@ def test_a_tick_in_slices_rescores_as_the_whole_tick_does() -> None:
         items = [["usage.events/0", n, usage(n, 40 - n % 30, f"acct-{n % 2500}")]
                  for n in range(5000)]
         fold_step(store, pack(items), 0, 1, POLICY, PartitionClock())
-        store.stored(store.take_dirty())
-        return store
+        # read back, as a restarted worker holds them (a tick then writes the score rows
+        # of the accounts whose score or band moved)
+        loaded = MemoryStateStore(1)
+        loaded.load({k: v for k, v in store.take_dirty().items() if v is not None})
+        return loaded
 
     def states(store: MemoryStateStore) -> dict[str, bytes]:
         return {k: state_bytes(store, k) for k in store.keys_in(0)}
@@ -311,3 +314,58 @@ def test_steps_group_a_partitions_packs_in_order_up_to_a_size_ticks_alone() -> N
     for partition in (0, 1):
         assert [e for g in capped for e in g if e[0] == partition] == [
             e for e in batch if e[0] == partition]
+
+
+def test_a_score_row_is_written_where_its_snapshot_changes_and_again_on_redelivery() -> None:
+    """A score row when what it says (score in whole points, band, reasons, MRR, status,
+    plan, policy) differs from the row before; a redelivered pack writes the current one
+    again; a state read back writes one with its next batch."""
+    from churnsignal.stream.fold import SCORES
+    from churnsignal.stream.rows import snapshot_of
+
+    def said(row: tuple[Any, ...]) -> tuple[Any, ...]:
+        return round(row[2]), row[3], tuple(row[4]), row[5], row[6], row[7], row[9]
+
+    def billing(n: int, kind: str, age_days: float, mrr: int) -> dict[str, Any]:
+        return {"event_id": f"b{n}", "account_id": "acme", "type": kind, "schema_version": 1,
+                "occurred_at": datetime.fromtimestamp(NOW - age_days * DAY, tz=UTC).isoformat(),
+                "data": {"status": "active", "mrr_cents": mrr}}
+
+    # live: one event a pack, over 40 days, the plan changing half way
+    items: list[list[Any]] = [["billing.events/0", 0, billing(0, "subscription_created", 41,
+                                                              9_900)]]
+    for n in range(1, 61):
+        items.append(["usage.events/0", n, usage(n, 40 - n * 0.66)])
+        if n == 30:
+            items.append(["billing.events/0", n, billing(n, "subscription_updated", 20, 12_900)])
+    store = MemoryStateStore(4)
+    written: list[list[Any]] = []
+    for i, item in enumerate(items):
+        written.append(fold_step(store, pack([item]), 0, i, POLICY, PartitionClock()).rows[
+            SCORES])
+    # The reference, folded apart: what each pack's snapshot is, and where it changes.
+    reference, state = [], None
+    for source, offset, data in items:
+        out = apply_batch(state, "acme", [(source, offset, packs.event_of(data))], NOW, POLICY)
+        state = out.state
+        score_, band, codes, mrr, status, plan, policy = snapshot_of(out)
+        reference.append((score_, band, codes, mrr, status or "", plan or "", policy))
+    changed = [i == 0 or reference[i] != reference[i - 1] for i in range(len(items))]
+    assert [len(rows) for rows in written] == [int(c) for c in changed]
+    assert 3 <= sum(changed) < len(items) - 10  # most packs move no whole point
+    assert [said(rows[0]) for rows in written if rows] == [
+        r for r, c in zip(reference, changed, strict=True) if c]
+    assert any(c and reference[i][:3] == reference[i - 1][:3] for i, c in enumerate(changed)
+               if i)  # e.g. the MRR alone
+    # A redelivered pack (a duplicate): the current snapshot again.
+    again = fold_step(store, pack([items[-1]]), 0, 99, POLICY, PartitionClock())
+    assert again.duplicates == 1 and [said(r) for r in again.rows[SCORES]] == [reference[-1]]
+    # Read back (a restart): the next batch writes a row; a tick that moves nothing does not.
+    loaded = MemoryStateStore(4)
+    loaded.load({k: v for k, v in store.take_dirty().items() if v is not None})
+    tick = fold_step(loaded, packs.decode(packs.encode_tick(NOW)), 0, 100, POLICY,
+                     PartitionClock())
+    assert tick.batches == 1 and tick.rows[SCORES] == []
+    after = fold_step(loaded, pack([["usage.events/0", 61, usage(61, 0.1)]]), 0, 101, POLICY,
+                      PartitionClock())
+    assert after.applied == 1 and len(after.rows[SCORES]) == 1
