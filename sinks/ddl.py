@@ -55,7 +55,7 @@ def statements(ttl_days: int = 400, past_due_churn_days: int | None = FROM_ENV,
         """CREATE OR REPLACE VIEW account_daily AS
         SELECT * FROM account_daily_data FINAL""",
         # A snapshot each time what it says changes (score in whole points, band, reasons,
-        # MRR, status, plan, policy: stream.fold).
+        # MRR, status, plan, policy, a shadow's score and band: stream.fold).
         f"""CREATE TABLE IF NOT EXISTS account_scores_data (
             account_id String, as_of DateTime64(3, 'UTC'), score Float32,
             band LowCardinality(String), reasons Array(LowCardinality(String)),
@@ -73,14 +73,17 @@ def statements(ttl_days: int = 400, past_due_churn_days: int | None = FROM_ENV,
             ADD COLUMN IF NOT EXISTS shadow_policy LowCardinality(String)""",
         """CREATE OR REPLACE VIEW account_scores AS
         SELECT * FROM account_scores_data FINAL""",
-        # Latest score per account: what "accounts and MRR at risk" read.
+        # Latest score per account: what "accounts and MRR at risk" read. The latest is the
+        # last written: the highest version (the state's event count), then time. By time
+        # first, a batch of late events (scored at their time) would rank below the re-score
+        # tick before it, and snapshots are written only when they change.
         """CREATE OR REPLACE VIEW account_risk AS
-        SELECT account_id, argMax(score, (as_of, version)) AS score,
-               argMax(band, (as_of, version)) AS band,
-               argMax(reasons, (as_of, version)) AS reasons,
-               argMax(mrr_cents, (as_of, version)) AS mrr_cents,
-               argMax(sub_status, (as_of, version)) AS sub_status,
-               max(as_of) AS last_scored_at
+        SELECT account_id, argMax(score, (version, as_of)) AS score,
+               argMax(band, (version, as_of)) AS band,
+               argMax(reasons, (version, as_of)) AS reasons,
+               argMax(mrr_cents, (version, as_of)) AS mrr_cents,
+               argMax(sub_status, (version, as_of)) AS sub_status,
+               argMax(as_of, (version, as_of)) AS last_scored_at
         FROM account_scores_data FINAL GROUP BY account_id""",
         # Alerts, keyed by their deterministic id.
         f"""CREATE TABLE IF NOT EXISTS alerts_data (

@@ -121,6 +121,10 @@ def apply_batch(state: AccountState | None, account_id: str, items: Iterable[Ite
     now = scoring_time(wall, out.state.last_event)
     prune(out.state, now, policy)
     if not out.applied:
+        if out.duplicates and out.state.scored_at:
+            # A redelivered batch writes its score row again: with the reasons it had (the
+            # same state at the same time), not none over the row it repeats.
+            out.scored = score(out.state, out.state.scored_at, policy)
         return out
     trigger = out.newest
     return _finish(out, now, trigger.event_id if trigger else None,

@@ -150,22 +150,21 @@ def _collect(out: Outcome, wall: float, partition: int, offset: int,
     to the result, so a failure here undoes the fold too)."""
     rows: dict[str, list[Any]] = {}
     # A score snapshot when what it says changes (the score in whole points, band, reasons,
-    # MRR, status, plan, policy), not for every batch: live, most batches move the score
-    # by a fraction of a point. Duplicates (a redelivered pack) write it again from the
-    # state: if the worker died after storing the state but before the flush, this
-    # restores it. A state read back does not know its last row: its next batch writes
-    # one, and a re-score tick only where the score or band moved (as before snapshots).
+    # MRR, status, plan, policy, and a shadow policy's score and band), not for every batch:
+    # live, most batches move the score by a fraction of a point. Duplicates (a redelivered
+    # pack) write it again from the state: if the worker died after storing the state but
+    # before the flush, this restores it. A state read back does not know its last row: its
+    # next batch writes one, and a re-score tick only where the score or band moved (as
+    # before snapshots). ``account_risk`` takes the row of the highest (version, as_of):
+    # the last written, even where late events scored it before a tick's row.
     state = out.state
-    said = snapshot_of(out)
+    shadowed = score(state, state.scored_at, shadow) if shadow is not None else None
+    said = snapshot_of(out, shadowed)
     last = state.last_row
     if out.duplicates or (said != last and (
             last is not None or out.applied or out.score_changed)):
         state.last_row = said
-        if shadow is None:
-            rows[SCORES] = [score_row(out)]
-        else:  # scored beside the live policy, on the same state at the same moment
-            rows[SCORES] = [score_row(out, score(state, state.scored_at, shadow),
-                                      shadow.version)]
+        rows[SCORES] = [score_row(out, shadowed, shadow.version if shadow is not None else "")]
     if out.facts:
         billing, support = fact_rows(out)
         rows[BILLING], rows[SUPPORT] = billing, support
@@ -226,14 +225,14 @@ def _fold_account(store: StateStore, account_id: str, items: list[Item], wall: f
         while low < high:
             middle = (low + high) // 2
             failed = _try_fold(store, account_id, good[:middle], wall, policy, partition,
-                               offset, False, result)
+                               offset, False, result, shadow)
             if failed is None:
                 low = middle + 1
             else:
                 high, error = middle, failed
         if error is None:
             error = _try_fold(store, account_id, good[:high], wall, policy, partition,
-                              offset, False, result)
+                              offset, False, result, shadow)
         source, item_offset, event = good.pop(high - 1)
         result.failures.append(Failure(
             "processing_error", f"{type(error).__name__}: {error}", source, item_offset,

@@ -51,12 +51,13 @@ def daily_rows(state: AccountState, days: set[int]) -> list[tuple[object, ...]]:
     return rows
 
 
-def snapshot_of(out: Outcome) -> tuple[object, ...]:
-    """What a score row says but its time, version and exact score: a new row is written
+def snapshot_of(out: Outcome, shadow: Score | None = None) -> tuple[object, ...]:
+    """What a score row says but its time, version and exact scores: a new row is written
     when this changes (``stream.fold``)."""
     s = out.state
     codes = tuple(r.code for r in out.scored.reasons) if out.scored else ()
-    return round(s.score), s.band, codes, s.mrr_cents, s.sub_status, s.plan, s.policy
+    shadowed = (round(shadow.score), shadow.band) if shadow is not None else None
+    return round(s.score), s.band, codes, s.mrr_cents, s.sub_status, s.plan, s.policy, shadowed
 
 
 def score_row(out: Outcome, shadow: Score | None = None,

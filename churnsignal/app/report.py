@@ -451,7 +451,7 @@ def tiles(results: Mapping[str, QueryResult], today: date | None = None,
 
 def accounts_table(result: QueryResult, currency: str | None = None) -> Table:
     columns = ["Account", "Risk", "Score", "MRR", "Subscription", "Why, and the play to run",
-               "Last scored (UTC)"]
+               "Score since (UTC)"]
     rows = []
     for r in result.rows:
         band = str(r.get("band") or "")

@@ -195,6 +195,7 @@ def test_counted_days_replay_exactly_like_their_events(tmp_path: Path) -> None:
     assert {band for _, _, _, band, _ in by_day} >= {"low", "medium", "high"}
     for day, event in zip(by_day, by_event, strict=True):
         assert day[:4] == event[:4]
+        assert day[4].keys() == event[4].keys(), event[:2]  # (fields at defaults are left out)
         assert {k: v for k, v in day[4].items() if v != event[4][k]} == {}, event[:2]
 
 

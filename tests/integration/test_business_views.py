@@ -177,3 +177,42 @@ async def test_grafana_dashboard_queries_run_and_name_real_metrics(sink: ClickHo
                     base = re.sub(r"_(total|bucket|sum|count)$", "", name)
                     assert base in exported, (panel["title"], name)
     assert ran >= 8
+
+
+async def test_account_risk_is_the_last_snapshot_written_even_behind_a_tick(
+        sink: ClickHouseSink) -> None:
+    """A re-score tick writes its row at the wall clock; a batch of late events after it is
+    scored at their own, earlier time. ``account_risk`` must still show that batch's
+    snapshot (the last written: a higher version), also when later batches say the same."""
+    from churnsignal.stream import packs
+    from churnsignal.stream.clock import PartitionClock
+    from churnsignal.stream.fold import SCORES, fold_step
+    from churnsignal.stream.store import MemoryStateStore
+
+    def usage(n: int, at: float) -> list[Any]:
+        return ["usage/0", n, {"event_id": f"u{n}", "account_id": "acme", "type": "feature_used",
+                               "user_id": "u1", "schema_version": 1,
+                               "occurred_at": datetime.fromtimestamp(at, tz=UTC).isoformat(),
+                               "data": {"feature": f"f{n % 3}"}}]
+
+    store, day = MemoryStateStore(1), 86_400.0
+    steps = [
+        packs.encode(NOV_20 - 30 * day, [usage(n, NOV_20 - (40 - n) * day) for n in range(10)]),
+        packs.encode_tick(NOV_20),  # 30 silent days: the score moves, a row at NOV_20
+        # late events (a day before the tick), arriving after it: a row at their time
+        packs.encode(NOV_20 + 60, [usage(10 + n, NOV_20 - day + n) for n in range(5)]),
+        packs.encode(NOV_20 + 120, [usage(20, NOV_20 - day + 10)]),  # the same snapshot
+    ]
+    written: list[list[Any]] = []
+    for i, raw in enumerate(steps):
+        written.append(fold_step(store, packs.decode(raw), 0, i, POLICY,
+                                 PartitionClock()).rows[SCORES])
+    tick_row, late_row = written[1][0], written[2][0]
+    assert late_row[1] < tick_row[1] and late_row[8] > tick_row[8]  # earlier, newer version
+    assert (late_row[2], late_row[3]) != (tick_row[2], tick_row[3]) and written[3] == []
+    await sink.write({SCORES: [row for rows in written for row in rows]})
+    [(score, band, at)] = sink.query(
+        "SELECT score, band, last_scored_at FROM account_risk WHERE account_id = 'acme'"
+    ).result_rows
+    assert band == late_row[3] and score == pytest.approx(late_row[2], abs=1e-3)
+    assert at.timestamp() == pytest.approx(late_row[1].timestamp())

@@ -348,7 +348,7 @@ def test_a_score_row_is_written_where_its_snapshot_changes_and_again_on_redelive
     for source, offset, data in items:
         out = apply_batch(state, "acme", [(source, offset, packs.event_of(data))], NOW, POLICY)
         state = out.state
-        score_, band, codes, mrr, status, plan, policy = snapshot_of(out)
+        score_, band, codes, mrr, status, plan, policy, _ = snapshot_of(out)
         reference.append((score_, band, codes, mrr, status or "", plan or "", policy))
     changed = [i == 0 or reference[i] != reference[i - 1] for i in range(len(items))]
     assert [len(rows) for rows in written] == [int(c) for c in changed]
@@ -369,3 +369,62 @@ def test_a_score_row_is_written_where_its_snapshot_changes_and_again_on_redelive
     after = fold_step(loaded, pack([["usage.events/0", 61, usage(61, 0.1)]]), 0, 101, POLICY,
                       PartitionClock())
     assert after.applied == 1 and len(after.rows[SCORES]) == 1
+
+
+def test_a_shadow_policy_s_own_move_writes_a_snapshot_and_a_redelivery_keeps_reasons() -> None:
+    """A shadow policy's score (whole points) and band are part of the snapshot; a pack
+    redelivered writes the snapshot again with its reasons, not without them."""
+    from churnsignal.stream.fold import SCORES
+    from churnsignal.stream.rows import snapshot_of
+    from churnsignal.stream.scoring import score
+    from tests.unit.test_model import model
+
+    # a model on the usage rate, which moves while the rules' score stays put
+    shadow = Policy(version="shadow-x", model=model(["events_28d"], [-0.3], intercept=0.0))
+    failed = {"event_id": "pf1", "account_id": "acme", "type": "payment_failed",
+              "schema_version": 1,
+              "occurred_at": datetime.fromtimestamp(NOW - 30 * DAY, tz=UTC).isoformat(),
+              "data": {"invoice_id": "in_1", "amount_cents": 4_900, "next_attempt_at":
+                       datetime.fromtimestamp(NOW - 27 * DAY, tz=UTC).isoformat()}}
+    items: list[list[Any]] = [["billing.events/0", 0, failed]]  # a reason to keep
+    items += [["usage.events/0", n, usage(n, 30 - n ** 1.5 * 0.06)]  # more and more use
+              for n in range(1, 61)]
+    store = MemoryStateStore(4)
+    written = [fold_step(store, pack([item]), 0, i, POLICY, PartitionClock(),
+                         shadow=shadow).rows[SCORES] for i, item in enumerate(items)]
+    reference, state = [], None
+    for source, offset, data in items:
+        out = apply_batch(state, "acme", [(source, offset, packs.event_of(data))], NOW, POLICY)
+        state = out.state
+        reference.append(snapshot_of(out, score(state, state.scored_at, shadow)))
+    changed = [i == 0 or reference[i] != reference[i - 1] for i in range(len(items))]
+    assert [len(rows) for rows in written] == [int(c) for c in changed]
+    assert any(c and reference[i][:-1] == reference[i - 1][:-1]
+               for i, c in enumerate(changed) if i)  # the shadow's move alone
+    last = [rows[0] for rows in written if rows][-1]
+    assert last[4] and last[-1] == "shadow-x"  # reasons, and the shadow's name
+    again = fold_step(store, pack([items[-1]]), 0, 99, POLICY, PartitionClock(), shadow=shadow)
+    [row] = again.rows[SCORES]
+    assert again.duplicates == 1 and row[4] == last[4] and row[2:4] == last[2:4]
+
+
+def test_ticks_write_a_snapshot_where_it_changes_on_a_state_that_knows_its_last_row() -> None:
+    """Silence moves a score tick after tick: a row at each tick whose snapshot differs from
+    the one before, none at the others (the state was not read back: it knows its row)."""
+    from churnsignal.stream.fold import SCORES
+    from churnsignal.stream.rows import snapshot_of
+
+    items = [["usage.events/0", n, usage(n, 30 - n * 0.5)] for n in range(40)]
+    store = MemoryStateStore(1)
+    assert len(fold_step(store, pack(items), 0, 0, POLICY, PartitionClock()).rows[SCORES]) == 1
+    out = apply_batch(None, "acme", [(s, o, packs.event_of(d)) for s, o, d in items], NOW,
+                      POLICY)
+    reference, written = [snapshot_of(out)], []
+    for k in range(1, 41):
+        wall = NOW + k * DAY / 2
+        tick = fold_step(store, packs.decode(packs.encode_tick(wall)), 0, k, POLICY,
+                         PartitionClock())
+        written.append(len(tick.rows[SCORES]))
+        reference.append(snapshot_of(rescore(out.state, wall, POLICY)))
+    assert written == [int(reference[k] != reference[k - 1]) for k in range(1, 41)]
+    assert 2 <= sum(written) < 30
